@@ -1,0 +1,212 @@
+"""Every knob of the project, as one typed config loaded from `params.yaml`.
+
+Unknown keys are rejected and every validation error is reported at once; defaults live in
+`params.yaml` only (fields here have none, so a missing key is an error, not a silent
+default). Library functions receive the sub-config they need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldParams(Strict):
+    seed: int
+    train_items: int = Field(gt=0)
+    test_items: int = Field(ge=500)
+    prose_items: int = Field(gt=0)
+    dir: str
+
+
+class EmbeddedModelParams(Strict):
+    seed: int
+    threads: int = Field(gt=0)
+    train_examples: int = Field(gt=0)
+    prose_fraction: float = Field(ge=0, le=1)
+    vocab_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_layers: int = Field(ge=6)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    dir: str
+
+    @model_validator(mode="after")
+    def _gqa(self):
+        if self.num_heads % self.num_kv_heads or self.num_heads // self.num_kv_heads < 2:
+            raise ValueError("num_heads must be a multiple of num_kv_heads with >= 2 query heads per KV head")
+        return self
+
+
+class ModelParams(Strict):
+    name_or_path: str          # hub id (e.g. Qwen/Qwen3-8B) or local directory
+    revision: str | None       # hub revision (branch, tag or sha); None = default branch
+    dtype: Literal["float32", "bfloat16", "float16"]
+    device: str                # cpu, cuda, cuda:0, ...
+
+
+class TaskParams(Strict):
+    format: Literal["gsm8k", "mathqa", "text"]
+    source: str                # local directory/file, or a hub dataset id
+    subset: str | None         # hub dataset config name (GSM8K: "main")
+    few_shot: int = Field(ge=0, le=8)
+    calibration_split: str     # split the calibration prompts come from
+    eval_split: str
+
+
+class CalibrationParams(Strict):
+    num_prompts: int = Field(gt=0)
+    seed: int
+
+
+class GenerationParams(Strict):
+    backend: Literal["hf", "vllm"]
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    top_k: int = Field(ge=0)
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    seed: int
+
+
+class ImportanceParams(Strict):
+    batch_size: int = Field(gt=0)
+    per_sample_abs: bool       # sum_n |w*g_n| instead of |w * mean_n g_n|
+    normalize: Literal["paper", "params", "none"]
+    grad_checkpointing: bool
+    grads_only_scored: bool    # requires_grad only on the scored projections
+
+
+class PruneParams(Strict):
+    attention_unit: Literal["query_head", "kv_group"]
+    steps: int = Field(gt=0)
+    targets: list[float]
+    milestones: list[float]
+    protected_layers: list[int] | None   # None: first floor(0.1*L) layers and the last
+    verify_select: bool
+    trace_filter: Literal["none", "correct", "correct_or_agree"]
+    seed: int
+
+    @field_validator("targets", "milestones")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        for v in values:
+            if not 0 <= v < 1:
+                raise ValueError(f"sparsity {v} is outside [0, 1): use a fraction such as 0.4")
+        if values != sorted(values):
+            raise ValueError(f"{values} must be sorted ascending")
+        return values
+
+    @model_validator(mode="after")
+    def _targets(self):
+        if not self.targets:
+            raise ValueError("targets is empty: give at least one parameter sparsity, e.g. [0.4]")
+        return self
+
+
+class EvaluationParams(Strict):
+    num_items: int = Field(gt=0)
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    top_k: int = Field(ge=0)
+    sample_seeds: list[int]
+    nll_traces: int = Field(ge=0)
+
+
+METHODS = ("resp", "resp_noregen", "gisp", "generic", "wanda_sp", "flap", "magnitude", "random")
+
+
+class RunParams(Strict):
+    tasks: list[str]
+    methods: list[Literal[METHODS]]  # type: ignore[valid-type]
+
+
+class ExportParams(Strict):
+    formats: list[Literal["masked", "compact", "uniform"]]
+    channel_multiple: int = Field(gt=0)
+
+
+class RegistryParams(Strict):
+    tracking_uri: str
+    experiment: str
+
+
+class ScheduleParams(Strict):
+    cron: str
+    timezone: str
+
+
+class Params(Strict):
+    world: WorldParams
+    embedded_model: EmbeddedModelParams
+    model: ModelParams
+    tasks: dict[str, TaskParams]
+    prose_task: str
+    calibration: CalibrationParams
+    generation: GenerationParams
+    importance: ImportanceParams
+    prune: PruneParams
+    evaluation: EvaluationParams
+    run: RunParams
+    export: ExportParams
+    registry: RegistryParams
+    schedule: ScheduleParams
+
+    @model_validator(mode="after")
+    def _task_names(self):
+        unknown = [t for t in [*self.run.tasks, self.prose_task] if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"run.tasks/prose_task name unknown tasks {unknown}; defined: {sorted(self.tasks)}")
+        return self
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise ParamsError(f"override {dotted!r}: {key!r} is not a section of params.yaml")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load and validate params; `overrides` are `section.key=value` strings (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {path} not found: run from the project root or pass --params PATH")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML ({e}); fix the file") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ParamsError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key, yaml.safe_load(value))
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ParamsError(f"{path} is invalid: " + "; ".join(lines)) from None

@@ -1,0 +1,143 @@
+"""Train the embedded reasoning model: a stock `Qwen3ForCausalLM` taught the world's own style.
+
+Data: fresh seeded `arith`/`choice` problems (never one whose content is in a test split)
+rendered through the chat template with thinking on, followed by the own-style completion
+and `<|im_end|>`; loss on the completion only, as decode-time behaviour is what matters.
+A fraction of `prose` lines is trained with full-sequence loss so generic-text calibration
+has something to measure. Deterministic from the seed on a given machine and thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+from resp.prompts import gsm8k_message, mathqa_message
+from resp.world import tasks as world
+from resp.world.tokenizer import IM_END, PAD, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def training_texts(seed: int, n_examples: int, n_test: int, prose_fraction: float):
+    """Return (prompt, completion) pairs for both tasks plus prose lines, interleaved by seed."""
+    rng = random.Random(seed)
+    per_task = n_examples // 2
+    pairs = []
+    for task_seed, task in ((seed, "arith"), (seed + 1, "choice")):
+        train, _ = world.make_splits(task_seed, per_task, n_test)
+        opt_rng = random.Random(task_seed + 7)
+        for problem in train:
+            if task == "arith":
+                message, letter = gsm8k_message(world.gsm8k_record(problem)["question"]), None
+            else:
+                record = world.mathqa_record(problem, opt_rng)
+                message = mathqa_message(record["Problem"], record["options"])
+                letter = record["correct"]
+            pairs.append((task, message, world.own_style_completion(problem, letter)))
+    n_prose = int(len(pairs) * prose_fraction)
+    prose = [world.prose_sentence(rng) for _ in range(n_prose)]
+    return pairs, prose
+
+
+def train_embedded_model(cfg, out_dir: str | Path, n_test: int, world_seed: int) -> Path:
+    """Train per `cfg` (params.yaml `embedded_model`), save model + tokenizer to `out_dir`."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    pairs, prose = training_texts(world_seed, cfg.train_examples, n_test, cfg.prose_fraction)
+
+    corpus = [p + "\n" + c for _, p, c in pairs[::25]] + prose[:2000]
+    tokenizer = build_tokenizer(corpus, cfg.vocab_size)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    pad = tokenizer.convert_tokens_to_ids(PAD)
+
+    examples = []  # (input_ids, labels)
+    prompts = tokenizer.apply_chat_template(
+        [[{"role": "user", "content": p}] for _, p, _ in pairs],
+        add_generation_prompt=True, enable_thinking=True, tokenize=False,
+    )
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer([c for _, _, c in pairs], add_special_tokens=False)["input_ids"]
+    for p, c in zip(prompt_ids, completion_ids):
+        c = c + [im_end]
+        examples.append((p + c, [-100] * len(p) + c))
+    for ids in tokenizer(prose, add_special_tokens=False)["input_ids"]:
+        ids = ids + [pad]
+        examples.append((ids, list(ids)))
+    max_len = max(len(ids) for ids, _ in examples)
+    log.info("training on %d examples (max %d tokens)", len(examples), max_len)
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=[im_end, pad],
+        pad_token_id=pad, bos_token_id=None,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    order_rng = random.Random(cfg.seed)
+    order: list[int] = []
+    bar = tqdm(range(cfg.steps), desc="train embedded model", unit="step")
+    ema = None
+    for step in bar:
+        if len(order) < cfg.batch_size:
+            fresh = list(range(len(examples)))
+            order_rng.shuffle(fresh)
+            order.extend(fresh)
+        batch = [examples[i] for i in order[:cfg.batch_size]]
+        del order[:cfg.batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad)
+        labels = torch.full((len(batch), width), -100)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            attn[row, : len(ids)] = 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step):.2e}")
+        if step % 200 == 0:
+            log.info("step %d loss %.4f", step, ema)
+
+    model.eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[im_end, pad], pad_token_id=pad, do_sample=False,
+    )
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log.info("saved embedded model (%d parameters) to %s", model.num_parameters(), out)
+    return out
