@@ -62,7 +62,7 @@ class Structures:
     def channel_params(self) -> int:
         return 3 * self.hidden_size + 2 * self.mlp_bias
 
-    def normalizer(self, kind: str, mode: str) -> tuple[float, float]:
+    def normalizer(self, mode: str) -> tuple[float, float]:
         """Divisors for (attention, channel) group scores (method step 5)."""
         if mode == "none":
             return 1.0, 1.0

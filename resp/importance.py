@@ -1,0 +1,161 @@
+"""First-order Taylor importance of prunable units (method steps 2-5).
+
+For each sample n the loss is the mean NLL over its completion tokens (decode-only labels).
+Gradients of the batch's *sum* of per-sample losses are accumulated over all batches into
+fp32 buffers G (one per scored weight), so G = sum_n grad_n whatever the batching; the element
+score is |w * G/N| (mean before abs). With `per_sample_abs` the score is sum_n |w * grad_n|,
+reduced to per-unit sums right away, one sample per backward, without a full gradient buffer.
+
+Memory: only the scored projections require grad (optionally all weights, for comparison);
+each `.grad` is folded into its accumulator by a post-accumulate-grad hook and freed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from resp.adapters import adapter_for
+from resp.structures import Structures
+from resp.traces import IGNORE_INDEX, Trace, decode_only_batches
+
+log = logging.getLogger(__name__)
+
+
+class ImportanceError(ValueError):
+    pass
+
+
+@dataclass
+class UnitScores:
+    attention: torch.Tensor   # float64 [L, A]: raw summed element scores per attention unit
+    channels: torch.Tensor    # float64 [L, I]
+    n_samples: int
+    n_tokens: int
+    mean_loss: float
+
+    def normalized(self, s: Structures, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        att_div, ch_div = s.normalizer(mode)
+        return self.attention / att_div, self.channels / ch_div
+
+
+def scored_weights(model, s: Structures) -> dict[tuple[int, str], torch.nn.Parameter]:
+    """The weights whose Taylor scores are summed into units, keyed by (layer, projection)."""
+    adapter = adapter_for(model.config)
+    names = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if s.attention_unit == "kv_group":
+        names += ["k_proj", "v_proj"]
+    return {(i, n): getattr(adapter, n)(layer).weight
+            for i, layer in enumerate(adapter.layers(model)) for n in names}
+
+
+def reduce_to_units(name: str, elem: torch.Tensor, s: Structures) -> tuple[str, torch.Tensor]:
+    """Sum an element-score tensor of one projection into its units: ("attention"|"channels", [A] or [I])."""
+    hd, H, KV = s.head_dim, s.num_heads, s.num_kv_heads
+    if name == "q_proj":       # [H*hd, hidden]: rows of head h
+        per_head = elem.view(H, hd, -1).sum((1, 2))
+    elif name == "o_proj":     # [hidden, H*hd]: columns of head h
+        per_head = elem.view(-1, H, hd).sum((0, 2))
+    elif name in ("k_proj", "v_proj"):   # [KV*hd, hidden]: only scored for kv_group
+        return "attention", elem.view(KV, hd, -1).sum((1, 2))
+    elif name in ("gate_proj", "up_proj"):   # [I, hidden]
+        return "channels", elem.sum(1)
+    else:                      # down_proj [hidden, I]
+        return "channels", elem.sum(0)
+    if s.attention_unit == "kv_group":
+        per_head = per_head.view(KV, s.n_rep).sum(1)
+    return "attention", per_head
+
+
+def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean NLL over label tokens (next-token shift); returns (losses [B], counts [B])."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(1)
+    return nll.sum(1) / counts.clamp(min=1), counts
+
+
+def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pad_id: int,
+                  per_sample_abs: bool = False, grads_only_scored: bool = True,
+                  grad_checkpointing: bool = False, desc: str = "taylor scores") -> UnitScores:
+    """Score every attention unit and MLP channel of `model` on `traces` (see module docstring)."""
+    device = next(model.parameters()).device
+    weights = scored_weights(model, s)
+    was_training = model.training
+    previous_flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(not grads_only_scored)
+    for w in weights.values():
+        w.requires_grad_(True)
+
+    L = s.num_layers
+    attention = torch.zeros(L, s.attention_units, dtype=torch.float64)
+    channels = torch.zeros(L, s.intermediate_size, dtype=torch.float64)
+    accumulators = {} if per_sample_abs else {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
+    hooks = []
+
+    def fold(key):
+        layer, name = key
+
+        def hook(param):
+            if per_sample_abs:
+                elem = (param.detach().float() * param.grad.float()).abs()
+                kind, unit = reduce_to_units(name, elem, s)
+                (attention if kind == "attention" else channels)[layer] += unit.double().cpu()
+            else:
+                accumulators[key] += param.grad.float()
+            param.grad = None
+        return hook
+
+    for key, w in weights.items():
+        hooks.append(w.register_post_accumulate_grad_hook(fold(key)))
+    if grad_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF only checkpoints in train mode; our families have no dropout at 0.0 rates
+
+    n_samples = n_tokens = 0
+    loss_sum = 0.0
+    try:
+        per_step = 1 if per_sample_abs else batch_size
+        batches = list(decode_only_batches(traces, per_step, pad_id))
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            losses, counts = per_sample_mean_loss(logits, batch["labels"])
+            valid = counts > 0
+            loss = losses[valid].sum()
+            if not torch.isfinite(loss):
+                raise ImportanceError(f"non-finite loss ({loss.item()}) while scoring: check the model dtype "
+                                      "(use float32 or bfloat16, not float16) and the traces")
+            loss.backward()
+            n_samples += int(valid.sum())
+            n_tokens += int(counts.sum())
+            loss_sum += float(loss.detach())
+    finally:
+        for h in hooks:
+            h.remove()
+        if grad_checkpointing:
+            model.activation_checkpointing_disable()
+        model.train(was_training)
+        for p, flag in previous_flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+    if n_samples == 0:
+        raise ImportanceError("no trace had a completion token to score: the trace set is empty")
+    if not per_sample_abs:
+        for (layer, name), acc in accumulators.items():
+            elem = (weights[(layer, name)].detach().float() * (acc / n_samples)).abs()
+            kind, unit = reduce_to_units(name, elem, s)
+            (attention if kind == "attention" else channels)[layer] += unit.double().cpu()
+    mean_loss = loss_sum / n_samples
+    if not math.isfinite(mean_loss):
+        raise ImportanceError("non-finite mean loss while scoring")
+    return UnitScores(attention, channels, n_samples, n_tokens, mean_loss)

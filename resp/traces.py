@@ -1,0 +1,189 @@
+"""Calibration trace sets (method steps 1-2).
+
+A `TraceSet` is a list of (prompt ids, completion ids) with a manifest saying what produced it.
+RESP traces are the model's own sampled completions (thinking on); GISP traces are the gold
+human-written solutions after the same prompt; generic traces are plain text with no prompt
+(full-sequence loss). All three feed the same scorer through `decode_only_batches`, whose
+labels are -100 on every prompt, template and padding token.
+
+Files: `<name>.jsonl` (one trace per line) and `<name>.jsonl.json` (manifest with the content
+digest of the jsonl bytes), both written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class TraceError(ValueError):
+    pass
+
+
+@dataclass
+class Trace:
+    prompt_id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    truncated: bool
+    answer: str | None = None      # extracted final answer (None: none found / not a task trace)
+    correct: bool | None = None    # against the gold answer (None: unknown)
+
+
+@dataclass
+class TraceSet:
+    traces: list[Trace]
+    manifest: dict = field(default_factory=dict)
+
+    def stats(self) -> dict:
+        n = len(self.traces)
+        judged = [t.correct for t in self.traces if t.correct is not None]
+        return {
+            "n": n,
+            "mean_completion_tokens": sum(len(t.completion_ids) for t in self.traces) / max(n, 1),
+            "truncation_rate": sum(t.truncated for t in self.traces) / max(n, 1),
+            "answer_accuracy": (sum(judged) / len(judged)) if judged else None,
+        }
+
+    def prompt_ids_digest(self) -> str:
+        return sha256_text("\n".join(t.prompt_id for t in self.traces))
+
+    def save(self, path: str | Path) -> str:
+        """Write jsonl + manifest atomically; returns the content digest."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = "".join(json.dumps(asdict(t), sort_keys=True) + "\n" for t in self.traces).encode()
+        digest = hashlib.sha256(body).hexdigest()
+        self.manifest = {**self.manifest, **self.stats(), "digest": digest,
+                         "prompt_ids_digest": self.prompt_ids_digest()}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(body)
+        meta = path.with_name(path.name + ".json")
+        meta_tmp = meta.with_name(meta.name + ".tmp")
+        meta_tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+        os.replace(meta_tmp, meta)
+        return digest
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TraceSet":
+        path = Path(path)
+        meta = path.with_name(path.name + ".json")
+        if not path.is_file() or not meta.is_file():
+            raise TraceError(f"trace set {path} (or its manifest {meta.name}) not found: generate it with `resp traces`")
+        body = path.read_bytes()
+        manifest = json.loads(meta.read_text())
+        if hashlib.sha256(body).hexdigest() != manifest.get("digest"):
+            raise TraceError(f"trace set {path} does not match the digest in its manifest: it was edited after it was written; regenerate it")
+        traces = []
+        for lineno, line in enumerate(body.decode().splitlines(), 1):
+            try:
+                traces.append(Trace(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise TraceError(f"{path}:{lineno}: malformed trace ({e}); regenerate the trace set") from None
+        return cls(traces, manifest)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_usable(traces: TraceSet, what: str) -> None:
+    """Refuse trace sets that cannot calibrate anything."""
+    if not traces.traces:
+        raise TraceError(f"{what}: the trace set is empty; generate traces for at least one prompt")
+    if all(not t.completion_ids for t in traces.traces):
+        raise TraceError(f"{what}: every trace has an empty completion; check generation.max_new_tokens")
+    if all(t.truncated for t in traces.traces):
+        raise TraceError(f"{what}: all {len(traces.traces)} traces are truncated; raise generation.max_new_tokens")
+
+
+def self_generated_traces(model, tokenizer, items, fmt: str, spec, batch_size: int, seed: int,
+                          manifest: dict, desc: str) -> TraceSet:
+    """Sample one completion per item from `model` through the chat template, thinking on."""
+    from resp.generation import generate
+    from resp.tasks import extract_answer, is_correct, render_prompt
+
+    prompts = [render_prompt(tokenizer, item.message, enable_thinking=True) for item in items]
+    completions = generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=desc)
+    traces = [
+        Trace(item.id, c.prompt_ids, c.completion_ids, c.text, c.truncated,
+              extract_answer(fmt, c.text), is_correct(fmt, c.text, item.gold))
+        for item, c in zip(items, completions)
+    ]
+    sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k,
+                "max_new_tokens": spec.max_new_tokens, "seed": seed}
+    return TraceSet(traces, {**manifest, "kind": "self_generated", "sampling": sampling})
+
+
+def gold_traces(tokenizer, items, manifest: dict) -> TraceSet:
+    """GISP: the human-written solution as the completion of the same chat prompt."""
+    from resp.tasks import render_prompt
+
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    traces = []
+    for item in items:
+        prompt = tokenizer(render_prompt(tokenizer, item.message, enable_thinking=True), add_special_tokens=False)["input_ids"]
+        completion = tokenizer(item.rationale, add_special_tokens=False)["input_ids"] + end
+        traces.append(Trace(item.id, prompt, completion, item.rationale, False, item.gold, True))
+    return TraceSet(traces, {**manifest, "kind": "gold"})
+
+
+def text_traces(tokenizer, items, manifest: dict) -> TraceSet:
+    """Generic-text calibration: no prompt, loss on every token."""
+    traces = [Trace(item.id, [], tokenizer(item.message, add_special_tokens=False)["input_ids"], item.message, False)
+              for item in items]
+    return TraceSet(traces, {**manifest, "kind": "text"})
+
+
+def filter_traces(traces: TraceSet, rule: str, dense_answers: dict[str, str | None] | None = None) -> TraceSet:
+    """Reflection option: keep traces whose answer is correct (or agrees with the dense model's)."""
+    if rule == "none":
+        return traces
+    kept = []
+    for t in traces.traces:
+        agree = dense_answers is not None and t.answer is not None and dense_answers.get(t.prompt_id) == t.answer
+        if t.correct or (rule == "correct_or_agree" and agree):
+            kept.append(t)
+    if not kept:
+        raise TraceError(f"trace filter {rule!r} removed all {len(traces.traces)} traces; use prune.trace_filter=none")
+    return TraceSet(kept, {**traces.manifest, "filter": rule, "filtered_from": len(traces.traces)})
+
+
+def decode_only_batches(traces: list[Trace], batch_size: int, pad_id: int):
+    """Yield right-padded batches: input = prompt + completion; labels -100 outside the completion.
+
+    Traces are sorted by length (bucketing) so padding is small; each batch carries
+    `n_completion` (completion tokens per sample) for per-sample mean losses.
+    """
+    order = sorted(range(len(traces)), key=lambda i: len(traces[i].prompt_ids) + len(traces[i].completion_ids))
+    for start in range(0, len(order), batch_size):
+        chunk = [traces[i] for i in order[start:start + batch_size] if traces[i].completion_ids]
+        if not chunk:
+            continue
+        width = max(len(t.prompt_ids) + len(t.completion_ids) for t in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, t in enumerate(chunk):
+            p, c = len(t.prompt_ids), len(t.completion_ids)
+            input_ids[row, :p + c] = torch.tensor(t.prompt_ids + t.completion_ids)
+            labels[row, p:p + c] = torch.tensor(t.completion_ids)
+            attention_mask[row, :p + c] = 1
+        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
