@@ -152,6 +152,8 @@ def iterative_prune(s: Structures, cfg: ScheduleConfig, initial: PruneState, sco
             if crossed:
                 st.milestones_done.extend(crossed)
                 _regenerate(st, regenerate, f"milestone-{crossed[-1]:.2f}", s)
+                if checkpoint:  # a crash while scoring must not redo the regeneration
+                    checkpoint.save(st)
             _step(st, st.step, points, cfg, s, score)
         if checkpoint:
             checkpoint.save(st)

@@ -1,0 +1,110 @@
+"""Exports of a pruned model (method step 10): masked, compact, uniform.
+
+- masked: stock config and shapes, pruned structures zeroed; loads anywhere.
+- compact: physically smaller per-layer shapes (`modeling_compact.py` travels with the weights);
+  loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; same logits as masked.
+- uniform: the mask rounded to one shape for all layers, in the stock config (see `uniform.py`).
+
+Every export directory holds the weights, config, tokenizer and `resp_manifest.json`: format, base
+model identity, mask digest, the per-layer plan, and parameter counts (`stored`: saved in the
+files; `effective`: those that can change the output, i.e. without zeroed or padding units).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from resp.export.compact import compact_model
+from resp.export.masked import masked_model
+from resp.export.slicing import ExportError
+from resp.export.uniform import layer_changes, uniform_model
+from resp.masks import Mask, check_mask_fits
+from resp.structures import Structures
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "resp_manifest.json"
+
+
+def _masked(model, mask: Mask, s: Structures, channel_multiple: int) -> tuple:
+    exported = masked_model(model, mask, s)
+    plan = [{"kv_heads": int(kv), **kept} for kv, kept in zip(mask.kv_alive(s).sum(1).tolist(), mask.kept_per_layer())]
+    effective = model.num_parameters() - mask.pruned_params(s)
+    return exported, {"plan": plan, "effective_params": effective}
+
+
+def _compact(model, mask: Mask, s: Structures, channel_multiple: int) -> tuple:
+    exported, plans = compact_model(model, mask, s)
+    # classmethods: the saved config.json gets an auto_map and the modeling file is copied next to it
+    type(exported).register_for_auto_class("AutoModelForCausalLM")
+    type(exported.config).register_for_auto_class()
+    padding = sum(p.padding_heads for p in plans)
+    return exported, {"plan": [p.summary() for p in plans], "padding_heads": padding,
+                      "effective_params": exported.num_parameters() - padding * s.head_params}
+
+
+def _uniform(model, mask: Mask, s: Structures, channel_multiple: int) -> tuple:
+    exported, plans, shape = uniform_model(model, mask, s, channel_multiple)
+    plan = [{**p.summary(), **change} for p, change in zip(plans, layer_changes(plans, mask, s))]
+    return exported, {"plan": plan, "rounding": shape, "effective_params": exported.num_parameters()}
+
+
+FORMATS = {"masked": _masked, "compact": _compact, "uniform": _uniform}
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"export format {fmt!r} is not one of {sorted(FORMATS)}")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`; an existing `out` is replaced only after `tmp` is complete."""
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export_model(model, tokenizer, mask: Mask, s: Structures, fmt: str, out_dir: str | Path,
+                 channel_multiple: int, manifest_extra: dict | None = None,
+                 mask_meta: dict | None = None, model_key: str | None = None) -> Path:
+    """Write `model` pruned by `mask` in format `fmt` to `out_dir` (via `<out_dir>.tmp`); return the path.
+
+    `model` holds the base (unmasked) weights and is not modified. `mask_meta`/`model_key` let
+    `check_mask_fits` refuse a mask made for another model; `manifest_extra` (e.g. the base model
+    identity) is merged into the manifest. `tokenizer` may be None (nothing to save).
+    """
+    check_format(fmt)
+    check_mask_fits(mask, s, mask_meta, model_key)
+    exported, report = FORMATS[fmt](model, mask, s, channel_multiple)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    exported.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    stored = exported.num_parameters()
+    manifest = {
+        **(manifest_extra or {}),
+        "format": fmt,
+        "mask_digest": mask.digest(),
+        "decoder_sparsity": mask.sparsity(s),
+        "params": {"base": model.num_parameters(), "stored": stored, "effective": report.pop("effective_params")},
+        **report,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    _replace_dir(tmp, out)
+    log.info("wrote %s export to %s (%d stored / %d effective parameters, %.1f MB on disk)",
+             fmt, out, stored, manifest["params"]["effective"], size / 1e6)
+    return out

@@ -1,0 +1,112 @@
+"""Batched completion sampling with Hugging Face `generate` (method steps 1 and 7, and evaluation).
+
+Prompts are tokenized once, sorted by length (longest first, so a batch that does not fit in
+memory fails at once) and left-padded into batches with attention masks. Each batch is
+seeded with `seed + batch_index` right before it runs, so results depend only on the inputs,
+the batch size and the seed, never on what ran earlier in the process. Results come back in
+input order.
+
+A completion is cut after its first end-of-sequence token: the model's
+`generation_config.eos_token_id` (an int or a list; Qwen3 lists both `<|im_end|>` and
+`<|endoftext|>`) plus the tokenizer's `eos_token_id`. `completion_ids` include that token, so
+they are exactly what the decode-only loss is computed on; `text` is the decoded completion
+without it, decoded with special tokens kept, because `<think>`/`</think>` are special tokens
+in some tokenizers (the embedded one) and answer extraction needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class GenerationError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    temperature: float     # 0 = greedy
+    top_p: float
+    top_k: int             # 0 = no top-k filtering
+    max_new_tokens: int
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]       # the prompt's tokens, unpadded
+    completion_ids: list[int]   # generated tokens up to and including the first EOS
+    text: str                   # decoded completion without the EOS, special tokens kept
+    truncated: bool             # no EOS within max_new_tokens
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Sorted end-of-sequence ids: the model's generation config plus the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    ids = set([configured] if isinstance(configured, int) else configured or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise GenerationError("neither the model's generation_config nor the tokenizer names an EOS token; "
+                              "set generation_config.eos_token_id")
+    return sorted(ids)
+
+
+def _sampling_kwargs(spec: SamplingSpec) -> dict:
+    if spec.temperature == 0:
+        # transformers' own defaults, which greedy decoding ignores: set explicitly so a model's
+        # generation_config (Qwen3 ships temperature 0.6 / top_k 20) does not trigger
+        # "flags are not valid" warnings on every batch.
+        return {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
+    return {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k}
+
+
+def _cut(generated: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    for position, token in enumerate(generated):
+        if token in eos:
+            return generated[: position + 1], False
+    return generated, True
+
+
+def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_size: int, seed: int,
+             desc: str) -> list[Completion]:
+    """One completion per prompt (already chat-templated), in input order."""
+    if batch_size <= 0:
+        raise GenerationError(f"batch_size {batch_size} must be positive")
+    if tokenizer.pad_token_id is None:
+        raise GenerationError("the tokenizer has no pad token; load models with resp.models.load_model, which sets one")
+    eos = eos_token_ids(model, tokenizer)
+    eos_set = set(eos)
+    pad = tokenizer.pad_token_id
+    # The chat template already wrote every special token the prompt needs.
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), i))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    results: list[Completion | None] = [None] * len(prompts)
+    device = model.device
+    with torch.no_grad():
+        for batch_index, batch in enumerate(tqdm(batches, desc=desc, unit="batch")):
+            width = max(len(prompt_ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids = prompt_ids[i]
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, width - len(ids):] = 1
+            torch.manual_seed(seed + batch_index)
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                max_new_tokens=spec.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                **_sampling_kwargs(spec),
+            )
+            for row, i in enumerate(batch):
+                completion_ids, truncated = _cut(output[row, width:].tolist(), eos_set)
+                body = completion_ids if truncated else completion_ids[:-1]
+                results[i] = Completion(list(prompt_ids[i]), completion_ids,
+                                        tokenizer.decode(body, skip_special_tokens=False), truncated)
+    return results

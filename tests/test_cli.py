@@ -1,0 +1,93 @@
+"""resp.cli: every subcommand's --help runs; `resp eval` end to end on a saved tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_qwen3
+from typer.testing import CliRunner
+
+from resp.cli import app
+from resp.config import TaskParams
+from resp.evaluate import evaluate_task
+from resp.generation import SamplingSpec
+from resp.models import load_model
+from resp.tasks import load_items
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+runner = CliRunner()
+
+
+def test_help_runs():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "eval" in result.output
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+    assert "--task-file" in runner.invoke(app, ["eval", "--help"]).output
+
+
+@pytest.fixture
+def saved_model(tmp_path, tiny_tokenizer):
+    model = make_qwen3()
+    model.generation_config.eos_token_id = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Tom has {a} apples. How many?", "answer": f"{a}\n#### {a}"}) + "\n"
+                            for a in (3, 12, 7)))
+    return path
+
+
+def test_eval_writes_what_evaluate_task_computes(saved_model, task_file, tmp_path):
+    out = tmp_path / "metrics" / "eval.json"
+    result = runner.invoke(app, ["eval", "--model", str(saved_model), "--task-file", str(task_file), "--format", "gsm8k",
+                                 "--out", str(out), "--params", str(PARAMS), "--set", "evaluation.max_new_tokens=5",
+                                 "--set", "evaluation.batch_size=2", "--set", "model.device=cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"{task_file} [test] {saved_model}: accuracy 0.0000 (0/3), mean completion" in result.output
+    report = json.loads(out.read_text())
+    assert {k: report[k] for k in ("model", "revision", "task", "format", "split", "sampling")} == {
+        "model": str(saved_model), "revision": None, "task": str(task_file), "format": "gsm8k", "split": "test",
+        "sampling": {"temperature": 0.0, "top_p": 0.95, "top_k": 20, "max_new_tokens": 5, "seed": 0, "batch_size": 2}}
+    model, tokenizer = load_model(str(saved_model))
+    items = load_items(TaskParams(format="gsm8k", source=str(task_file), subset=None, few_shot=0,
+                                  calibration_split="test", eval_split="test"), "test")
+    expected = evaluate_task(model, tokenizer, items, "gsm8k", SamplingSpec(0.0, 0.95, 20, 5), batch_size=2, seed=0)
+    assert {k: report[k] for k in expected} == expected
+    assert [r["id"] for r in report["records"]] == ["test-0", "test-1", "test-2"]
+
+
+def test_eval_named_task_with_limit(saved_model, monkeypatch):
+    monkeypatch.chdir(ROOT)  # params.yaml names data/world/arith relative to the project root
+    result = runner.invoke(app, ["eval", "--model", str(saved_model), "--task", "arith", "--limit", "2",
+                                 "--set", "evaluation.max_new_tokens=3", "--set", "model.device=cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"arith [test] {saved_model}: accuracy 0.0000 (0/2)" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "arith", "--task-file", "x.jsonl"],
+     "error: give exactly one of --task NAME (from params.yaml tasks) or --task-file PATH --format F"),
+    (["--task", "nope"], "error: task 'nope' is not in params.yaml tasks; defined: ['arith', 'choice', 'gsm8k', 'mathqa', 'prose']"),
+    (["--task-file", "x.jsonl"], "error: --task-file needs --format, one of ['gsm8k', 'mathqa', 'text'] (got None)"),
+    (["--task", "arith", "--set", "evaluation.nope=1"],
+     f"error: {PARAMS} is invalid: evaluation.nope: Extra inputs are not permitted"),
+    (["--task", "arith", "--model", "/nonexistent"],
+     "error: model directory /nonexistent does not exist: check model.name_or_path"),
+])
+def test_eval_bad_input_is_one_line(args, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    result = runner.invoke(app, ["eval", "--params", str(PARAMS), *args])
+    assert result.exit_code == 2
+    assert result.output == message + "\n"

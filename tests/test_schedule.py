@@ -1,0 +1,125 @@
+"""The iterative schedule with fake scorers/regenerators: exact regeneration points, nesting, resume."""
+
+import pytest
+import torch
+
+from conftest import make_qwen3
+from resp.importance import UnitScores
+from resp.masks import Mask
+from resp.schedule import Checkpointer, PruneState, ScheduleConfig, iterative_prune, schedule_points
+from resp.structures import structures_for
+from resp.traces import Trace, TraceSet
+
+
+def test_schedule_points_linear_with_targets():
+    assert schedule_points([0.2, 0.4], 4) == [0.1, 0.2, 0.3, 0.4]
+    assert schedule_points([0.25, 0.5], 4) == [0.125, 0.25, 0.375, 0.5]
+    assert schedule_points([0.3], 2) == [0.15, 0.3]
+    assert schedule_points([0.2, 0.35], 2) == [0.175, 0.2, 0.35]
+
+
+class Fake:
+    """Deterministic scores that depend on the traces' tag, and a regenerator that counts calls."""
+
+    def __init__(self, s, tmp_path, fail_at_step=None):
+        self.s, self.tmp, self.calls, self.regens, self.fail_at = s, tmp_path, 0, [], fail_at_step
+
+    def traces(self, tag):
+        ts = TraceSet([Trace(tag, [1], [2, 3], tag, False, "1", tag != "initial")], {"tag": tag})
+        path = self.tmp / f"{tag}.jsonl"
+        ts.save(path)
+        return ts, str(path)
+
+    def score(self, mask, traces):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt("simulated crash")
+        seed = sum(map(ord, traces.manifest["tag"]))
+        g = torch.Generator().manual_seed(seed)
+        att = torch.rand(self.s.num_layers, self.s.attention_units, generator=g, dtype=torch.float64)
+        ch = torch.rand(self.s.num_layers, self.s.intermediate_size, generator=g, dtype=torch.float64)
+        return UnitScores(att * mask.attention_units(self.s), ch * mask.channels, 1, 2, 0.5)
+
+    def regenerate(self, mask, tag):
+        self.regens.append((tag, mask.sparsity(self.s)))
+        return self.traces(tag)
+
+
+def run(tmp_path, fake, s, cfg, checkpoint=True):
+    ts, path = fake.traces("initial")
+    initial = PruneState(0, Mask.dense(s), ts, path)
+    ck = Checkpointer(tmp_path / "state", "fp") if checkpoint else None
+    return iterative_prune(s, cfg, initial, fake.score, fake.regenerate, ck)
+
+
+CFG = ScheduleConfig(targets=[0.2, 0.3, 0.4], steps=8, milestones=[0.1, 0.2, 0.3], normalize="none", verify_select=False)
+
+
+def test_regenerates_once_per_milestone_and_nests(tmp_path):
+    s = structures_for(make_qwen3(), "query_head", None)
+    fake = Fake(s, tmp_path)
+    st = run(tmp_path, fake, s, CFG)
+    assert [tag for tag, _ in fake.regens] == ["milestone-0.10", "milestone-0.20", "milestone-0.30"]
+    # each regeneration happened right after its milestone was crossed, with the pruned model
+    for (tag, sparsity), m in zip(fake.regens, [0.1, 0.2, 0.3]):
+        assert m <= sparsity < m + 0.05 + 1e-9
+    assert fake.calls == 8                  # one scoring per step, recomputed after regeneration
+    assert st.regenerations == 3 and st.milestones_done == [0.1, 0.2, 0.3]
+    masks = [st.saved[t] for t in CFG.targets]
+    for t, m in zip(CFG.targets, masks):
+        assert t <= m.sparsity(s) < t + (s.head_params + s.kv_params) / s.decoder_params  # last unit may kill a group
+    assert masks[0].contains(masks[1]) and masks[1].contains(masks[2])
+    assert all(m.heads[s.num_layers - 1].all() and m.channels[s.num_layers - 1].all() for m in masks)
+    assert [e["step"] for e in st.log] == list(range(1, 9))
+
+
+def test_same_inputs_same_masks(tmp_path):
+    s = structures_for(make_qwen3(), "query_head", None)
+    a = run(tmp_path / "a", Fake(s, _mk(tmp_path / "a")), s, CFG)
+    b = run(tmp_path / "b", Fake(s, _mk(tmp_path / "b")), s, CFG)
+    assert [a.saved[t].digest() for t in CFG.targets] == [b.saved[t].digest() for t in CFG.targets]
+
+
+def _mk(p):
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+@pytest.mark.parametrize("crash_at, redo_calls, redo_regens", [
+    (6, 3, ["milestone-0.30"]),   # crash scoring step 6: steps 6-8 rerun, milestone 0.3 not reached yet
+    (7, 2, []),                   # crash scoring right after the 0.3 regeneration: it is not redone
+])
+def test_resume_after_crash_gives_same_masks(tmp_path, crash_at, redo_calls, redo_regens):
+    s = structures_for(make_qwen3(), "query_head", None)
+    reference = run(_mk(tmp_path / "ref"), Fake(s, tmp_path / "ref"), s, CFG)
+    crashing = Fake(s, _mk(tmp_path / "run"), fail_at_step=crash_at)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", crashing, s, CFG)
+    resumed = Fake(s, tmp_path / "run")
+    st = run(tmp_path / "run", resumed, s, CFG)
+    assert resumed.calls == redo_calls
+    assert [t for t, _ in resumed.regens] == redo_regens
+    assert [st.saved[t].digest() for t in CFG.targets] == [reference.saved[t].digest() for t in CFG.targets]
+    strip = lambda log: [{k: v for k, v in e.items() if k != "traces"} for e in log]  # noqa: E731 (paths differ)
+    assert strip(st.log) == strip(reference.log) and st.regenerations == 3
+
+
+def test_no_milestones_never_regenerates(tmp_path):
+    s = structures_for(make_qwen3(), "query_head", None)
+    fake = Fake(s, tmp_path)
+    cfg = ScheduleConfig([0.2], 4, [], "none", False)
+    st = run(tmp_path, fake, s, cfg, checkpoint=False)
+    assert fake.regens == [] and st.regenerations == 0 and fake.calls == 4
+
+
+def test_verify_select_branches_and_keeps_better(tmp_path):
+    s = structures_for(make_qwen3(), "query_head", None)
+    fake = Fake(s, tmp_path)
+    cfg = ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], "none", True)
+    st = run(tmp_path, fake, s, cfg, checkpoint=False)
+    decisions = [e for e in st.log if "verify_select" in e]
+    assert len(decisions) == 2
+    # the fake marks every regenerated trace correct and the initial one wrong: refresh wins
+    assert all(d["chosen"] == "refresh" for d in decisions)
+    assert [t for t, _ in fake.regens if "refresh" in t and t.startswith("milestone")] == ["milestone-0.10-refresh", "milestone-0.20-refresh"]
+    assert st.saved[0.2].contains(st.saved[0.3])
