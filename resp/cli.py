@@ -140,3 +140,300 @@ def export_command(
                                             "mask_file": str(mask)},
                             mask_meta=meta, model_key=identity.key)
     typer.echo(f"wrote {export_format} export to {path}")
+
+
+@app.command("validate")
+def validate_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides = None) -> None:
+    """Check params.yaml (and overrides) without running anything."""
+    with user_errors():
+        p = load_params(params, overrides)
+    typer.echo(f"{params}: valid ({len(p.tasks)} tasks, methods {', '.join(p.run.methods)})")
+
+
+world_app = typer.Typer(help="The embedded tiny world: task files and the reasoning model trained on them.",
+                        no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("generate")
+def world_generate_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides = None) -> None:
+    """Write the arith (GSM8K format), choice (MathQA format) and prose task files."""
+    from resp.world.tasks import write_world
+
+    with user_errors():
+        w = load_params(params, overrides).world
+    write_world(w.dir, w.seed, w.train_items, w.test_items, w.prose_items)
+    typer.echo(f"wrote arith/choice/prose train and test files to {w.dir}")
+
+
+@world_app.command("train")
+def world_train_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides = None) -> None:
+    """Train the embedded Qwen3 reasoning model from scratch (deterministic; about an hour on 2 cores)."""
+    from resp.world.train import train_embedded_model
+
+    with user_errors():
+        p = load_params(params, overrides)
+    path = train_embedded_model(p.embedded_model, p.embedded_model.dir, n_test=p.world.test_items, world_seed=p.world.seed)
+    typer.echo(f"wrote the embedded model to {path}")
+
+
+@app.command("traces")
+def traces_command(
+    task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
+    out: Annotated[Path, typer.Option(help="trace set file (.jsonl; the manifest goes to OUT.json)")],
+    split: Annotated[str | None, typer.Option(help="split (default: the task's calibration split, seeded selection)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="number of prompts (default: calibration.num_prompts)")] = None,
+    model: Annotated[str | None, typer.Option(help="model (default: params model.name_or_path)")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Sample the model's own reasoning traces (thinking on) for a task's prompts."""
+    from resp.recipe import make_traces
+
+    with user_errors():
+        p = load_params(params, overrides)
+        if task not in p.tasks:
+            raise ValueError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
+        path = make_traces(p, task, split or p.tasks[task].calibration_split, limit, out, model)
+    typer.echo(f"wrote traces to {path}")
+
+
+@app.command("prune")
+def prune_command(
+    task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
+    method: Annotated[str, typer.Option(help="resp, resp_noregen, gisp, generic, wanda_sp, flap, magnitude or random")],
+    out: Annotated[Path, typer.Option(help="run directory: masks/, traces/, state/, summary.json")],
+    traces: Annotated[Path | None, typer.Option(help="dense self-generated traces (needed by resp and resp_noregen)")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Prune a model for a task with one method; writes a mask at every target sparsity."""
+    from resp.recipe import prune
+
+    with user_errors():
+        p = load_params(params, overrides)
+        if task not in p.tasks:
+            raise ValueError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
+        started = time.perf_counter()
+        written = prune(p, task, method, out, str(traces) if traces else None)
+    for target, path in written.items():
+        typer.echo(f"target {target:.2f}: {path}")
+    typer.echo(f"{method} on {task}: {len(written)} masks in {time.perf_counter() - started:.1f} s (summary: {out / 'summary.json'})")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
+    out: Annotated[Path, typer.Option(help="metrics JSON file, e.g. data/metrics/arith/resp.json")],
+    method: Annotated[str | None, typer.Option(help="the method that made the masks in --masks-dir")] = None,
+    masks_dir: Annotated[Path | None, typer.Option(help="directory of sparsity-*.safetensors masks written by `resp prune`")] = None,
+    dense: Annotated[bool, typer.Option("--dense", help="evaluate the unpruned model too (alone: the file's method is 'dense')")] = False,
+    heldout: Annotated[Path | None, typer.Option(help="held-out dense traces for NLL (`resp traces --split <eval split>`)")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Evaluate the dense model and/or every mask of one method: accuracy (greedy, sampled), length, truncation, NLL."""
+    import json
+
+    from resp.config import METHODS
+    from resp.evaluate import DENSE, evaluate_masks, masks_in_dir
+
+    with user_errors():
+        p = load_params(params, overrides)
+        if masks_dir is None and not dense:
+            raise ValueError("nothing to evaluate: give --masks-dir DIR --method NAME, and/or --dense")
+        if (masks_dir is None) != (method is None):
+            raise ValueError("--masks-dir and --method go together: the method names who made the masks")
+        if method is not None and method not in METHODS:
+            raise ValueError(f"method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+        masks = masks_in_dir(masks_dir) if masks_dir is not None else {}
+        path = evaluate_masks(p, task, method or DENSE, masks, heldout, out, include_dense=dense)
+    report = json.loads(path.read_text())
+    for label, r in report["results"].items():
+        nll = f"{r['nll']['nll']:.4f}" if r["nll"] else "-"
+        typer.echo(f"{task} {report['method']} {label}: sparsity {r['sparsity']:.4f}, accuracy greedy "
+                   f"{r['greedy']['accuracy']:.4f} / sampled {r['sampled']['accuracy']:.4f}, mean completion "
+                   f"{r['greedy']['mean_completion_tokens']:.1f} tokens, truncation {r['greedy']['truncation_rate']:.4f}, NLL {nll}")
+    typer.echo(f"wrote {path}")
+
+
+@app.command("report")
+def report_command(
+    metrics_dir: Annotated[Path, typer.Option(help="directory holding {task}/{method}.json and {task}/dense.json")],
+    out: Annotated[Path, typer.Option(help="report directory: results.md, metrics.json, plots/")],
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Write the results table, flat metrics and plots for run.tasks x run.methods x prune.targets."""
+    from resp.report import write_report
+
+    with user_errors():
+        p = load_params(params, overrides)
+        written = write_report(metrics_dir, out, p.run.tasks, list(p.run.methods), p.prune.targets)
+    typer.echo(f"wrote {len(written)} files to {out} (table: {out / 'results.md'})")
+
+
+@app.command("score")
+def score_command(
+    traces: Annotated[Path, typer.Option(help="trace set to score (.jsonl with its .jsonl.json manifest)")],
+    out: Annotated[Path, typer.Option(help="scores file (.safetensors; counts and manifest go to OUT.json)")],
+    model: Annotated[str | None, typer.Option(help="model (default: params model.name_or_path)")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Taylor scores of every attention unit and MLP channel on a trace set; data-parallel under
+    `torchrun --nproc_per_node=N --no-python resp score ...` (gloo on cpu, nccl on cuda)."""
+    from resp.distributed import score_trace_file
+
+    with user_errors():
+        p = load_params(params, overrides)
+        path = score_trace_file(p, traces, out, model)
+    if path is not None:  # only rank 0 writes
+        typer.echo(f"wrote scores to {path}")
+
+
+@app.command("memory")
+def memory_command(
+    seq_len: Annotated[int, typer.Option(help="tokens per trace (prompt + completion)")],
+    config: Annotated[str | None, typer.Option(help="model directory, hub id or config.json (default: params model.name_or_path)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="traces per backward (default: importance.batch_size)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: model.dtype)")] = None,
+    per_sample_abs: Annotated[bool | None, typer.Option("--per-sample-abs/--no-per-sample-abs", help="default: importance.per_sample_abs")] = None,
+    grads_only_scored: Annotated[bool | None, typer.Option("--grads-only-scored/--all-grads", help="default: importance.grads_only_scored")] = None,
+    grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="default: importance.grad_checkpointing")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Predict the peak memory of one Taylor scoring pass, by component (resp.memory)."""
+    from resp.memory import predict_scoring_memory
+
+    with user_errors():
+        p = load_params(params, overrides)
+        imp = p.importance
+        settings = dict(
+            attention_unit=p.prune.attention_unit,
+            per_sample_abs=imp.per_sample_abs if per_sample_abs is None else per_sample_abs,
+            grads_only_scored=imp.grads_only_scored if grads_only_scored is None else grads_only_scored,
+            grad_checkpointing=imp.grad_checkpointing if grad_checkpointing is None else grad_checkpointing)
+        config, dtype = config or p.model.name_or_path, dtype or p.model.dtype
+        batch_size = batch_size or imp.batch_size
+        estimate = predict_scoring_memory(config, dtype, seq_len, batch_size, **settings)
+    typer.echo(f"scoring memory of {config}: {dtype}, batch {batch_size} x {seq_len} tokens, "
+               + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    typer.echo(estimate.table())
+
+
+@app.command("register")
+def register_command(
+    task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
+    method: Annotated[str, typer.Option(help="method whose masks to register")],
+    run_dir: Annotated[Path | None, typer.Option(help="`resp prune --out` directory (default: <flow.data_dir>/runs/TASK/METHOD)")] = None,
+    exports_dir: Annotated[Path | None, typer.Option(help="holds sparsity-<t>/<format>/ exports (default: <flow.data_dir>/checkpoints/TASK/METHOD)")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="evaluation JSON of the method (default: <flow.data_dir>/metrics/TASK/METHOD.json when present)")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Register every mask of a method in the MLflow registry with its lineage (one version per sparsity)."""
+    from flows.layout import Layout, existing_exports
+    from resp.registry import mask_files, register_method
+
+    with user_errors():
+        p = load_params(params, overrides)
+        layout = Layout(Path(p.flow.data_dir))
+        masks_dir = (run_dir or layout.run_dir(task, method)) / "masks"
+        exports = existing_exports(exports_dir or layout.method_exports(task, method), sorted(mask_files(masks_dir)),
+                                   list(p.export.formats))
+        if metrics is None and layout.metrics(task, method).is_file():
+            metrics = layout.metrics(task, method)
+        versions = register_method(p, task, method, masks_dir, exports, metrics)
+    for v in versions:
+        typer.echo(f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']}"
+                   + (f", replaces version {v['replaces']}" if v["replaces"] else "")
+                   + ("" if v["created"] else " (already registered)"))
+
+
+@app.command("audit")
+def audit_command(
+    model: Annotated[str | None, typer.Option(help="registered model name, e.g. resp-tiny-arith-resp")] = None,
+    version: Annotated[str | None, typer.Option(help="version of --model")] = None,
+    traces: Annotated[str | None, typer.Option(help="trace file or sha256 digest: list the versions whose lineage holds it")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Print a version's lineage and verify every recorded digest (exit 1 on a mismatch); --traces: versions using a trace set."""
+    from resp.registry import audit, lineage_lines, versions_with_traces
+
+    with user_errors():
+        p = load_params(params, overrides)
+        if (model is None) == (traces is None) or (model is not None and version is None):
+            raise ValueError("give --model NAME --version V (lineage of a version) or --traces FILE_OR_DIGEST (reverse query)")
+        if traces is not None:
+            found = versions_with_traces(p, traces)
+        else:
+            report = audit(p, model, version)
+    if traces is not None:
+        typer.echo(f"trace set {found['query']} (sha256 {found['digest'][:16]}): {len(found['versions'])} registered version(s)")
+        for v in found["versions"]:
+            typer.echo(f"  {v['name']} version {v['version']}: {v['task']}/{v['method']} target {v['target']}, "
+                       f"used as {', '.join(v['trace_tags'])}")
+        return
+    for line in lineage_lines(report):
+        typer.echo(line)
+    checked = len(report["checks"]) + (report["base_check"] in ("ok", "mismatch"))
+    if report["problems"]:
+        for problem in report["problems"]:
+            typer.echo(f"MISMATCH {problem}")
+        typer.echo(f"audit failed: {len(report['problems'])} of {checked} checks do not verify")
+        raise typer.Exit(1)
+    typer.echo(f"audit passed: {checked} checks verify")
+
+
+@app.command("run")
+def run_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides = None) -> None:
+    """Run the workflow as a Prefect flow: traces, pruning, exports, evaluation, registration (cached; resumes)."""
+    from flows.pipeline import run_pipeline
+
+    with user_errors():
+        result = run_pipeline(params, overrides)
+    for key, written in result["masks"].items():
+        typer.echo(f"{key}: {len(written)} masks, metrics {result['metrics'][key]}")
+    for v in result["registered"]:
+        typer.echo(f"registered {v['name']} version {v['version']} (target {v['target']})"
+                   + ("" if v["created"] else ", already registered"))
+
+
+@app.command("schedule")
+def schedule_command(
+    serve: Annotated[bool, typer.Option("--serve", help="serve the cron deployment (blocks; runs the check on schedule)")] = False,
+    once: Annotated[bool, typer.Option("--once", help="run the re-pruning check now")] = False,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Scheduled re-pruning: re-prune and register when the base model's revision or content changes."""
+    import os
+
+    from flows import schedule
+
+    with user_errors():
+        if serve and once:
+            raise ValueError("give at most one of --serve and --once")
+        if once:
+            result = schedule.check_once(params, overrides)
+        else:
+            deployment = schedule.deployment(params, overrides)
+            if serve:
+                schedule.serve(params, overrides)
+                return
+    if once:
+        created = [v for v in result["registered"] if v["created"]]
+        typer.echo(f"base model {result['base_key'][:12]}: " + ("changed" if result["changed"] else "unchanged")
+                   + f"; {len(created)} new version(s)")
+        for v in created:
+            typer.echo(f"registered {v['name']} version {v['version']}" + (f", replaces version {v['replaces']}" if v["replaces"] else ""))
+        return
+    cron = deployment.schedules[0].schedule
+    typer.echo(f"deployment {deployment.name}: cron '{cron.cron}' ({cron.timezone}), params {deployment.parameters['params_path']}")
+    if os.environ.get("PREFECT_API_URL"):
+        typer.echo(f"applied to {os.environ['PREFECT_API_URL']} as {deployment.apply()}; run it with `resp schedule --serve`")
+    else:
+        typer.echo("serve it with `resp schedule --serve` (set PREFECT_API_URL to keep it on a Prefect server)")

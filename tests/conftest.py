@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 TINY = dict(vocab_size=300, hidden_size=24, intermediate_size=40, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            max_position_embeddings=128, tie_word_embeddings=False)
+            max_position_embeddings=512, tie_word_embeddings=False)
 
 
 def make_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
@@ -51,3 +51,92 @@ def tiny_tokenizer():
     corpus = ["Tom has 12 apples. He buys 3 more. How many apples does Tom have now?",
               "<think>\n12+3=15\n</think>\n\nThe answer is 15.", "The river rests near the hills."] * 20
     return build_tokenizer(corpus, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Qwen3 saved with the tiny tokenizer, ready for `resp.models.load_model`."""
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    model = make_qwen3()
+    eos, pad = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"), tiny_tokenizer.pad_token_id
+    model.config.eos_token_id, model.config.pad_token_id = [eos, pad], pad
+    model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad, do_sample=False)
+    with torch.no_grad():  # a random model rarely ends a turn: make <|im_end|> likely so traces vary in length
+        model.lm_head.weight[eos] *= 30
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_world_dir(tmp_path_factory):
+    """Small arith (GSM8K format), choice (MathQA format) and prose files from the world generators."""
+    from resp.world.tasks import write_world
+
+    path = tmp_path_factory.mktemp("world")
+    write_world(str(path), seed=7, n_train=24, n_test=8, n_prose=24)
+    return path
+
+
+@pytest.fixture
+def tiny_params(tiny_model_dir, tiny_world_dir):
+    """The repo's params.yaml shrunk to seconds: tiny model, tiny tasks, few prompts and steps."""
+    from pathlib import Path
+
+    from resp.config import load_params
+
+    root = Path(__file__).resolve().parent.parent
+    return load_params(root / "params.yaml", [
+        f"model.name_or_path={tiny_model_dir}",
+        f"tasks.arith.source={tiny_world_dir / 'arith'}",
+        f"tasks.choice.source={tiny_world_dir / 'choice'}",
+        f"tasks.prose.source={tiny_world_dir / 'prose'}",
+        "calibration.num_prompts=6", "generation.max_new_tokens=12", "generation.batch_size=4",
+        "importance.batch_size=4", "prune.steps=4", "prune.targets=[0.1,0.2]", "prune.milestones=[0.05,0.1]",
+        "evaluation.num_items=4", "evaluation.max_new_tokens=8", "evaluation.nll_traces=4",
+    ])
+
+
+def tiny_overrides(model_dir, world_dir) -> list[str]:
+    """`tiny_params`' overrides, for fixtures wider than one test (module/session scope)."""
+    return [f"model.name_or_path={model_dir}", f"tasks.arith.source={world_dir / 'arith'}",
+            f"tasks.choice.source={world_dir / 'choice'}", f"tasks.prose.source={world_dir / 'prose'}",
+            "calibration.num_prompts=6", "generation.max_new_tokens=12", "generation.batch_size=4",
+            "importance.batch_size=4", "prune.steps=4", "prune.targets=[0.1,0.2]", "prune.milestones=[0.05,0.1]",
+            "evaluation.num_items=4", "evaluation.max_new_tokens=8", "evaluation.nll_traces=4"]
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """One sqlite MLflow store for the session (creating one takes ~6 s): `registry.*` overrides.
+
+    MLFLOW_TRACKING_URI is cleared for the session (it would win over registry.tracking_uri).
+    """
+    path = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("DO_NOT_TRACK", "true")
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()  # creates the tables once
+        yield [f"registry.tracking_uri={uri}", f"registry.artifact_location={path / 'artifacts'}"]
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One temporary Prefect API (server + database) for the session, analytics off, PREFECT_HOME in tmp."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PREFECT_API_URL", raising=False)
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_HOME", str(home))
+        with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            with prefect_test_harness():
+                yield

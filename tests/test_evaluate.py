@@ -1,18 +1,27 @@
 """resp.evaluate: metrics from scripted completions (exact arithmetic), agreement with
-`generate` on a real tiny model, atomic JSON writes."""
+`generate` on a real tiny model, atomic JSON writes, decode-only NLL against a per-token brute
+force, and `evaluate_masks` / `resp evaluate` on a saved tiny Qwen3 with masks and held-out traces."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import yaml
 import torch
 from conftest import make_qwen3
 from transformers import GenerationConfig
+from typer.testing import CliRunner
 
-from resp.evaluate import EvaluationError, evaluate_task, write_json
+from resp.cli import app
+from resp.evaluate import EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, masks_in_dir, write_json
 from resp.generation import SamplingSpec, generate
-from resp.tasks import Item, render_prompt
+from resp.masks import Mask, MaskError, apply_mask, prune_step
+from resp.models import load_model, model_identity
+from resp.structures import structures_for
+from resp.tasks import Item, load_items, render_prompt
+from resp.traces import Trace, TraceSet
 
 IM_END = "<|im_end|>"
 
@@ -99,3 +108,204 @@ def test_write_json_is_atomic(tmp_path):
     # a failed write leaves the previous file intact and no temp file behind
     assert json.loads(path.read_text())["accuracy"] == 0.5
     assert sorted(p.name for p in path.parent.iterdir()) == ["eval.json"]
+
+
+# (prompt length, completion length): an empty completion is skipped, a prompt-less (text)
+# trace has no prediction for its first token.
+SHAPES = [(3, 4), (5, 2), (0, 6), (2, 0), (4, 7)]
+N_SCORED = 4 + 2 + (6 - 1) + 0 + 7  # = 18
+
+
+def shaped_traces(seed: int = 0) -> list[Trace]:
+    g = torch.Generator().manual_seed(seed)
+    traces = []
+    for i, (p, c) in enumerate(SHAPES):
+        ids = torch.randint(3, 290, (p + c,), generator=g).tolist()
+        traces.append(Trace(f"t-{i}", ids[:p], ids[p:], "", False))
+    return traces
+
+
+def brute_force_nll(model, traces: list[Trace]) -> tuple[float, int]:
+    """Each trace alone, unpadded: -log p(token | everything before it), over completion tokens."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for t in traces:
+            ids = t.prompt_ids + t.completion_ids
+            if not t.completion_ids:
+                continue
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            for position in range(max(len(t.prompt_ids), 1), len(ids)):
+                total -= logp[position - 1, ids[position]].item()
+                n += 1
+    return total / n, n
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_decode_only_nll_equals_brute_force(tiny_model, batch_size):
+    traces = shaped_traces()
+    expected, n = brute_force_nll(tiny_model, traces)
+    assert n == N_SCORED
+    result = decode_only_nll(tiny_model, traces, batch_size, pad_id=0)
+    assert result["n_tokens"] == N_SCORED
+    assert result["nll"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_decode_only_nll_needs_completion_tokens(tiny_qwen3):
+    with pytest.raises(EvaluationError, match=r"^the held-out traces have no completion tokens to score: "
+                                              r"regenerate them with `resp traces`$"):
+        decode_only_nll(tiny_qwen3, [Trace("t-0", [5, 6], [], "", True)], 2, pad_id=0)
+
+
+SEEDS = [0, 1]
+
+
+@pytest.fixture
+def eval_params(tiny_params):
+    """tiny_params with two sampling seeds and NLL batches that split the 4 held-out traces."""
+    ev = tiny_params.evaluation.model_copy(update={"sample_seeds": SEEDS, "nll_batch_size": 3})
+    return tiny_params.model_copy(update={"evaluation": ev})
+
+
+def save_heldout(path, tokenizer, model_key: str, n: int = 4):
+    traces = []
+    for i in range(n):
+        prompt = tokenizer(render_prompt(tokenizer, f"Tom has {i + 2} apples. How many?"), add_special_tokens=False)["input_ids"]
+        completion = tokenizer(f"<think>\n{i + 2}+1={i + 3}\n</think>\n\nThe answer is {i + 3}.", add_special_tokens=False)["input_ids"]
+        traces.append(Trace(f"test-{i}", prompt, completion + [tokenizer.eos_token_id], "", False))
+    TraceSet(traces, {"model": {"key": model_key}}).save(path)
+    return path
+
+
+def save_mask(directory, target: float, model, model_key: str, seed: int) -> tuple[Mask, object]:
+    s = structures_for(model, "query_head", None)
+    g = torch.Generator().manual_seed(seed)
+    mask = prune_step(torch.rand(s.num_layers, s.num_heads, generator=g),
+                      torch.rand(s.num_layers, s.intermediate_size, generator=g), Mask.dense(s), s, target)
+    mask.save(directory / f"sparsity-{target:.2f}.safetensors", {"model": {"key": model_key}, "target": target})
+    return mask, s
+
+
+@pytest.fixture
+def evaluation_inputs(eval_params, tmp_path):
+    """Held-out traces and two non-nested masks (so a missing dense-weight restore would show)."""
+    model, tokenizer = load_model(eval_params.model.name_or_path)
+    key = model_identity(eval_params.model.name_or_path).key
+    heldout = save_heldout(tmp_path / "heldout.jsonl", tokenizer, key)
+    masks_dir = tmp_path / "masks"
+    mask_a, s = save_mask(masks_dir, 0.1, model, key, seed=1)
+    mask_b, _ = save_mask(masks_dir, 0.2, model, key, seed=2)
+    assert not mask_a.contains(mask_b) and not mask_b.contains(mask_a)
+    return {"heldout": heldout, "masks_dir": masks_dir, "masks": {"0.10": mask_a, "0.20": mask_b}, "s": s, "key": key}
+
+
+def test_evaluate_masks(eval_params, evaluation_inputs, tmp_path):
+    inputs = evaluation_inputs
+    masks = masks_in_dir(inputs["masks_dir"])
+    assert masks == {0.1: inputs["masks_dir"] / "sparsity-0.10.safetensors",
+                     0.2: inputs["masks_dir"] / "sparsity-0.20.safetensors"}
+    out = tmp_path / "metrics" / "arith" / "resp.json"
+    evaluate_masks(eval_params, "arith", "resp", masks, inputs["heldout"], out, include_dense=True)
+    report = json.loads(out.read_text())
+    ev = eval_params.evaluation
+    assert {k: report[k] for k in ("task", "method", "format", "split", "few_shot", "evaluation")} == {
+        "task": "arith", "method": "resp", "format": "gsm8k", "split": "test", "few_shot": 0, "evaluation": ev.model_dump()}
+    assert report["model"]["key"] == inputs["key"]
+    heldout = TraceSet.load(inputs["heldout"])
+    assert report["heldout"] == {"path": str(inputs["heldout"]), "digest": heldout.manifest["digest"], "n_traces": 4}
+    results = report["results"]
+    assert list(results) == ["dense", "0.10", "0.20"]
+
+    # Reference numbers from a freshly loaded model, masked directly (no restore involved).
+    items = load_items(eval_params.tasks["arith"], "test")[: ev.num_items]
+    greedy_spec = SamplingSpec(0.0, ev.top_p, ev.top_k, ev.max_new_tokens)
+    sampled_spec = SamplingSpec(ev.temperature, ev.top_p, ev.top_k, ev.max_new_tokens)
+    summary = ("n", "accuracy", "mean_completion_tokens", "truncation_rate")
+    for label in results:
+        model, tokenizer = load_model(eval_params.model.name_or_path)
+        r = results[label]
+        if label == "dense":
+            assert r["sparsity"] == 0.0 and "mask_digest" not in r
+        else:
+            mask = inputs["masks"][label]
+            apply_mask(model, mask, inputs["s"])
+            assert r["sparsity"] == mask.sparsity(inputs["s"])
+            assert r["structure_ratio"] == mask.structure_ratio(inputs["s"])
+            assert (r["target"], r["mask_digest"]) == (float(label), mask.digest())
+        greedy = evaluate_task(model, tokenizer, items, "gsm8k", greedy_spec, ev.batch_size, seed=0)
+        assert r["greedy"] == {k: greedy[k] for k in summary}
+        per_seed = [{"seed": seed, **{k: v for k, v in evaluate_task(model, tokenizer, items, "gsm8k", sampled_spec,
+                                                                     ev.batch_size, seed).items() if k in summary}}
+                    for seed in SEEDS]
+        assert r["sampled"]["per_seed"] == per_seed
+        for key in ("accuracy", "mean_completion_tokens", "truncation_rate"):
+            assert r["sampled"][key] == pytest.approx((per_seed[0][key] + per_seed[1][key]) / 2)
+        assert r["nll"] == decode_only_nll(model, heldout.traces[:4], 3, tokenizer.pad_token_id)
+    assert results["dense"]["nll"]["n_tokens"] == sum(len(t.completion_ids) for t in heldout.traces)
+    nlls = [results[label]["nll"]["nll"] for label in results]
+    assert len(set(nlls)) == 3  # pruning changes the model
+
+    first = out.read_bytes()
+    evaluate_masks(eval_params, "arith", "resp", masks, inputs["heldout"], out, include_dense=True)
+    assert out.read_bytes() == first
+
+
+def test_evaluate_masks_refuses_a_foreign_mask(eval_params, evaluation_inputs, tmp_path):
+    model, _ = load_model(eval_params.model.name_or_path)
+    save_mask(evaluation_inputs["masks_dir"], 0.3, model, "f" * 64, seed=3)
+    masks = masks_in_dir(evaluation_inputs["masks_dir"])
+    out = tmp_path / "resp.json"
+    with pytest.raises(MaskError, match=r"sparsity-0\.30\.safetensors: mask was made for model ffffffffffffffff, "
+                                        r"not this model [0-9a-f]{16}: prune this model or load the model the mask belongs to$"):
+        evaluate_masks(eval_params, "arith", "resp", masks, evaluation_inputs["heldout"], out, include_dense=True)
+    assert not out.exists()
+
+
+def test_evaluate_masks_refuses_foreign_heldout_traces(eval_params, tmp_path):
+    _, tokenizer = load_model(eval_params.model.name_or_path)
+    heldout = save_heldout(tmp_path / "heldout.jsonl", tokenizer, "e" * 64)
+    with pytest.raises(EvaluationError, match=rf"^held-out traces {heldout} were generated by model eeeeeeeeeeeeeeee, "
+                                              r"not this model [0-9a-f]{16}: regenerate them with `resp traces` on this model$"):
+        evaluate_masks(eval_params, "arith", "dense", {}, heldout, tmp_path / "dense.json", include_dense=True)
+
+
+@pytest.mark.parametrize("update,masks,include_dense,message", [
+    ({}, {}, False, "nothing to evaluate: give masks (--masks-dir) or include the dense model (--dense)"),
+    ({"sample_seeds": []}, {}, True, "evaluation.sample_seeds is empty: give at least one seed for sampled accuracy, e.g. [0]"),
+])
+def test_evaluate_masks_bad_input(eval_params, tmp_path, update, masks, include_dense, message):
+    params = eval_params.model_copy(update={"evaluation": eval_params.evaluation.model_copy(update=update)})
+    with pytest.raises(EvaluationError, match="^" + re.escape(message) + "$"):
+        evaluate_masks(params, "arith", "dense", masks, None, tmp_path / "dense.json", include_dense)
+
+
+def test_masks_in_dir_empty(tmp_path):
+    with pytest.raises(EvaluationError, match=rf"^no masks \(sparsity-\*\.safetensors\) in {tmp_path}: run `resp prune` first$"):
+        masks_in_dir(tmp_path)
+
+
+def test_cli_evaluate(eval_params, evaluation_inputs, tmp_path, monkeypatch):
+    """`resp evaluate` writes what evaluate_masks writes, from a params file and --set overrides."""
+    monkeypatch.chdir(tmp_path)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(eval_params.model_dump()))
+    runner = CliRunner()
+    dense_out, resp_out = tmp_path / "cli" / "dense.json", tmp_path / "cli" / "resp.json"
+    result = runner.invoke(app, ["evaluate", "--task", "arith", "--dense", "--heldout", str(evaluation_inputs["heldout"]),
+                                 "--out", str(dense_out), "--params", str(params_file)])
+    assert result.exit_code == 0, result.output
+    expected = tmp_path / "expected.json"
+    evaluate_masks(eval_params, "arith", "dense", {}, evaluation_inputs["heldout"], expected, include_dense=True)
+    assert dense_out.read_bytes() == expected.read_bytes()
+    assert result.stdout.startswith("arith dense dense: sparsity 0.0000, accuracy greedy ")
+    assert result.stdout.endswith(f"wrote {dense_out}\n")
+
+    result = runner.invoke(app, ["evaluate", "--task", "arith", "--method", "resp", "--masks-dir",
+                                 str(evaluation_inputs["masks_dir"]), "--out", str(resp_out), "--params", str(params_file),
+                                 "--set", "evaluation.nll_traces=0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(resp_out.read_text())
+    assert list(report["results"]) == ["0.10", "0.20"]
+    assert report["heldout"] is None and report["results"]["0.10"]["nll"] is None
+
+    result = runner.invoke(app, ["evaluate", "--task", "arith", "--masks-dir", "m", "--out", "x.json", "--params", str(params_file)])
+    assert (result.exit_code, result.stderr) == (2, "error: --masks-dir and --method go together: the method names who made the masks\n")

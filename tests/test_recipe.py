@@ -1,0 +1,80 @@
+"""End-to-end method runs on a tiny random Qwen3 with real generation (seconds on CPU)."""
+
+import json
+
+import pytest
+
+from resp.masks import Mask
+from resp.recipe import RecipeError, make_traces, prune
+from resp.structures import StructureError
+from resp.traces import TraceError, TraceSet
+
+
+@pytest.fixture
+def dense_traces(tiny_params, tmp_path):
+    return make_traces(tiny_params, "arith", "train", None, tmp_path / "dense.jsonl")
+
+
+def test_make_traces_manifest(tiny_params, dense_traces):
+    ts = TraceSet.load(dense_traces)
+    assert len(ts.traces) == 6
+    m = ts.manifest
+    assert m["sampling"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 12, "seed": 0}
+    assert m["mask_digest"] is None and m["model"]["content_hash"] and m["n"] == 6
+    assert m["prompt_ids"] == [t.prompt_id for t in ts.traces]
+    # decode-only: every completion ends in <|im_end|> or is truncated at max_new_tokens
+    assert all(t.truncated == (len(t.completion_ids) == 12 and t.completion_ids[-1] != 2) for t in ts.traces)
+
+
+def test_resp_regenerates_at_milestones_and_saves_nested_masks(tiny_params, dense_traces, tmp_path):
+    written = prune(tiny_params, "arith", "resp", tmp_path / "run", str(dense_traces))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    tags = [t["tag"] for t in summary["trace_sets"]]
+    assert tags == ["initial", "milestone-0.05", "milestone-0.10"]       # each milestone exactly once
+    assert len(summary["steps"]) == 4
+    masks = {t: Mask.load(p) for t, p in written.items()}
+    (m1, meta1), (m2, meta2) = masks[0.1], masks[0.2]
+    assert m1.contains(m2)
+    assert meta2["sparsity"] >= 0.2 and meta1["sparsity"] >= 0.1
+    assert [t["digest"] for t in meta2["trace_sets"]] == [t["digest"] for t in summary["trace_sets"]]
+    assert meta2["trace_sets"][0]["digest"] == TraceSet.load(dense_traces).manifest["digest"]
+    regenerated = TraceSet.load(tmp_path / "run" / "traces" / "milestone-0.10.jsonl")
+    assert regenerated.manifest["mask_digest"] is not None
+    assert m2.heads[-1].all() and m2.channels[-1].all()          # last layer protected
+
+
+def test_same_params_same_masks(tiny_params, dense_traces, tmp_path):
+    a = prune(tiny_params, "arith", "resp", tmp_path / "a", str(dense_traces))
+    b = prune(tiny_params, "arith", "resp", tmp_path / "b", str(dense_traces))
+    assert [Mask.load(a[t])[0].digest() for t in a] == [Mask.load(b[t])[0].digest() for t in b]
+
+
+@pytest.mark.parametrize("method", ["resp_noregen", "gisp", "generic", "wanda_sp", "flap", "magnitude", "random"])
+def test_every_method_writes_masks_at_targets(tiny_params, dense_traces, tmp_path, method):
+    written = prune(tiny_params, "choice" if method == "gisp" else "arith", method, tmp_path / method,
+                    str(dense_traces) if method == "resp_noregen" else None)
+    summary = json.loads((tmp_path / method / "summary.json").read_text())
+    assert [t["tag"] for t in summary["trace_sets"]] in (["initial"], ["calibration"])
+    for target, path in written.items():
+        mask, meta = Mask.load(path)
+        assert meta["method"] == method and meta["sparsity"] >= target
+
+
+def test_bad_inputs(tiny_params, tmp_path, dense_traces):
+    with pytest.raises(RecipeError, match="needs the dense model's traces"):
+        prune(tiny_params, "arith", "resp", tmp_path / "x")
+    with pytest.raises(RecipeError, match="method 'obs' is unknown"):
+        prune(tiny_params, "arith", "obs", tmp_path / "x")
+    bad = tiny_params.model_copy(update={"prune": tiny_params.prune.model_copy(update={"protected_layers": [0, 1, 2, 3]})})
+    with pytest.raises(StructureError, match="nothing is left to prune"):
+        prune(bad, "arith", "magnitude", tmp_path / "x")
+    ts = TraceSet.load(dense_traces)
+    for t in ts.traces:
+        t.truncated = True
+    ts.save(tmp_path / "trunc.jsonl")
+    with pytest.raises(TraceError, match="all 6 traces are truncated"):
+        prune(tiny_params, "arith", "resp", tmp_path / "y", str(tmp_path / "trunc.jsonl"))
+    assert not (tmp_path / "y" / "masks").exists()                  # nothing half-written
+    TraceSet([], {}).save(tmp_path / "empty.jsonl")
+    with pytest.raises(TraceError, match="the trace set is empty"):
+        prune(tiny_params, "arith", "resp", tmp_path / "z", str(tmp_path / "empty.jsonl"))
