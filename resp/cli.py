@@ -112,15 +112,17 @@ def eval_command(
 
 @app.command("export")
 def export_command(
-    mask: Annotated[Path, typer.Option(help="mask file written by pruning (MASK.safetensors with MASK.safetensors.json)")],
-    out: Annotated[Path, typer.Option(help="export directory (written as OUT.tmp, then renamed)")],
-    export_format: Annotated[str, typer.Option("--format", help="masked, compact or uniform")],
+    out: Annotated[Path, typer.Option(help="export directory; with --masks-dir the root of OUT/sparsity-T/FORMAT")],
+    mask: Annotated[Path | None, typer.Option(help="mask file written by pruning (MASK.safetensors with MASK.safetensors.json)")] = None,
+    masks_dir: Annotated[Path | None, typer.Option(help="export every mask of a run directory's masks/ instead of one --mask")] = None,
+    export_format: Annotated[str | None, typer.Option("--format", help="masked, compact or uniform (default: every format in export.formats)")] = None,
     model: Annotated[str | None, typer.Option(help="base model the mask was made for (default: params model.name_or_path)")] = None,
     revision: Annotated[str | None, typer.Option(help="hub revision (branch, tag or sha)")] = None,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
     """Export a pruned model: masked (zeroed, stock shapes), compact (smaller per-layer shapes) or uniform (stock config)."""
+    from resp.evaluate import masks_in_dir
     from resp.export import check_format, export_model
     from resp.masks import Mask
     from resp.models import load_model, model_identity
@@ -128,18 +130,25 @@ def export_command(
 
     with user_errors():
         p = load_params(params, overrides)
-        check_format(export_format)
-        pruning_mask, meta = Mask.load(mask)
+        if (mask is None) == (masks_dir is None):
+            raise ValueError("give exactly one of --mask FILE or --masks-dir DIR")
+        formats = [export_format] if export_format else list(p.export.formats)
+        for fmt in formats:
+            check_format(fmt)
+        jobs = ([(mask, out, f) for f in formats] if mask is not None else
+                [(path, out / f"sparsity-{target:.2f}" / f, f) for target, path in masks_in_dir(masks_dir).items() for f in formats])
         name, revision = (model, revision) if model else (p.model.name_or_path, revision or p.model.revision)
         identity = model_identity(name, revision)
         lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device)
-        s = structures_for(lm, meta.get("attention_unit", p.prune.attention_unit),
-                           meta.get("protected_layers", p.prune.protected_layers))
-        path = export_model(lm, tokenizer, pruning_mask, s, export_format, out, p.export.channel_multiple,
-                            manifest_extra={"base_model": {**identity.to_dict(), "key": identity.key},
-                                            "mask_file": str(mask)},
-                            mask_meta=meta, model_key=identity.key)
-    typer.echo(f"wrote {export_format} export to {path}")
+        for mask_path, target_dir, fmt in jobs:
+            pruning_mask, meta = Mask.load(mask_path)
+            s = structures_for(lm, meta.get("attention_unit", p.prune.attention_unit),
+                               meta.get("protected_layers", p.prune.protected_layers))
+            path = export_model(lm, tokenizer, pruning_mask, s, fmt, target_dir, p.export.channel_multiple,
+                                manifest_extra={"base_model": {**identity.to_dict(), "key": identity.key},
+                                                "mask_file": str(mask_path)},
+                                mask_meta=meta, model_key=identity.key)
+            typer.echo(f"wrote {fmt} export to {path}")
 
 
 @app.command("validate")
@@ -330,11 +339,13 @@ def register_command(
     run_dir: Annotated[Path | None, typer.Option(help="`resp prune --out` directory (default: <flow.data_dir>/runs/TASK/METHOD)")] = None,
     exports_dir: Annotated[Path | None, typer.Option(help="holds sparsity-<t>/<format>/ exports (default: <flow.data_dir>/checkpoints/TASK/METHOD)")] = None,
     metrics: Annotated[Path | None, typer.Option(help="evaluation JSON of the method (default: <flow.data_dir>/metrics/TASK/METHOD.json when present)")] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the registered versions as JSON to this file")] = None,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
     """Register every mask of a method in the MLflow registry with its lineage (one version per sparsity)."""
     from flows.layout import Layout, existing_exports
+    from resp.evaluate import write_json
     from resp.registry import mask_files, register_method
 
     with user_errors():
@@ -346,6 +357,9 @@ def register_command(
         if metrics is None and layout.metrics(task, method).is_file():
             metrics = layout.metrics(task, method)
         versions = register_method(p, task, method, masks_dir, exports, metrics)
+    if out is not None:  # the same bytes whether this run created the versions or found them
+        write_json(out, {"task": task, "method": method,
+                         "versions": [{k: v[k] for k in sorted(v) if k != "created"} for v in versions]})
     for v in versions:
         typer.echo(f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']}"
                    + (f", replaces version {v['replaces']}" if v["replaces"] else "")
@@ -393,6 +407,7 @@ def run_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides =
     """Run the workflow as a Prefect flow: traces, pruning, exports, evaluation, registration (cached; resumes)."""
     from flows.pipeline import run_pipeline
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API request otherwise
     with user_errors():
         result = run_pipeline(params, overrides)
     for key, written in result["masks"].items():
@@ -410,10 +425,11 @@ def schedule_command(
     overrides: Overrides = None,
 ) -> None:
     """Scheduled re-pruning: re-prune and register when the base model's revision or content changes."""
-    import os
+    from prefect.settings import PREFECT_API_URL
 
     from flows import schedule
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     with user_errors():
         if serve and once:
             raise ValueError("give at most one of --serve and --once")
@@ -429,11 +445,13 @@ def schedule_command(
         typer.echo(f"base model {result['base_key'][:12]}: " + ("changed" if result["changed"] else "unchanged")
                    + f"; {len(created)} new version(s)")
         for v in created:
-            typer.echo(f"registered {v['name']} version {v['version']}" + (f", replaces version {v['replaces']}" if v["replaces"] else ""))
+            replaces = f", replaces version {v['replaces']}" if v["replaces"] else ""
+            typer.echo(f"registered {v['name']} version {v['version']}{replaces}")
         return
     cron = deployment.schedules[0].schedule
     typer.echo(f"deployment {deployment.name}: cron '{cron.cron}' ({cron.timezone}), params {deployment.parameters['params_path']}")
-    if os.environ.get("PREFECT_API_URL"):
-        typer.echo(f"applied to {os.environ['PREFECT_API_URL']} as {deployment.apply()}; run it with `resp schedule --serve`")
+    if PREFECT_API_URL.value():
+        typer.echo(f"applied to {PREFECT_API_URL.value()} as deployment {deployment.apply()}; "
+                   "runs start while `resp schedule --serve` runs")
     else:
         typer.echo("serve it with `resp schedule --serve` (set PREFECT_API_URL to keep it on a Prefect server)")

@@ -44,6 +44,9 @@ class EmbeddedModelParams(Strict):
     warmup_steps: int = Field(ge=0)
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
+    focus_steps: int = Field(ge=0)
+    focus_lr: float = Field(gt=0)
+    focus_other_fraction: float = Field(ge=0)
     dir: str
 
     @model_validator(mode="after")
@@ -128,6 +131,7 @@ class EvaluationParams(Strict):
     top_k: int = Field(ge=0)
     sample_seeds: list[int]
     nll_traces: int = Field(ge=0)
+    nll_batch_size: int = Field(gt=0)
 
 
 METHODS = ("resp", "resp_noregen", "gisp", "generic", "wanda_sp", "flap", "magnitude", "random")
@@ -144,13 +148,30 @@ class ExportParams(Strict):
 
 
 class RegistryParams(Strict):
-    tracking_uri: str
-    experiment: str
+    tracking_uri: str          # MLFLOW_TRACKING_URI, when set, wins
+    experiment: str = Field(min_length=1)
+    artifact_location: str     # artifact folder (path or URI) of a newly created experiment
+    log_exports: bool          # copy export directories into the artifact store
 
 
 class ScheduleParams(Strict):
     cron: str
     timezone: str
+
+
+class ScaleParams(Strict):
+    vllm_gpu_memory_utilization: float = Field(gt=0, le=1)   # GPU share vLLM may take (generation.backend vllm)
+
+
+class FlowParams(Strict):
+    data_dir: str                # root of runs/, metrics/, checkpoints/
+    results_dir: str             # persisted Prefect task results (the cache)
+    cache: bool
+    task_runner: Literal["thread", "dask"]
+    workers: int = Field(gt=0)
+    dask_address: str | None     # existing Dask scheduler; None: start a LocalCluster
+    dask_processes: bool
+    register_models: bool        # register every pruned model in MLflow at the end of a run
 
 
 class Params(Strict):
@@ -168,6 +189,8 @@ class Params(Strict):
     export: ExportParams
     registry: RegistryParams
     schedule: ScheduleParams
+    scale: ScaleParams
+    flow: FlowParams
 
     @model_validator(mode="after")
     def _task_names(self):
@@ -204,7 +227,11 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         if "=" not in item:
             raise ParamsError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        _set_dotted(tree, key, yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParamsError(f"override {item!r}: the value is not valid YAML; quote it, e.g. {key}='\"{value}\"'") from None
+        _set_dotted(tree, key, parsed)
     try:
         return Params.model_validate(tree)
     except ValidationError as e:

@@ -134,6 +134,7 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
             stats = collect_input_stats(model, batches, s)
         masks = baseline_masks(method, model, s, p.targets, stats, p.seed, params.importance.normalize)
         history = [{"path": traces_path, "digest": traces.manifest["digest"], "at_step": 0, "tag": "calibration", **traces.stats()}]
+        used_by = {t: history for t in p.targets}
         run_log: list[dict] = []
     else:
         dense_answers = {tr.prompt_id: tr.answer for tr in traces.traces}
@@ -172,13 +173,14 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
         state = iterative_prune(s, cfg, initial, score, regenerate if method == "resp" else None,
                                 Checkpointer(out_dir / "state", fingerprint))
         masks, history, run_log = state.saved, state.trace_history, state.log
+        used_by = {t: history[:state.saved_after[t]] for t in p.targets}
 
     written = {}
     for target in p.targets:
         mask = masks[target]
         manifest = {**base, "target": target, "sparsity": mask.sparsity(s), "structure_ratio": mask.structure_ratio(s),
                     "attention_unit": s.attention_unit, "protected_layers": list(s.protected),
-                    "kept_per_layer": mask.kept_per_layer(), "trace_sets": history,
+                    "kept_per_layer": mask.kept_per_layer(), "trace_sets": used_by[target],
                     "prompt_ids_digest": traces.prompt_ids_digest()}
         written[target] = mask.save(out_dir / "masks" / f"sparsity-{target:.2f}.safetensors", manifest)
         log.info("%s %s: mask at target %.2f has parameter sparsity %.4f, structure ratio %.4f -> %s",

@@ -50,6 +50,7 @@ class PruneState:
     traces_path: str
     milestones_done: list[float] = field(default_factory=list)
     saved: dict[float, Mask] = field(default_factory=dict)
+    saved_after: dict[float, int] = field(default_factory=dict)  # trace sets used when each target was saved
     trace_history: list[dict] = field(default_factory=list)   # every trace set used, in order
     log: list[dict] = field(default_factory=list)
     regenerations: int = 0
@@ -65,7 +66,9 @@ class ScheduleConfig:
 
 
 class Checkpointer:
-    """Saves the state after each step to `<dir>/state.json` + `<dir>/mask*.safetensors`."""
+    """Saves the state after each step: step-numbered mask files first, then `state.json`
+    (atomic rename) pointing at them, then removes the previous step's files. A crash at any
+    point leaves a consistent state.json whose files exist and match their digests."""
 
     def __init__(self, directory: str | Path, fingerprint: str):
         self.dir = Path(directory)
@@ -73,15 +76,21 @@ class Checkpointer:
 
     def save(self, st: PruneState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        st.mask.save(self.dir / "mask.safetensors", {"kind": "state"})
+        tag = f"step{st.step:04d}-r{st.regenerations}"
+        files = {"mask": st.mask.save(self.dir / f"mask-{tag}.safetensors", {"kind": "state"}).name}
         for t, m in st.saved.items():
-            m.save(self.dir / f"saved-{t:.4f}.safetensors", {"kind": "state"})
+            files[f"{t:.4f}"] = m.save(self.dir / f"saved-{t:.4f}-{tag}.safetensors", {"kind": "state"}).name
         body = {"fingerprint": self.fingerprint, "step": st.step, "traces_path": st.traces_path,
-                "milestones_done": st.milestones_done, "saved": sorted(st.saved),
+                "milestones_done": st.milestones_done, "saved": {k: v for k, v in files.items() if k != "mask"},
+                "saved_after": {f"{t:.4f}": n for t, n in st.saved_after.items()}, "mask": files["mask"],
                 "trace_history": st.trace_history, "log": st.log, "regenerations": st.regenerations}
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(body, indent=2))
         os.replace(tmp, self.dir / "state.json")
+        keep = set(files.values()) | {f + ".json" for f in files.values()}
+        for old in self.dir.glob("*.safetensors*"):
+            if old.name not in keep:
+                old.unlink()
 
     def load(self) -> PruneState | None:
         path = self.dir / "state.json"
@@ -91,11 +100,13 @@ class Checkpointer:
         if body["fingerprint"] != self.fingerprint:
             log.warning("ignoring saved state in %s: it was made with other inputs", self.dir)
             return None
-        mask, _ = Mask.load(self.dir / "mask.safetensors")
-        saved = {t: Mask.load(self.dir / f"saved-{t:.4f}.safetensors")[0] for t in body["saved"]}
+        mask, _ = Mask.load(self.dir / body["mask"])
+        saved = {float(t): Mask.load(self.dir / name)[0] for t, name in body["saved"].items()}
+        saved_after = {float(t): n for t, n in body["saved_after"].items()}
         log.info("resuming from step %d (saved state in %s)", body["step"], self.dir)
         return PruneState(body["step"], mask, TraceSet.load(body["traces_path"]), body["traces_path"],
-                          body["milestones_done"], saved, body["trace_history"], body["log"], body["regenerations"])
+                          body["milestones_done"], saved, saved_after, body["trace_history"], body["log"],
+                          body["regenerations"])
 
 
 def _crossed(st: PruneState, milestones: list[float], s: Structures) -> list[float]:
@@ -111,6 +122,7 @@ def _step(st: PruneState, k: int, points: list[float], cfg: ScheduleConfig, s: S
     for t in cfg.targets:
         if previous < t <= points[k] + 1e-9 and t not in st.saved:
             st.saved[t] = prune_step(att, ch, st.mask, s, t)
+            st.saved_after[t] = len(st.trace_history)
     st.mask = prune_step(att, ch, st.mask, s, points[k])
     st.step = k + 1
     entry = {"step": st.step, "target": points[k], "sparsity": st.mask.sparsity(s),
@@ -131,8 +143,8 @@ def _regenerate(st: PruneState, regenerate: RegenerateFn, tag: str, s: Structure
 
 def _copy(st: PruneState) -> PruneState:
     return PruneState(st.step, st.mask.clone(), st.traces, st.traces_path, list(st.milestones_done),
-                      {t: m.clone() for t, m in st.saved.items()}, list(st.trace_history), list(st.log),
-                      st.regenerations)
+                      {t: m.clone() for t, m in st.saved.items()}, dict(st.saved_after), list(st.trace_history),
+                      list(st.log), st.regenerations)
 
 
 def iterative_prune(s: Structures, cfg: ScheduleConfig, initial: PruneState, score: ScoreFn,

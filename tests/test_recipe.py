@@ -38,6 +38,8 @@ def test_resp_regenerates_at_milestones_and_saves_nested_masks(tiny_params, dens
     assert meta2["sparsity"] >= 0.2 and meta1["sparsity"] >= 0.1
     assert [t["digest"] for t in meta2["trace_sets"]] == [t["digest"] for t in summary["trace_sets"]]
     assert meta2["trace_sets"][0]["digest"] == TraceSet.load(dense_traces).manifest["digest"]
+    # the 0.1 mask was saved at step 2, before the 0.10 regeneration: only the traces it used
+    assert [t["tag"] for t in meta1["trace_sets"]] == ["initial", "milestone-0.05"]
     regenerated = TraceSet.load(tmp_path / "run" / "traces" / "milestone-0.10.jsonl")
     assert regenerated.manifest["mask_digest"] is not None
     assert m2.heads[-1].all() and m2.channels[-1].all()          # last layer protected

@@ -48,6 +48,53 @@ def training_texts(seed: int, n_examples: int, n_test: int, prose_fraction: floa
     return pairs, prose
 
 
+def train_phase(model, examples, pad: int, steps: int, lr: float, warmup_steps: int, batch_size: int,
+                weight_decay: float, seed: int, desc: str) -> None:
+    """AdamW with linear warm-up and cosine decay to 5% over `steps` batches of shuffled examples."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    order_rng = random.Random(seed)
+    order: list[int] = []
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    ema = None
+    for step in bar:
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            order_rng.shuffle(fresh)
+            order.extend(fresh)
+        batch = [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad)
+        labels = torch.full((len(batch), width), -100)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            attn[row, : len(ids)] = 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step):.2e}")
+        if step % 200 == 0:
+            log.info("%s step %d loss %.4f", desc, step, ema)
+
+
 def train_embedded_model(cfg, out_dir: str | Path, n_test: int, world_seed: int) -> Path:
     """Train per `cfg` (params.yaml `embedded_model`), save model + tokenizer to `out_dir`."""
     torch.manual_seed(cfg.seed)
@@ -85,48 +132,16 @@ def train_embedded_model(cfg, out_dir: str | Path, n_test: int, world_seed: int)
     )
     model = Qwen3ForCausalLM(config)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98))
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    order_rng = random.Random(cfg.seed)
-    order: list[int] = []
-    bar = tqdm(range(cfg.steps), desc="train embedded model", unit="step")
-    ema = None
-    for step in bar:
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(examples)))
-            order_rng.shuffle(fresh)
-            order.extend(fresh)
-        batch = [examples[i] for i in order[:cfg.batch_size]]
-        del order[:cfg.batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad)
-        labels = torch.full((len(batch), width), -100)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, lab) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            attn[row, : len(ids)] = 1
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step):.2e}")
-        if step % 200 == 0:
-            log.info("step %d loss %.4f", step, ema)
+    train_phase(model, examples, pad, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.batch_size, cfg.weight_decay,
+                cfg.seed, "train embedded model")
+    # Phase 2: the choice task's answer letter is a lookup (computed value -> option letter) that
+    # the mixed phase leaves at chance level; a focused phase with its own optimizer teaches it.
+    n_choice = sum(1 for task, _, _ in pairs if task == "choice")
+    choice_examples = [ex for (task, _, _), ex in zip(pairs, examples) if task == "choice"]
+    arith_examples = [ex for (task, _, _), ex in zip(pairs, examples) if task == "arith"]
+    keep = int(n_choice * cfg.focus_other_fraction)
+    train_phase(model, choice_examples + arith_examples[:keep], pad, cfg.focus_steps, cfg.focus_lr,
+                cfg.warmup_steps, cfg.batch_size, cfg.weight_decay, cfg.seed + 1, "train choice focus")
 
     model.eval()
     model.generation_config = GenerationConfig(

@@ -1,0 +1,636 @@
+"""The MLflow model registry: lineage of every pruned model, and its audit (after method step 10).
+
+One registered model per (base model, task, method), `resp-{base}-{task}-{method}`, holds one
+version per saved sparsity. The dense base model is `resp-{base}-dense`, one version per base
+identity (hub revision or content hash), and each pruned version's `parent` tag names it.
+
+A version's run holds the mask and its manifest, the method's summary, every trace set the
+method calibrated on (dense and regenerated, also logged as MLflow inputs), the exports, the
+metrics, the params and `lineage.json`: what produced the model, with the sha256 of every
+logged file and the local path it came from. Tags repeat the searchable keys (base_key,
+trace_digests, prompt_ids_digest, params_hash, mask_digest, code, DVC stage, parent, replaces),
+so lineage answers both ways: `audit` walks from a version to its inputs and verifies every
+digest; `versions_with_traces` lists the versions a trace set went into.
+
+A version is created only after its files are logged and their logged copies verified; any
+failure before that deletes the half-made run. Registering the same mask of the same base
+model with the same params again returns the existing version. This is the only module of
+`resp` that imports MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import yaml
+
+from resp.config import METHODS, Params
+from resp.masks import Mask
+from resp.models import content_hash
+from resp.traces import file_digest
+
+log = logging.getLogger(__name__)
+
+MASK_FILE = re.compile(r"^sparsity-(\d+\.\d+)\.safetensors$")
+DIGEST = re.compile(r"^[0-9a-f]{8,64}$")
+LINEAGE = "lineage.json"
+# MLflow stores a dataset digest in 36 characters; the full sha256 goes into an input tag.
+DATASET_DIGEST_CHARS = 32
+
+
+class RegistryError(ValueError):
+    """The registry cannot be reached, or what is to be registered/audited is inconsistent."""
+
+
+# ---------------------------------------------------------------- store access
+
+def tracking_uri(params: Params) -> str:
+    """MLFLOW_TRACKING_URI when set (shared servers are configuration), else registry.tracking_uri."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.registry.tracking_uri
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+@contextmanager
+def _store_errors(uri: str):
+    """Turn MLflow/SQLAlchemy store failures into one-line errors naming the store and the fix."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as e:  # MLflow raises MlflowException, SQLAlchemy errors and requests errors alike
+        text = str(e)
+        if "database is locked" in text:
+            raise RegistryError(
+                f"tracking store {uri} is locked by another process (sqlite 'database is locked'): wait for the other "
+                f"writer to finish, or serve the store with `mlflow server --backend-store-uri {uri}` and set "
+                "MLFLOW_TRACKING_URI to the server's URL") from None
+        if any(s in text for s in ("unable to open database file", "Max retries exceeded", "Connection refused",
+                                   "Failed to establish a new connection")):
+            raise RegistryError(f"tracking store {uri} is unreachable ({_first_line(e)[:160]}): start it, or set "
+                                "registry.tracking_uri (or MLFLOW_TRACKING_URI) to a reachable store") from None
+        raise
+
+
+def _client(params: Params):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(params)
+    try:
+        with _store_errors(uri):
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_registered_models(max_results=1)  # open the store now, not halfway through a registration
+    except RegistryError:
+        raise
+    except Exception as e:
+        raise RegistryError(f"tracking store {uri} cannot be opened ({_first_line(e)[:160]}): set "
+                            "registry.tracking_uri (or MLFLOW_TRACKING_URI) to e.g. sqlite:///mlflow.db or "
+                            "http://host:5000") from None
+    return client, uri
+
+
+def _experiment_id(client, params: Params) -> str:
+    name = params.registry.experiment
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = params.registry.artifact_location
+    if "://" not in location:
+        location = Path(location).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _local_artifact_root(artifact_uri: str) -> Path | None:
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme in ("", "file"):
+        return Path(unquote(parsed.path))
+    return None
+
+
+@contextmanager
+def _artifact_root(client, run):
+    """The run's artifact folder: in place for a local store, else a downloaded copy."""
+    local = _local_artifact_root(run.info.artifact_uri)
+    if local is not None:
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="resp-audit-") as tmp:
+        yield Path(client.download_artifacts(run.info.run_id, "", tmp))
+
+
+# ---------------------------------------------------------------- names and small helpers
+
+def _sanitize(text: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
+
+
+def base_name(base: dict) -> str:
+    """Short name of a base model: a local directory's name, or the hub id with '/' as '-'."""
+    name = base["name"]
+    return _sanitize(Path(name).name if base.get("content_hash") else name.replace("/", "-"))
+
+
+def model_name(base: dict, task: str, method: str) -> str:
+    return _sanitize(f"resp-{base_name(base)}-{task}-{method}")
+
+
+def dense_model_name(base: dict) -> str:
+    return _sanitize(f"resp-{base_name(base)}-dense")
+
+
+def _identity(base: dict) -> dict:
+    return {k: base.get(k) for k in ("name", "revision", "content_hash", "key")}
+
+
+def _versions(client, filter_string: str) -> list:
+    return sorted(client.search_model_versions(filter_string), key=lambda v: int(v.version))
+
+
+def _info(version, created: bool) -> dict:
+    tags = dict(version.tags)
+    return {"name": version.name, "version": str(version.version), "run_id": version.run_id, "created": created,
+            "target": tags.get("target"), "sparsity": tags.get("sparsity"), "replaces": tags.get("replaces"),
+            "parent": tags.get("parent"), "base_key": tags.get("base_key")}
+
+
+def _flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict as dotted keys (lists, booleans and strings left out)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_numbers(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _dir_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def _dvc_stage(path: Path) -> dict | None:
+    """The dvc.lock stage (in the working directory) whose output holds `path`, if any."""
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        log.warning("dvc.lock is not valid YAML; registering without the DVC stage")
+        return None
+    target = path.resolve()
+    for name, stage in stages.items():
+        for out in stage.get("outs", []) or []:
+            out_path = Path(out["path"]).resolve()
+            if target == out_path or out_path in target.parents:
+                return {"stage": name, "out": out["path"], "md5": out.get("md5")}
+    return None
+
+
+# ---------------------------------------------------------------- logging and verifying a run
+
+def _entry(role: str, artifact: str | None, path: Path | None, sha256: str | None = None, **extra) -> dict:
+    return {"role": role, "artifact": artifact, "path": None if path is None else str(path),
+            "sha256": sha256 or file_digest(path), **extra}
+
+
+def _log_entries(client, run_id: str, entries: list[dict]) -> None:
+    """Log every entry with a local file under its artifact path (same basename)."""
+    for e in entries:
+        if e["artifact"] is None or e["path"] is None:
+            continue
+        if Path(e["path"]).name != Path(e["artifact"]).name:
+            raise RegistryError(f"internal: artifact {e['artifact']} must keep the name of {e['path']}")
+        parent = str(Path(e["artifact"]).parent)
+        client.log_artifact(run_id, e["path"], None if parent == "." else parent)
+
+
+def _verify_logged(client, run, entries: list[dict]) -> None:
+    """Compare the digest of every logged file with the one computed from the local file."""
+    with _artifact_root(client, run) as root:
+        for e in entries:
+            if e["artifact"] is None:
+                continue
+            logged = root / e["artifact"]
+            if not logged.is_file():
+                raise RegistryError(f"logged artifact {e['artifact']} is missing from run {run.info.run_id}: "
+                                    "the artifact store did not keep it; check its free space and permissions")
+            digest = file_digest(logged)
+            if digest != e["sha256"]:
+                raise RegistryError(f"logged artifact {e['artifact']} does not match its source {e['path']} "
+                                    f"(sha256 {digest[:12]} != {e['sha256'][:12]}): nothing was registered; retry")
+
+
+def _discard_run(client, run) -> None:
+    """Delete a half-made run and (for a local store) its artifact folder."""
+    try:
+        client.delete_run(run.info.run_id)
+    finally:
+        local = _local_artifact_root(run.info.artifact_uri)
+        if local is not None and local.exists():
+            shutil.rmtree(local.parent if local.name == "artifacts" else local, ignore_errors=True)
+
+
+def _create_version(client, experiment_id: str, run_name: str, name: str, description: str, tags: dict,
+                    entries: list[dict], generated: dict[str, bytes], lineage: dict, params_flat: dict,
+                    metrics: dict, datasets: list) -> dict:
+    """Log, verify, then register. `generated` maps artifact paths to bytes written here (params.json)."""
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, "mlflow.note.content": description})
+    created_model = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="resp-register-") as tmp:
+            for artifact, body in generated.items():
+                local = Path(tmp) / artifact
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(body)
+                entries.append(_entry("generated", artifact, local))
+            _log_entries(client, run.info.run_id, entries)
+            lineage["files"] = [{**e, "path": None} if e["role"] == "generated" else e for e in entries]
+            body = json.dumps(lineage, indent=2, sort_keys=True).encode()
+            (Path(tmp) / LINEAGE).write_bytes(body)
+            client.log_artifact(run.info.run_id, str(Path(tmp) / LINEAGE))
+            lineage_entry = _entry("lineage", LINEAGE, Path(tmp) / LINEAGE)
+            _verify_logged(client, run, [*entries, lineage_entry])
+        tags = {**tags, "lineage_digest": lineage_entry["sha256"]}
+        now = int(time.time() * 1000)
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params_flat.items())],
+                         metrics=[Metric(k, v, now, 0) for k, v in sorted(metrics.items())])
+        if datasets:
+            client.log_inputs(run.info.run_id, datasets)
+        client.set_tag(run.info.run_id, "lineage_digest", lineage_entry["sha256"])
+        if not client.search_registered_models(f"name = '{name}'"):
+            client.create_registered_model(name, description=f"RESP models: {name}")
+            created_model = True
+        version = client.create_model_version(name, run.info.artifact_uri, run.info.run_id, tags=tags,
+                                              description=description)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    except BaseException:
+        _discard_run(client, run)
+        if created_model:
+            client.delete_registered_model(name)
+        raise
+    log.info("registered %s version %s (run %s)", name, version.version, run.info.run_id)
+    return _info(version, created=True)
+
+
+def _dataset_inputs(trace_entries: list[dict]) -> list:
+    """Each trace set as an MLflow dataset input: its prompt ids and lengths, named by tag."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for e in trace_entries:
+        rows = [json.loads(line) for line in Path(e["path"]).read_text().splitlines() if line.strip()]
+        frame = pd.DataFrame({"prompt_id": [r["prompt_id"] for r in rows],
+                              "completion_tokens": [len(r["completion_ids"]) for r in rows],
+                              "truncated": [bool(r["truncated"]) for r in rows]})
+        with warnings.catch_warnings():
+            # MLflow registers its local artifact source twice and warns that a path is ambiguous, and
+            # hints that integer columns cannot hold missing values (these have none)
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=str(Path(e["path"]).resolve()), name=e["tag"],
+                                              digest=e["sha256"][:DATASET_DIGEST_CHARS])._to_mlflow_entity()
+        context = "calibration" if e["index"] == 0 else "regeneration"
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context), InputTag("sha256", e["sha256"])]))
+    return inputs
+
+
+# ---------------------------------------------------------------- registration
+
+def register_dense(params: Params, base: dict) -> dict:
+    """The dense base model as a version of `resp-{base}-dense` (one per base identity); idempotent."""
+    client, uri = _client(params)
+    with _store_errors(uri):
+        return _register_dense(client, _experiment_id(client, params), base)
+
+
+def _register_dense(client, experiment_id: str, base: dict) -> dict:
+    name = dense_model_name(base)
+    existing = _versions(client, f"name = '{name}' AND tags.base_key = '{base['key']}'")
+    if existing:
+        return _info(existing[-1], created=False)
+    identity = _identity(base)
+    about = {"base": identity}
+    config = Path(base["name"]) / "config.json"
+    if base.get("content_hash") and config.is_file():
+        about["config"] = json.loads(config.read_text())
+    tags = {"kind": "dense", "base_name": str(base["name"]), "base_revision": str(base.get("revision")),
+            "base_content_hash": str(base.get("content_hash")), "base_key": base["key"]}
+    lineage = {"kind": "dense", "model": name, "base": identity}
+    description = f"dense base model {base['name']} ({base['key'][:12]})"
+    return _create_version(client, experiment_id, f"dense-{base['key'][:12]}", name, description, tags, [],
+                           {"base_model.json": json.dumps(about, indent=2, sort_keys=True).encode()},
+                           lineage, {"base_key": base["key"]}, {}, [])
+
+
+def mask_files(masks_dir: str | Path) -> dict[float, Path]:
+    """The `sparsity-<t>.safetensors` masks in `masks_dir`, by target."""
+    masks_dir = Path(masks_dir)
+    found = {float(m.group(1)): f for f in sorted(masks_dir.glob("sparsity-*.safetensors")) if (m := MASK_FILE.match(f.name))}
+    if not found:
+        raise RegistryError(f"no masks (sparsity-*.safetensors) in {masks_dir}: run `resp prune` first")
+    return found
+
+
+def _check_trace_sets(meta: dict, mask_path: Path) -> None:
+    for t in meta.get("trace_sets", []):
+        path = Path(t["path"])
+        if not path.is_file():
+            raise RegistryError(f"trace set {path} recorded in {mask_path}.json is missing: restore it "
+                                "(dvc pull / dvc checkout) or re-run `resp prune`")
+        digest = file_digest(path)
+        if digest != t["digest"]:
+            raise RegistryError(f"trace set {path} was edited after pruning (sha256 {digest[:12]} != recorded "
+                                f"{t['digest'][:12]} in {mask_path.name}.json): restore it or re-run `resp prune`")
+
+
+def _check_request(params: Params, task: str, method: str) -> None:
+    if task not in params.tasks:
+        raise RegistryError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(params.tasks)}")
+    if method not in METHODS:
+        raise RegistryError(f"method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+
+
+def register_method(params: Params, task: str, method: str, masks_dir: str | Path,
+                    exports: dict[float, dict[str, str | Path]] | None = None,
+                    metrics: str | Path | None = None) -> list[dict]:
+    """Register one version per mask in `masks_dir` (the summary.json beside it is logged too).
+
+    `exports` maps each target to its export directories by format; `metrics` is the evaluation
+    JSON of the method (`resp.evaluate.evaluate_masks`). Returns one dict per version
+    (name, version, run_id, created, target, sparsity, replaces, parent, base_key).
+    """
+    from resp.recipe import params_hash
+
+    _check_request(params, task, method)
+    masks = mask_files(masks_dir)
+    summary = Path(masks_dir).parent / "summary.json"
+    if not summary.is_file():
+        raise RegistryError(f"{summary} not found: it is written with the masks by `resp prune`; re-run it")
+    report = json.loads(Path(metrics).read_text()) if metrics is not None else None
+    expected_hash = params_hash(params, task)
+    exports = {round(float(t), 6): v for t, v in (exports or {}).items()}
+    client, uri = _client(params)
+    with _store_errors(uri):
+        experiment_id = _experiment_id(client, params)
+        versions = []
+        for target, mask_path in sorted(masks.items()):
+            mask, meta = Mask.load(mask_path)  # refuses a mask edited after it was written
+            if meta.get("task") != task or meta.get("method") != method:
+                raise RegistryError(f"{mask_path} was made for {meta.get('task')}/{meta.get('method')}, not {task}/{method}")
+            if meta["params_hash"] != expected_hash:
+                raise RegistryError(f"{mask_path} was made with other params (params hash {meta['params_hash'][:12]} != "
+                                    f"{expected_hash[:12]} from the given params): register with the params it was made "
+                                    "with, or re-run `resp prune` (dvc repro)")
+            _check_trace_sets(meta, mask_path)
+            versions.append(_register_mask(client, experiment_id, params, mask, meta, mask_path, summary,
+                                           exports.get(round(target, 6), {}), report, metrics))
+    return versions
+
+
+def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict, mask_path: Path,
+                   summary: Path, exports: dict[str, str | Path], report: dict | None, metrics_path) -> dict:
+    task, method, target = meta["task"], meta["method"], float(meta["target"])
+    base = meta["model"]
+    name = model_name(base, task, method)
+    digest = mask.digest()
+    # params_hash names the model by path only: the base identity decides whether it is the same model
+    existing = _versions(client, f"name = '{name}' AND tags.mask_digest = '{digest}' "
+                                 f"AND tags.params_hash = '{meta['params_hash']}' AND tags.base_key = '{base['key']}'")
+    if existing:
+        log.info("%s version %s already holds mask %s of this base with these params", name, existing[-1].version,
+                 digest[:12])
+        return _info(existing[-1], created=False)
+    parent = _register_dense(client, experiment_id, base)
+    label = f"{target:.2f}"
+    previous = _versions(client, f"name = '{name}' AND tags.target = '{label}'")
+    replaces = previous[-1].version if previous else None
+
+    trace_entries, trace_manifests = [], []
+    for i, t in enumerate(meta.get("trace_sets", [])):
+        path = Path(t["path"])
+        folder = f"traces/{i}-{_sanitize(t.get('tag', 'traces'))}"
+        trace_entries.append(_entry("trace_set", f"{folder}/{path.name}", path, t["digest"], index=i, tag=t.get("tag")))
+        manifest = Path(f"{path}.json")
+        if manifest.is_file():
+            trace_manifests.append(_entry("trace_manifest", f"{folder}/{manifest.name}", manifest, index=i))
+    entries = [_entry("mask", f"mask/{mask_path.name}", mask_path),
+               _entry("mask_manifest", f"mask/{mask_path.name}.json", Path(f"{mask_path}.json")),
+               _entry("summary", "summary.json", summary), *trace_entries, *trace_manifests]
+    for fmt, directory in sorted(exports.items()):
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise RegistryError(f"export directory {directory} not found: run `resp export` first")
+        for f in _dir_files(directory):
+            rel = f.relative_to(directory).as_posix()
+            artifact = f"exports/{fmt}/{rel}" if params.registry.log_exports else None
+            entries.append(_entry("export", artifact, f, format=fmt))
+    numbers = {}
+    if report is not None:
+        result = report.get("results", {}).get(label)
+        if result is None:
+            raise RegistryError(f"metrics file {metrics_path} has no results for sparsity {label}: re-run `resp evaluate`")
+        numbers = _flat_numbers({k: v for k, v in result.items() if k != "target"})
+        entries.append(_entry("metrics", f"metrics/{Path(metrics_path).name}", Path(metrics_path)))
+
+    code = meta.get("code") or {}
+    dvc = _dvc_stage(mask_path.parent)
+    trace_sets = [{k: t.get(k) for k in ("tag", "path", "digest", "sparsity", "at_step", "n",
+                                         "mean_completion_tokens", "truncation_rate", "answer_accuracy")}
+                  for t in meta.get("trace_sets", [])]
+    lineage = {
+        "kind": "pruned", "model": name, "task": task, "method": method, "target": target,
+        "sparsity": meta["sparsity"], "base": _identity(base), "prompt_ids_digest": meta.get("prompt_ids_digest"),
+        "params_hash": meta["params_hash"], "code": code, "dvc": dvc, "trace_sets": trace_sets,
+        "mask": {"path": str(mask_path), "digest": digest},
+        "exports": {fmt: str(d) for fmt, d in sorted(exports.items())},
+        "parent": {"name": parent["name"], "version": parent["version"]}, "replaces": replaces,
+    }
+    tags = {
+        "kind": "pruned", "task": task, "method": method, "target": label, "sparsity": f"{meta['sparsity']:.6f}",
+        "base_name": str(base["name"]), "base_revision": str(base.get("revision")),
+        "base_content_hash": str(base.get("content_hash")), "base_key": base["key"],
+        "prompt_ids_digest": str(meta.get("prompt_ids_digest")), "params_hash": meta["params_hash"],
+        "mask_digest": digest, "trace_digests": ",".join(t["digest"] for t in trace_sets),
+        "trace_tags": ",".join(str(t["tag"]) for t in trace_sets),
+        "code_commit": str(code.get("commit")), "code_dirty": str(code.get("dirty")),
+        "dvc_stage": dvc["stage"] if dvc else "none", "dvc_md5": str(dvc.get("md5")) if dvc else "none",
+        "parent": f"{parent['name']}/{parent['version']}",
+    }
+    if replaces is not None:
+        tags["replaces"] = str(replaces)
+    params_flat = {"task": task, "method": method, "target": label, "params_hash": meta["params_hash"],
+                   **{f"{section}.{k}": v for section in ("calibration", "generation", "importance", "prune")
+                      for k, v in getattr(params, section).model_dump().items()}}
+    description = (f"{method} on {task}: parameter sparsity {meta['sparsity']:.4f} (target {label}) "
+                   f"of {base['name']} ({base['key'][:12]})")
+    params_json = json.dumps(params.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+    return _create_version(client, experiment_id, f"{task}-{method}-{label}", name, description, tags, entries,
+                           {"params.json": params_json}, lineage, params_flat, numbers,
+                           _dataset_inputs(trace_entries))
+
+
+# ---------------------------------------------------------------- queries
+
+def latest_base(params: Params, base: dict) -> dict | None:
+    """The newest registered dense version of the base model `base` names (None if none yet)."""
+    client, uri = _client(params)
+    with _store_errors(uri):
+        versions = _versions(client, f"name = '{dense_model_name(base)}'")
+    return _info(versions[-1], created=False) if versions else None
+
+
+def versions_with_traces(params: Params, file_or_digest: str) -> dict:
+    """Every registered version whose lineage contains the trace set (a file, or its sha256 or a prefix)."""
+    path = Path(file_or_digest)
+    if path.is_file():
+        digest = file_digest(path)
+    elif DIGEST.match(file_or_digest):
+        digest = file_or_digest
+    else:
+        raise RegistryError(f"{file_or_digest!r} is neither a trace file nor a sha256 digest (8-64 hex characters)")
+    client, uri = _client(params)
+    with _store_errors(uri):
+        found = _versions(client, f"tags.trace_digests LIKE '%{digest}%'")
+    matches = []
+    for v in sorted(found, key=lambda v: (v.name, int(v.version))):
+        tags = dict(v.tags)
+        digests, labels = tags["trace_digests"].split(","), tags.get("trace_tags", "").split(",")
+        used_as = [label for d, label in zip(digests, labels) if d.startswith(digest)]
+        matches.append({**_info(v, created=False), "task": tags.get("task"), "method": tags.get("method"),
+                        "trace_tags": used_as})
+    return {"query": file_or_digest, "digest": digest, "versions": matches}
+
+
+def _check_file(entry: dict, root: Path | None) -> dict:
+    local = "not recorded"
+    if entry["path"] is not None:
+        path = Path(entry["path"])
+        local = "missing" if not path.is_file() else ("ok" if file_digest(path) == entry["sha256"] else "mismatch")
+    logged = "not logged"
+    if entry["artifact"] is not None and root is not None:
+        path = root / entry["artifact"]
+        logged = "missing" if not path.is_file() else ("ok" if file_digest(path) == entry["sha256"] else "mismatch")
+    return {**entry, "local": local, "logged": logged}
+
+
+def _problem(check: dict) -> str | None:
+    where = check["path"] or check["artifact"]
+    what = check["role"].replace("_", " ")
+    if check["local"] == "mismatch":
+        return f"{what} {where}: local file does not match the recorded sha256 {check['sha256'][:12]} (edited after registration)"
+    if check["logged"] == "mismatch":
+        return f"{what} {check['artifact']}: logged artifact does not match the recorded sha256 {check['sha256'][:12]}"
+    if check["logged"] == "missing":
+        return f"{what} {check['artifact']}: logged artifact is missing from the run"
+    if check["local"] == "missing" and check["logged"] == "not logged":
+        return f"{what} {where}: local file is missing and no copy was logged"
+    return None
+
+
+def audit(params: Params, name: str, version: str | int) -> dict:
+    """The lineage of a registered version, with every recorded digest checked.
+
+    Returns the version's tags, its lineage record, one check per file (local file at the
+    recorded path and logged copy: ok, mismatch, missing, not recorded/logged), the base-model
+    check, and `problems` (one line each; empty when everything verifies).
+    """
+    from mlflow.exceptions import MlflowException
+
+    client, uri = _client(params)
+    with _store_errors(uri):
+        try:
+            mv = client.get_model_version(name, str(version))
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise RegistryError(f"model {name!r} version {version} is not in the registry at {uri}: "
+                                "find versions with `resp audit --traces FILE` or in the MLflow UI") from None
+        run = client.get_run(mv.run_id)
+        tags = dict(mv.tags)
+        problems: list[str] = []
+        with _artifact_root(client, run) as root:
+            record = root / LINEAGE
+            if not record.is_file():
+                raise RegistryError(f"run {mv.run_id} of {name} version {version} has no {LINEAGE}: "
+                                    "it was not registered by resp")
+            if file_digest(record) != tags.get("lineage_digest"):
+                problems.append(f"{LINEAGE} of run {mv.run_id} does not match the version's lineage_digest tag")
+            lineage = json.loads(record.read_text())
+            checks = [_check_file(e, root) for e in lineage.get("files", [])]
+    problems += [p for p in map(_problem, checks) if p]
+    base = lineage["base"]
+    base_check = "not checked (hub revision)" if not base.get("content_hash") else "missing"
+    if base.get("content_hash") and Path(base["name"]).is_dir():
+        current = content_hash(base["name"])
+        base_check = "ok" if current == base["content_hash"] else "mismatch"
+        if base_check == "mismatch":
+            problems.append(f"base model {base['name']}: its content (sha256 {current[:12]}) changed since "
+                            f"registration (recorded {base['content_hash'][:12]})")
+    return {"name": name, "version": str(version), "run_id": mv.run_id, "tracking_uri": uri, "tags": tags,
+            "lineage": lineage, "checks": checks, "base_check": base_check, "problems": problems}
+
+
+def _status(check: dict) -> str:
+    return f"local {check['local']}, logged {check['logged']}"
+
+
+def lineage_lines(report: dict) -> list[str]:
+    """`audit`'s report as an indented tree, base model first, one line per artifact."""
+    lin, tags = report["lineage"], report["tags"]
+    base = lin["base"]
+    lines = [f"{report['name']} version {report['version']} (run {report['run_id']}, {report['tracking_uri']})"]
+    ident = f"revision {base['revision']}" if base.get("revision") else f"content sha256 {str(base.get('content_hash'))[:16]}"
+    lines.append(f"base model {base['name']} {ident} [{report['base_check']}]")
+    if lin["kind"] == "dense":
+        lines += [f"  {c['role']} {c['artifact']} sha256 {c['sha256'][:16]} [{_status(c)}]" for c in report["checks"]]
+        return lines
+    by_role: dict[str, list[dict]] = {}
+    for c in report["checks"]:
+        by_role.setdefault(c["role"], []).append(c)
+    lines.append(f"  prompt ids sha256 {str(lin['prompt_ids_digest'])[:16]}")
+    lines.append("    trace sets")
+    manifests = {c["index"]: c for c in by_role.get("trace_manifest", [])}
+    for c in by_role.get("trace_set", []):
+        ts = lin["trace_sets"][c["index"]]
+        sparsity = ts.get("sparsity") if ts.get("sparsity") is not None else 0.0
+        manifest = manifests.get(c["index"])
+        about = f", manifest {'ok' if manifest and not _problem(manifest) else 'does not verify'}" if manifest else ""
+        lines.append(f"      {ts['tag']:<16} sparsity {sparsity:.4f}  {c['path']}  sha256 {c['sha256'][:16]} "
+                     f"[{_status(c)}{about}]")
+    for c in by_role.get("mask", []):
+        lines.append(f"        mask {c['path']} (target {lin['target']:.2f}, sparsity {lin['sparsity']:.4f}, "
+                     f"mask digest {lin['mask']['digest'][:16]}) [{_status(c)}]")
+    for role in ("mask_manifest", "summary", "metrics", "generated"):
+        for c in by_role.get(role, []):
+            lines.append(f"          {role.replace('_', ' ')} {c['path'] or c['artifact']} [{_status(c)}]")
+    exports = by_role.get("export", [])
+    for fmt, directory in lin["exports"].items():
+        files = [c for c in exports if c.get("format") == fmt]
+        bad = [c for c in files if _problem(c)]
+        state = "ok" if not bad else f"{len(bad)} of {len(files)} files do not verify"
+        lines.append(f"          export {fmt} {directory} ({len(files)} files) [{state}]")
+    code = lin.get("code") or {}
+    dvc = lin.get("dvc")
+    lines.append(f"params sha256 {lin['params_hash'][:16]}, code {code.get('commit')} (dirty: {code.get('dirty')}), "
+                 f"dvc stage {dvc['stage'] + ' md5 ' + str(dvc['md5']) if dvc else 'none'}")
+    lines.append(f"parent {tags.get('parent')}" + (f", replaces version {tags['replaces']}" if tags.get("replaces") else ""))
+    return lines

@@ -1,0 +1,298 @@
+"""resp.registry on a temporary sqlite store: lineage tags, inputs and artifacts of each version,
+idempotent re-registration, audit both ways, tamper detection, nothing registered half-way,
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_overrides
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from resp import recipe, registry
+from resp.cli import app
+from resp.config import load_params
+from resp.evaluate import evaluate_masks
+from resp.export import export_model
+from resp.masks import Mask
+from resp.models import load_model, model_identity
+from resp.registry import RegistryError
+from resp.structures import structures_for
+from resp.traces import TraceSet, file_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def params(tiny_model_dir, tiny_world_dir, mlflow_store):
+    # calibration.seed=1: prompts (so trace digests) no other test of the session registers
+    return load_params(ROOT / "params.yaml", [*tiny_overrides(tiny_model_dir, tiny_world_dir), *mlflow_store,
+                                              "export.formats=[masked]", "calibration.seed=1"])
+
+
+@pytest.fixture(scope="module")
+def params_file(params, tmp_path_factory):
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(params):
+    uri = params.registry.tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def pruned(params, tmp_path_factory):
+    """RESP masks (with exports and metrics) and magnitude masks, made once for the module."""
+    root = tmp_path_factory.mktemp("data")
+    dense = recipe.make_traces(params, "arith", "train", None, root / "dense.jsonl")
+    heldout = recipe.make_traces(params, "arith", "test", 4, root / "heldout.jsonl")
+    resp_masks = recipe.prune(params, "arith", "resp", root / "resp", str(dense))
+    recipe.prune(params, "arith", "magnitude", root / "magnitude")
+    model, tokenizer = load_model(params.model.name_or_path)
+    key = model_identity(params.model.name_or_path).key
+    exports = {}
+    for target, path in resp_masks.items():
+        mask, meta = Mask.load(path)
+        s = structures_for(model, meta["attention_unit"], meta["protected_layers"])
+        exports[target] = {"masked": export_model(model, tokenizer, mask, s, "masked", root / f"exports-{target:.2f}" / "masked",
+                                                  8, mask_meta=meta, model_key=key)}
+    metrics = evaluate_masks(params, "arith", "resp", resp_masks, heldout, root / "metrics.json", include_dense=False)
+    return {"root": root, "dense": dense, "masks": resp_masks, "exports": exports, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def registered(params, pruned):
+    resp_versions = registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks",
+                                             pruned["exports"], pruned["metrics"])
+    magnitude_versions = registry.register_method(params, "arith", "magnitude", pruned["root"] / "magnitude" / "masks")
+    return {"resp": resp_versions, "magnitude": magnitude_versions}
+
+
+def test_versions_carry_lineage_tags_inputs_and_artifacts(params, pruned, registered, client, tiny_model_dir):
+    identity = model_identity(str(tiny_model_dir))
+    base = tiny_model_dir.name.lower()
+    versions = registered["resp"]
+    assert [(v["name"], v["target"], v["created"]) for v in versions] == [
+        (f"resp-{base}-arith-resp", "0.10", True), (f"resp-{base}-arith-resp", "0.20", True)]
+    dense = client.get_model_version(f"resp-{base}-dense", versions[0]["parent"].split("/")[1])
+    assert dense.tags["kind"] == "dense" and dense.tags["base_key"] == identity.key == identity.content_hash
+    report = json.loads(Path(pruned["metrics"]).read_text())
+    for v, (target, mask_path) in zip(versions, sorted(pruned["masks"].items())):
+        mask, meta = Mask.load(mask_path)
+        mv = client.get_model_version(v["name"], v["version"])
+        tags = mv.tags
+        assert tags["parent"] == f"resp-{base}-dense/{dense.version}"
+        assert tags["trace_digests"] == ",".join(t["digest"] for t in meta["trace_sets"])
+        assert tags["trace_tags"] == "initial,milestone-0.05,milestone-0.10"
+        assert meta["trace_sets"][0]["digest"] == file_digest(pruned["dense"])
+        assert tags["prompt_ids_digest"] == TraceSet.load(pruned["dense"]).prompt_ids_digest()
+        assert tags["params_hash"] == recipe.params_hash(params, "arith")
+        assert tags["mask_digest"] == mask.digest() and tags["target"] == f"{target:.2f}"
+        assert float(tags["sparsity"]) == pytest.approx(meta["sparsity"], abs=1e-6)
+        assert (tags["base_key"], tags["base_revision"]) == (identity.key, "None")
+        assert (tags["code_commit"], tags["code_dirty"]) == (str(meta["code"]["commit"]), str(meta["code"]["dirty"]))
+        assert tags["dvc_stage"] == "none" and "replaces" not in tags
+
+        run = client.get_run(mv.run_id)
+        inputs = run.inputs.dataset_inputs
+        assert [i.dataset.name for i in inputs] == ["initial", "milestone-0.05", "milestone-0.10"]
+        assert [{t.key: t.value for t in i.tags}["sha256"] for i in inputs] == [t["digest"] for t in meta["trace_sets"]]
+        assert [i.dataset.digest for i in inputs] == [t["digest"][:32] for t in meta["trace_sets"]]
+        expected = report["results"][f"{target:.2f}"]
+        assert run.data.metrics["greedy.accuracy"] == expected["greedy"]["accuracy"]
+        assert run.data.metrics["nll.nll"] == pytest.approx(expected["nll"]["nll"])
+        assert run.data.params["prune.steps"] == "4" and run.data.params["method"] == "resp"
+
+        artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+        assert (artifacts / "mask" / mask_path.name).read_bytes() == mask_path.read_bytes()
+        assert (artifacts / "traces" / "0-initial" / "dense.jsonl").read_bytes() == pruned["dense"].read_bytes()
+        assert file_digest(artifacts / "lineage.json") == tags["lineage_digest"]
+        exported = pruned["exports"][target]["masked"]
+        assert sorted(p.name for p in (artifacts / "exports" / "masked").iterdir()) == sorted(p.name for p in exported.iterdir())
+        assert json.loads((artifacts / "params.json").read_text()) == params.model_dump(mode="json")
+
+
+def test_registering_again_returns_the_existing_versions(params, params_file, pruned, registered, client):
+    again = registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks",
+                                     pruned["exports"], pruned["metrics"])
+    assert [(v["version"], v["created"]) for v in again] == [(v["version"], False) for v in registered["resp"]]
+    assert len(client.search_model_versions(f"name = '{registered['resp'][0]['name']}'")) == 2
+    out = pruned["root"] / "registry" / "arith-magnitude.json"
+    result = runner.invoke(app, ["register", "--task", "arith", "--method", "magnitude", "--run-dir",
+                                 str(pruned["root"] / "magnitude"), "--out", str(out), "--params", str(params_file)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']} "
+        "(already registered)" for v in registered["magnitude"]]
+    assert json.loads(out.read_text()) == {"task": "arith", "method": "magnitude", "versions": [
+        {k: v for k, v in version.items() if k != "created"} for version in registered["magnitude"]]}
+
+
+def test_audit_prints_lineage_and_verifies(params_file, pruned, registered, tiny_model_dir):
+    v = registered["resp"][1]
+    result = runner.invoke(app, ["audit", "--model", v["name"], "--version", v["version"], "--params", str(params_file)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    identity = model_identity(str(tiny_model_dir))
+    assert lines[1] == f"base model {tiny_model_dir} content sha256 {identity.content_hash[:16]} [ok]"
+    run_dir = pruned["root"] / "resp"
+    for tag, path in [("initial", pruned["dense"]), ("milestone-0.05", run_dir / "traces" / "milestone-0.05.jsonl"),
+                      ("milestone-0.10", run_dir / "traces" / "milestone-0.10.jsonl")]:
+        assert any(line.split()[0] == tag and f"  {path}  sha256 {file_digest(path)[:16]} [local ok, logged ok, manifest ok]"
+                   in line for line in lines), (tag, result.output)
+    assert any(line.strip().startswith(f"mask {pruned['masks'][0.2]} (target 0.20") and line.endswith("[local ok, logged ok]")
+               for line in lines)
+    assert any(line.strip().startswith(f"export masked {pruned['exports'][0.2]['masked']} (") and line.endswith("[ok]")
+               for line in lines)
+    assert lines[-2] == f"parent {v['parent']}"
+    # 3 trace sets + 3 manifests + mask + manifest + summary + 7 export files + metrics + params + base model
+    assert lines[-1] == "audit passed: 19 checks verify"
+
+
+def test_reverse_query_finds_every_version_that_used_a_trace_set(params, params_file, pruned, registered):
+    resp_versions = [(v["name"], v["version"]) for v in registered["resp"]]
+    by_file = registry.versions_with_traces(params, str(pruned["dense"]))
+    assert [(v["name"], v["version"]) for v in by_file["versions"]] == resp_versions
+    # regenerations of a tiny random model can repeat the dense traces byte for byte: same digest, listed too
+    assert all(v["trace_tags"][0] == "initial" for v in by_file["versions"])
+    by_prefix = registry.versions_with_traces(params, file_digest(pruned["dense"])[:16])
+    assert [(v["name"], v["version"]) for v in by_prefix["versions"]] == resp_versions
+    calibration = pruned["root"] / "magnitude" / "traces" / "calibration.jsonl"   # prose text, not the dense traces
+    by_other = registry.versions_with_traces(params, str(calibration))
+    magnitude_versions = [(v["name"], v["version"]) for v in registered["magnitude"]]
+    assert [(v["name"], v["version"]) for v in by_other["versions"]] == magnitude_versions
+    result = runner.invoke(app, ["audit", "--traces", str(pruned["dense"]), "--params", str(params_file)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"trace set {pruned['dense']} (sha256 {file_digest(pruned['dense'])[:16]}): 2 registered version(s)",
+        *[f"  {v['name']} version {v['version']}: arith/resp target {t}, used as {', '.join(v['trace_tags'])}"
+          for v, t in zip(by_file["versions"], ["0.10", "0.20"])]]
+
+
+def test_audit_and_registration_detect_an_edited_trace_file(params, params_file, pruned, registered, client):
+    v = registered["resp"][0]
+    path = pruned["dense"]
+    recorded = file_digest(path)
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n")
+        result = runner.invoke(app, ["audit", "--model", v["name"], "--version", v["version"], "--params", str(params_file)])
+        assert result.exit_code == 1
+        assert (f"MISMATCH trace set {path}: local file does not match the recorded sha256 {recorded[:12]} "
+                "(edited after registration)") in result.output.splitlines()
+        assert result.output.splitlines()[-1] == "audit failed: 1 of 19 checks do not verify"
+        with pytest.raises(RegistryError, match=rf"^trace set {path} was edited after pruning \(sha256 [0-9a-f]{{12}} != "
+                                                rf"recorded {recorded[:12]} in sparsity-0.10.safetensors.json\): restore it"):
+            registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks")
+    finally:
+        path.write_bytes(original)
+    # a logged copy changed in the artifact store is caught as well
+    logged = Path(client.get_run(v["run_id"]).info.artifact_uri.removeprefix("file://")) / "summary.json"
+    kept = logged.read_bytes()
+    try:
+        logged.write_bytes(kept + b" ")
+        report = registry.audit(params, v["name"], v["version"])
+        assert report["problems"] == [f"summary summary.json: logged artifact does not match the recorded sha256 "
+                                      f"{file_digest(pruned['root'] / 'resp' / 'summary.json')[:12]}"]
+    finally:
+        logged.write_bytes(kept)
+    assert registry.audit(params, v["name"], v["version"])["problems"] == []
+
+
+def test_failed_verification_registers_nothing(params, pruned, client, monkeypatch, tmp_path):
+    run_dir = tmp_path / "random"
+    recipe.prune(params, "arith", "random", run_dir)
+    identity = model_identity(params.model.name_or_path)
+    name = registry.model_name({**identity.to_dict(), "key": identity.key}, "arith", "random")
+    real_log = registry._log_entries
+
+    def log_then_corrupt(client_, run_id, entries):
+        real_log(client_, run_id, entries)
+        if any(e["role"] == "mask" for e in entries):  # the artifact store keeps a damaged copy
+            mask = next(e for e in entries if e["role"] == "mask")
+            root = Path(client_.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+            (root / mask["artifact"]).write_bytes(b"damaged")
+
+    monkeypatch.setattr(registry, "_log_entries", log_then_corrupt)
+    with pytest.raises(RegistryError, match=r"^logged artifact mask/sparsity-0.10.safetensors does not match its source "
+                                            rf"{run_dir}/masks/sparsity-0.10.safetensors \(sha256 [0-9a-f]{{12}} != "
+                                            r"[0-9a-f]{12}\): nothing was registered; retry$"):
+        registry.register_method(params, "arith", "random", run_dir / "masks")
+    assert client.search_registered_models(f"name = '{name}'") == []
+    assert client.search_model_versions(f"name = '{name}'") == []
+    experiment = client.get_experiment_by_name(params.registry.experiment)
+    assert client.search_runs([experiment.experiment_id], "attributes.run_name = 'arith-random-0.10'") == []
+
+    # the same masks register cleanly afterwards, starting at version 1, with the DVC stage that wrote them
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prune@arith-random": {
+        "cmd": "resp prune", "outs": [{"path": "random", "md5": "0123abcd.dir", "size": 1, "nfiles": 3}]}}}))
+    versions = registry.register_method(params, "arith", "random", run_dir / "masks")
+    assert [(v["version"], v["created"]) for v in versions] == [("1", True), ("2", True)]
+    tags = client.get_model_version(name, "1").tags
+    assert (tags["dvc_stage"], tags["dvc_md5"]) == ("prune@arith-random", "0123abcd.dir")
+
+
+def test_latest_base_is_the_registered_dense_version(params, registered):
+    identity = model_identity(params.model.name_or_path)
+    latest = registry.latest_base(params, {**identity.to_dict(), "key": identity.key})
+    assert (latest["name"], latest["version"]) == tuple(registered["resp"][0]["parent"].split("/"))
+    assert latest["base_key"] == identity.key
+    assert registry.latest_base(params, {"name": "never-registered", "content_hash": "h", "key": "h"}) is None
+
+
+def test_one_line_errors(params, pruned, registered, tmp_path, monkeypatch):
+    masks = pruned["root"] / "resp" / "masks"
+    with pytest.raises(RegistryError, match=r"^task 'nope' is not in params.yaml tasks; defined: \['arith', "):
+        registry.register_method(params, "nope", "resp", masks)
+    with pytest.raises(RegistryError, match=r"^method 'obs' is unknown; choose one of resp, resp_noregen, "):
+        registry.register_method(params, "arith", "obs", masks)
+    with pytest.raises(RegistryError, match=rf"^no masks \(sparsity-\*.safetensors\) in {tmp_path}: run `resp prune` first$"):
+        registry.register_method(params, "arith", "resp", tmp_path)
+    other = params.model_copy(update={"prune": params.prune.model_copy(update={"seed": 99})})
+    with pytest.raises(RegistryError, match=r"sparsity-0.10.safetensors was made with other params \(params hash "
+                                            r"[0-9a-f]{12} != [0-9a-f]{12} from the given params\): register with"):
+        registry.register_method(other, "arith", "resp", masks)
+    with pytest.raises(RegistryError, match=rf"^model 'resp-nope' version 1 is not in the registry at "
+                                            rf"{params.registry.tracking_uri}: find versions"):
+        registry.audit(params, "resp-nope", 1)
+    with pytest.raises(RegistryError, match=r"^'xyz!' is neither a trace file nor a sha256 digest"):
+        registry.versions_with_traces(params, "xyz!")
+
+    def with_uri(uri):
+        return params.model_copy(update={"registry": params.registry.model_copy(update={"tracking_uri": uri})})
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(RegistryError, match=r"^tracking store http://127.0.0.1:9 is unreachable \(.*\): start it, or set "
+                                            r"registry.tracking_uri \(or MLFLOW_TRACKING_URI\) to a reachable store$"):
+        registry.register_method(with_uri("http://127.0.0.1:9"), "arith", "resp", masks)
+    with pytest.raises(RegistryError, match=r"^tracking store nosuch://store cannot be opened \(.*\): set registry.tracking_uri"):
+        registry.latest_base(with_uri("nosuch://store"), {"name": "m", "content_hash": "h", "key": "h"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")   # the environment wins over params
+    with pytest.raises(RegistryError, match=r"^tracking store http://127.0.0.1:9 is unreachable"):
+        registry.latest_base(params, {"name": "m", "content_hash": "h", "key": "h"})
+
+
+def test_locked_sqlite_store_is_named_with_the_fix(params, pruned, tmp_path):
+    # A store another process holds locked (a fresh file: the session store would wait out MLflow's 20 s busy timeout).
+    uri = f"sqlite:///{tmp_path / 'locked.db'}"
+    params = params.model_copy(update={"registry": params.registry.model_copy(update={"tracking_uri": uri})})
+    lock = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(RegistryError, match=rf"^tracking store {uri} is locked by another process \(sqlite 'database "
+                                                rf"is locked'\): wait for the other writer to finish, or serve the store"):
+            registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks")
+    finally:
+        lock.rollback()
+        lock.close()
