@@ -47,6 +47,7 @@ class EmbeddedModelParams(Strict):
     focus_steps: int = Field(ge=0)
     focus_lr: float = Field(gt=0)
     focus_other_fraction: float = Field(ge=0)
+    focus_choice_answer: Literal["letter", "value"]
     dir: str
 
     @model_validator(mode="after")

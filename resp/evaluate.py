@@ -57,8 +57,8 @@ def evaluate_task(model, tokenizer, items: list[Item], fmt: str, spec: SamplingS
         records.append({
             "id": item.id,
             "gold": item.gold,
-            "answer": extract_answer(fmt, completion.text),
-            "correct": is_correct(fmt, completion.text, item.gold),
+            "answer": extract_answer(fmt, completion.text, item.options),
+            "correct": is_correct(fmt, completion.text, item.gold, item.options),
             "completion_tokens": len(completion.completion_ids),
             "truncated": completion.truncated,
         })

@@ -219,23 +219,41 @@ def _check_format(fmt: str) -> None:
         raise TaskError(f"format {fmt!r} has no answers to check; use gsm8k or mathqa")
 
 
-def extract_answer(fmt: str, completion_text: str) -> str | None:
-    """The final answer in a completion (number without $/commas, or option letter), or None."""
+def _option_values(options: str) -> dict[str, str]:
+    """`a ) 12 , b ) 28 , ...` -> {"a": "12", "b": "28", ...} (numeric options only)."""
+    values = {}
+    for part in options.split(","):
+        letter, _, value = part.strip().partition(")")
+        number = NUMBER.search(value)
+        if letter.strip() and number:
+            values[letter.strip().lower()] = _number(number)
+    return values
+
+
+def extract_answer(fmt: str, completion_text: str, options: str | None = None) -> str | None:
+    """The final answer in a completion (number without $/commas, or option letter), or None.
+
+    MathQA: a stated option letter wins; otherwise, as a lenient judge would, a stated final
+    number that equals exactly one option's value selects that option."""
     _check_format(fmt)
     text = final_text(completion_text)
-    if fmt == "gsm8k":
-        stated = list(FINAL_ANSWER.finditer(text))
-        if stated:
-            after = NUMBER.search(text, stated[-1].end())
-            if after:
-                return _number(after)
-        numbers = list(NUMBER.finditer(text))
-        return _number(numbers[-1]) if numbers else None
-    for pattern in (OPTION_AFTER_ANSWER, OPTION_IN_PARENS):
-        matches = list(pattern.finditer(text))
-        if matches:
-            return matches[-1].group(1).lower()
-    return None
+    if fmt == "mathqa":
+        for pattern in (OPTION_AFTER_ANSWER, OPTION_IN_PARENS):
+            matches = list(pattern.finditer(text))
+            if matches:
+                return matches[-1].group(1).lower()
+        if options is None:
+            return None
+        number = extract_answer("gsm8k", completion_text)
+        hits = [letter for letter, value in _option_values(options).items() if number is not None and value == number]
+        return hits[0] if len(hits) == 1 else None
+    stated = list(FINAL_ANSWER.finditer(text))
+    if stated:
+        after = NUMBER.search(text, stated[-1].end())
+        if after:
+            return _number(after)
+    numbers = list(NUMBER.finditer(text))
+    return _number(numbers[-1]) if numbers else None
 
 
 def _numbers_equal(gold: str, predicted: str) -> bool:
@@ -250,9 +268,9 @@ def _numbers_equal(gold: str, predicted: str) -> bool:
     return verify(gold_parsed, predicted_parsed, timeout_seconds=None)
 
 
-def is_correct(fmt: str, completion_text: str, gold: str) -> bool:
+def is_correct(fmt: str, completion_text: str, gold: str, options: str | None = None) -> bool:
     """Whether the completion's final answer equals `gold` (numerically for gsm8k)."""
-    predicted = extract_answer(fmt, completion_text)
+    predicted = extract_answer(fmt, completion_text, options)
     if predicted is None:
         return False
     if fmt == "mathqa":

@@ -124,7 +124,7 @@ def self_generated_traces(model, tokenizer, items, fmt: str, spec, batch_size: i
     completions = generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=desc)
     traces = [
         Trace(item.id, c.prompt_ids, c.completion_ids, c.text, c.truncated,
-              extract_answer(fmt, c.text), is_correct(fmt, c.text, item.gold))
+              extract_answer(fmt, c.text, item.options), is_correct(fmt, c.text, item.gold, item.options))
         for item, c in zip(items, completions)
     ]
     sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k,

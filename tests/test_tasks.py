@@ -247,3 +247,27 @@ def test_embedded_model_style_is_scored_right():
         assert is_correct("mathqa", world.own_style_completion(problem, record["correct"]), record["correct"])
         wrong = "abcde"[("abcde".index(record["correct"]) + 1) % 5]
         assert not is_correct("mathqa", world.own_style_completion(problem, wrong), record["correct"])
+
+
+def test_mathqa_value_answer_selects_the_option_holding_it():
+    """A stated final number (the embedded model's value-style choice answer) selects the
+    option with that value; a letter, when stated, wins; ambiguity or no match gives None."""
+    options = "a ) 12 , b ) 28 , c ) 1,200 , d ) 28 , e ) 7"
+    assert extract_answer("mathqa", "<think>\n3*4=12\n</think>\n\nThe answer is 12.", options) == "a"
+    assert extract_answer("mathqa", "The answer is 1200.", options) == "c"
+    assert extract_answer("mathqa", "The answer is 28.", options) is None        # two options hold 28
+    assert extract_answer("mathqa", "The answer is 99.", options) is None
+    assert extract_answer("mathqa", "The answer is (e), i.e. 12.", options) == "e"
+    assert extract_answer("mathqa", "The answer is 12.") is None                  # no options: no mapping
+    assert is_correct("mathqa", "The answer is 7.", "e", options)
+    assert not is_correct("mathqa", "The answer is 7.", "a", options)
+
+
+def test_value_style_choice_completions_are_correct():
+    from resp.world import tasks as world
+
+    rng = random.Random(1)
+    for _ in range(200):
+        problem = world.make_problem(rng)
+        record = world.mathqa_record(problem, rng)
+        assert is_correct("mathqa", world.own_style_completion(problem), record["correct"], record["options"])

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def training_texts(seed: int, n_examples: int, n_test: int, prose_fraction: float):
-    """Return (prompt, completion) pairs for both tasks plus prose lines, interleaved by seed."""
+    """Return (task, prompt, completion, problem) for both tasks plus prose lines."""
     rng = random.Random(seed)
     per_task = n_examples // 2
     pairs = []
@@ -42,7 +42,7 @@ def training_texts(seed: int, n_examples: int, n_test: int, prose_fraction: floa
                 record = world.mathqa_record(problem, opt_rng)
                 message = mathqa_message(record["Problem"], record["options"])
                 letter = record["correct"]
-            pairs.append((task, message, world.own_style_completion(problem, letter)))
+            pairs.append((task, message, world.own_style_completion(problem, letter), problem))
     n_prose = int(len(pairs) * prose_fraction)
     prose = [world.prose_sentence(rng) for _ in range(n_prose)]
     return pairs, prose
@@ -95,24 +95,40 @@ def train_phase(model, examples, pad: int, steps: int, lr: float, warmup_steps: 
             log.info("%s step %d loss %.4f", desc, step, ema)
 
 
+def choice_focus_examples(pairs, prompt_ids, tokenizer, cfg) -> list[tuple[list[int], list[int]]]:
+    """Phase 2 data: every choice pair plus a fraction of arith pairs, choice answers per
+    `cfg.focus_choice_answer` ("value": `The answer is 45.`, "letter": `The answer is (b).`)."""
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    choice = [i for i, pair in enumerate(pairs) if pair[0] == "choice"]
+    arith = [i for i, pair in enumerate(pairs) if pair[0] == "arith"]
+    examples = []
+    for i in choice + arith[:int(len(choice) * cfg.focus_other_fraction)]:
+        task, _, completion, problem = pairs[i]
+        if task == "choice" and cfg.focus_choice_answer == "value":
+            completion = world.own_style_completion(problem)
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [im_end]
+        examples.append((prompt_ids[i] + c, [-100] * len(prompt_ids[i]) + c))
+    return examples
+
+
 def train_embedded_model(cfg, out_dir: str | Path, n_test: int, world_seed: int) -> Path:
     """Train per `cfg` (params.yaml `embedded_model`), save model + tokenizer to `out_dir`."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     pairs, prose = training_texts(world_seed, cfg.train_examples, n_test, cfg.prose_fraction)
 
-    corpus = [p + "\n" + c for _, p, c in pairs[::25]] + prose[:2000]
+    corpus = [p + "\n" + c for _, p, c, _ in pairs[::25]] + prose[:2000]
     tokenizer = build_tokenizer(corpus, cfg.vocab_size)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     pad = tokenizer.convert_tokens_to_ids(PAD)
 
     examples = []  # (input_ids, labels)
     prompts = tokenizer.apply_chat_template(
-        [[{"role": "user", "content": p}] for _, p, _ in pairs],
+        [[{"role": "user", "content": p}] for _, p, _, _ in pairs],
         add_generation_prompt=True, enable_thinking=True, tokenize=False,
     )
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer([c for _, _, c in pairs], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer([c for _, _, c, _ in pairs], add_special_tokens=False)["input_ids"]
     for p, c in zip(prompt_ids, completion_ids):
         c = c + [im_end]
         examples.append((p + c, [-100] * len(p) + c))
@@ -135,13 +151,12 @@ def train_embedded_model(cfg, out_dir: str | Path, n_test: int, world_seed: int)
     train_phase(model, examples, pad, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.batch_size, cfg.weight_decay,
                 cfg.seed, "train embedded model")
     # Phase 2: the choice task's answer letter is a lookup (computed value -> option letter) that
-    # the mixed phase leaves at chance level; a focused phase with its own optimizer teaches it.
-    n_choice = sum(1 for task, _, _ in pairs if task == "choice")
-    choice_examples = [ex for (task, _, _), ex in zip(pairs, examples) if task == "choice"]
-    arith_examples = [ex for (task, _, _), ex in zip(pairs, examples) if task == "arith"]
-    keep = int(n_choice * cfg.focus_other_fraction)
-    train_phase(model, choice_examples + arith_examples[:keep], pad, cfg.focus_steps, cfg.focus_lr,
-                cfg.warmup_steps, cfg.batch_size, cfg.weight_decay, cfg.seed + 1, "train choice focus")
+    # the mixed phase leaves at chance level. With `focus_choice_answer: value` the choice
+    # completions state the value instead (`The answer is 45.`), which the MathQA extractor maps
+    # to the option holding it, as a lenient judge would; a fresh optimizer, mostly choice data.
+    focus_examples = choice_focus_examples(pairs, prompt_ids, tokenizer, cfg)
+    train_phase(model, focus_examples, pad, cfg.focus_steps, cfg.focus_lr, cfg.warmup_steps, cfg.batch_size,
+                cfg.weight_decay, cfg.seed + 1, "train choice focus")
 
     model.eval()
     model.generation_config = GenerationConfig(
