@@ -16,8 +16,11 @@ in some tokenizers (the embedded one) and answer extraction needs them.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -110,3 +113,62 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_siz
                 results[i] = Completion(list(prompt_ids[i]), completion_ids,
                                         tokenizer.decode(body, skip_special_tokens=False), truncated)
     return results
+
+
+BACKENDS = ("hf", "vllm")
+VLLM_MISSING = "vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set generation.backend: hf"
+
+
+def generate_vllm(model_dir: str | Path, prompts: list[str], spec: SamplingSpec, seed: int,
+                  gpu_memory_utilization: float) -> list[Completion]:
+    """One completion per prompt (already chat-templated) with vLLM, from a saved model directory.
+
+    For a pruned model, pass a masked export (pruned units zeroed in the stock shapes, so vLLM
+    loads it like the base model). Prompt i is sampled with seed + i, so a completion does not
+    depend on how vLLM batches requests. EOS ids, the cut and the decoding are those of
+    `generate`.
+    """
+    try:
+        import vllm
+    except ImportError:
+        raise GenerationError(VLLM_MISSING) from None
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:  # no generation_config.json: the tokenizer's EOS only
+        generation_config = GenerationConfig()
+    eos = eos_token_ids(SimpleNamespace(generation_config=generation_config), tokenizer)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    sampling = [vllm.SamplingParams(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k or -1,
+                                    max_tokens=spec.max_new_tokens, seed=seed + i, stop_token_ids=eos,
+                                    skip_special_tokens=False) for i in range(len(prompts))]
+    llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), seed=seed,
+                   gpu_memory_utilization=gpu_memory_utilization)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling)
+    finally:
+        del llm  # give the GPU memory back to the model being pruned
+        gc.collect()
+    results = []
+    for ids, output in zip(prompt_ids, outputs):
+        completion_ids, truncated = _cut(list(output.outputs[0].token_ids), set(eos))
+        body = completion_ids if truncated else completion_ids[:-1]
+        results.append(Completion(list(ids), completion_ids, tokenizer.decode(body, skip_special_tokens=False), truncated))
+    log.info("vllm generated %d completions from %s", len(results), model_dir)
+    return results
+
+
+def generate_with_backend(backend: str, model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_size: int,
+                          seed: int, desc: str, model_dir: str | Path | None = None,
+                          gpu_memory_utilization: float | None = None) -> list[Completion]:
+    """`generate` (hf) or `generate_vllm` (vllm, from `model_dir`), per params generation.backend."""
+    if backend == "hf":
+        return generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=desc)
+    if backend != "vllm":
+        raise GenerationError(f"generation backend {backend!r} is not one of {list(BACKENDS)}")
+    if model_dir is None or gpu_memory_utilization is None:
+        raise GenerationError("generation.backend vllm needs a saved model directory (a masked export of the current "
+                              "mask) and scale.vllm_gpu_memory_utilization")
+    return generate_vllm(model_dir, prompts, spec, seed, gpu_memory_utilization)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ from resp.structures import Structures
 from resp.traces import IGNORE_INDEX, Trace, decode_only_batches
 
 log = logging.getLogger(__name__)
+
+# Sums tensors in place across data-parallel workers (see resp.distributed); None = one process.
+Reduce = Callable[[list[torch.Tensor]], None]
 
 
 class ImportanceError(ValueError):
@@ -84,8 +88,14 @@ def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pad_id: int,
                   per_sample_abs: bool = False, grads_only_scored: bool = True,
-                  grad_checkpointing: bool = False, desc: str = "taylor scores") -> UnitScores:
-    """Score every attention unit and MLP channel of `model` on `traces` (see module docstring)."""
+                  grad_checkpointing: bool = False, desc: str = "taylor scores",
+                  reduce: Reduce | None = None) -> UnitScores:
+    """Score every attention unit and MLP channel of `model` on `traces` (see module docstring).
+
+    With `reduce`, `traces` is this worker's shard: the partial sums (gradient sums, or unit
+    sums in per-sample-abs mode) and the counts are summed across workers before scoring, so
+    every worker returns the scores of the union of the shards.
+    """
     device = next(model.parameters()).device
     weights = scored_weights(model, s)
     was_training = model.training
@@ -148,6 +158,10 @@ def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pa
             p.requires_grad_(flag)
             p.grad = None
 
+    if reduce is not None:
+        counts = torch.tensor([n_samples, n_tokens, loss_sum], dtype=torch.float64)
+        reduce([counts, *([attention, channels] if per_sample_abs else accumulators.values())])
+        n_samples, n_tokens, loss_sum = int(counts[0]), int(counts[1]), float(counts[2])
     if n_samples == 0:
         raise ImportanceError("no trace had a completion token to score: the trace set is empty")
     if not per_sample_abs:
