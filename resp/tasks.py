@@ -222,7 +222,7 @@ def _check_format(fmt: str) -> None:
 def _option_values(options: str) -> dict[str, str]:
     """`a ) 12 , b ) 28 , ...` -> {"a": "12", "b": "28", ...} (numeric options only)."""
     values = {}
-    for part in options.split(","):
+    for part in options.split(" , "):  # MathQA separates options by " , " (values may hold commas)
         letter, _, value = part.strip().partition(")")
         number = NUMBER.search(value)
         if letter.strip() and number:
