@@ -79,7 +79,8 @@ def make_traces(params: Params, task: str, split: str, limit: int | None, out: s
     start = time.time()
     traces = self_generated_traces(model, tokenizer, items, t.format, sampling_spec(params),
                                    params.generation.batch_size, params.generation.seed, manifest,
-                                   desc=f"traces {task}/{split}")
+                                   desc=f"traces {task}/{split}", backend=params.generation.backend,
+                                   model_dir=model_path, gpu_memory_utilization=params.scale.vllm_gpu_memory_utilization)
     check_usable(traces, f"traces for {task}/{split}")
     digest = traces.save(out)
     st = traces.stats()
@@ -153,10 +154,18 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
 
         def regenerate(mask: Mask, tag: str):
             masked.set(mask)
+            model_dir = None
+            if params.generation.backend == "vllm":  # vLLM loads the pruned model from a masked export
+                from resp.export import export_model
+
+                model_dir = str(export_model(model, tokenizer, mask, s, "masked", out_dir / "masked" / tag,
+                                             params.export.channel_multiple))
             new = self_generated_traces(model, tokenizer, items, t.format, sampling_spec(params),
                                         params.generation.batch_size, params.generation.seed,
                                         {**base, "mask_digest": mask.digest(), "prompt_ids": [i.id for i in items],
-                                         "regeneration": tag}, desc=f"regenerate {tag}")
+                                         "regeneration": tag}, desc=f"regenerate {tag}",
+                                        backend=params.generation.backend, model_dir=model_dir,
+                                        gpu_memory_utilization=params.scale.vllm_gpu_memory_utilization)
             check_usable(new, f"regenerated traces ({tag})")
             path = out_dir / "traces" / f"{tag}.jsonl"
             new.save(path)

@@ -115,20 +115,24 @@ def check_usable(traces: TraceSet, what: str) -> None:
 
 
 def self_generated_traces(model, tokenizer, items, fmt: str, spec, batch_size: int, seed: int,
-                          manifest: dict, desc: str) -> TraceSet:
-    """Sample one completion per item from `model` through the chat template, thinking on."""
-    from resp.generation import generate
+                          manifest: dict, desc: str, backend: str = "hf", model_dir: str | None = None,
+                          gpu_memory_utilization: float | None = None) -> TraceSet:
+    """Sample one completion per item from `model` through the chat template, thinking on.
+
+    With backend "vllm", vLLM generates from `model_dir` (the model, or a masked export of it)."""
+    from resp.generation import generate_with_backend
     from resp.tasks import extract_answer, is_correct, render_prompt
 
     prompts = [render_prompt(tokenizer, item.message, enable_thinking=True) for item in items]
-    completions = generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=desc)
+    completions = generate_with_backend(backend, model, tokenizer, prompts, spec, batch_size, seed, desc,
+                                        model_dir, gpu_memory_utilization)
     traces = [
         Trace(item.id, c.prompt_ids, c.completion_ids, c.text, c.truncated,
               extract_answer(fmt, c.text, item.options), is_correct(fmt, c.text, item.gold, item.options))
         for item, c in zip(items, completions)
     ]
     sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k,
-                "max_new_tokens": spec.max_new_tokens, "seed": seed}
+                "max_new_tokens": spec.max_new_tokens, "seed": seed, "backend": backend}
     return TraceSet(traces, {**manifest, "kind": "self_generated", "sampling": sampling})
 
 

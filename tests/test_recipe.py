@@ -19,7 +19,8 @@ def test_make_traces_manifest(tiny_params, dense_traces):
     ts = TraceSet.load(dense_traces)
     assert len(ts.traces) == 6
     m = ts.manifest
-    assert m["sampling"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 12, "seed": 0}
+    assert m["sampling"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 12, "seed": 0,
+                             "backend": "hf"}
     assert m["mask_digest"] is None and m["model"]["content_hash"] and m["n"] == 6
     assert m["prompt_ids"] == [t.prompt_id for t in ts.traces]
     # decode-only: every completion ends in <|im_end|> or is truncated at max_new_tokens
@@ -80,3 +81,26 @@ def test_bad_inputs(tiny_params, tmp_path, dense_traces):
     TraceSet([], {}).save(tmp_path / "empty.jsonl")
     with pytest.raises(TraceError, match="the trace set is empty"):
         prune(tiny_params, "arith", "resp", tmp_path / "z", str(tmp_path / "empty.jsonl"))
+
+
+def test_vllm_backend_generates_from_model_dirs(tiny_params, tmp_path, monkeypatch, dense_traces):
+    """generation.backend=vllm: dense traces come from the model directory, regenerations from a
+    masked export of the current mask; the backend is recorded. (vLLM itself is stood in for.)"""
+    import resp.generation as generation
+
+    calls = []
+
+    def fake_vllm(model_dir, prompts, spec, seed, gpu_memory_utilization):
+        calls.append(str(model_dir))
+        model, tokenizer = __import__("resp.models", fromlist=["load_model"]).load_model(str(model_dir))
+        return generation.generate(model, tokenizer, prompts, spec, batch_size=4, seed=seed, desc="fake vllm")
+
+    monkeypatch.setattr(generation, "generate_vllm", fake_vllm)
+    params = tiny_params.model_copy(update={"generation": tiny_params.generation.model_copy(update={"backend": "vllm"})})
+    path = make_traces(params, "arith", "train", None, tmp_path / "v.jsonl")
+    assert calls == [str(tiny_params.model.name_or_path)]
+    assert TraceSet.load(path).manifest["sampling"]["backend"] == "vllm"
+    prune(params, "arith", "resp", tmp_path / "run", str(dense_traces))
+    assert calls[1:] == [str(tmp_path / "run" / "masked" / tag) for tag in ("milestone-0.05", "milestone-0.10")]
+    regenerated = TraceSet.load(tmp_path / "run" / "traces" / "milestone-0.10.jsonl")
+    assert regenerated.manifest["sampling"]["backend"] == "vllm"
