@@ -37,12 +37,13 @@ class RecipeError(ValueError):
 
 
 def code_version() -> dict:
-    """The git commit of the code and whether the work tree had uncommitted changes."""
+    """The git commit of the code and whether its code files (resp/, flows/) had uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, check=True).stdout.strip())
+        # only code counts: `dvc repro` itself rewrites dvc.lock and data/ while it runs
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "resp", "flows",
+                                     "pyproject.toml"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}
