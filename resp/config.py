@@ -223,7 +223,9 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ParamsError(f"{path} is not valid YAML ({e}); fix the file") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ParamsError(f"{path} is not valid YAML ({where}{getattr(e, 'problem', None) or 'parse error'}); fix the file") from None
     for item in overrides or []:
         if "=" not in item:
             raise ParamsError(f"override {item!r} must look like section.key=value")

@@ -7,6 +7,7 @@ is the hub commit sha when known, otherwise a content hash of its weight and con
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,12 +79,18 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
         raise ModelLoadError(f"model directory {name_or_path} does not exist: check model.name_or_path")
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-    adapter_for(config)  # fail early, naming the supported families
+    # A compact export (resp_manifest.json says so) carries its own modeling file: trust it, and
+    # skip the pruning adapter, since a compact model is for inference, not for pruning again.
+    manifest = Path(name_or_path) / "resp_manifest.json"
+    compact = manifest.is_file() and json.loads(manifest.read_text()).get("format") == "compact"
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=compact)
+    if not compact:
+        adapter_for(config)  # fail early, naming the supported families
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
         raise ModelLoadError(f"{name_or_path} is a {architectures[0]}, not a causal language model (*ForCausalLM)")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype],
+                                                 trust_remote_code=compact)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     tokenizer.padding_side = "left"
