@@ -7,7 +7,7 @@ exported with `resp.export.export_model(..., "compact", ...)`, and compared with
 saved the same way. Each variant is measured in its own fresh process that loads it from disk:
 
 - params: parameters stored; file size: bytes of its *.safetensors files;
-- peak memory: peak resident set size (ru_maxrss) of the process after loading the model and
+- peak memory: peak resident set size (VmHWM) of the process after loading the model and
   running the timed work, minus the peak of a process that only imports torch and transformers;
 - prefill tokens/s: one forward over a fixed random prompt (batch 1, cache on, last logits only);
 - decode tokens/s: (N - 1) / (t(generate N tokens) - t(generate 1 token)), greedy, exactly N new
@@ -69,7 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------- worker: one variant in a fresh process
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own high-water RSS (VmHWM). Not ru_maxrss: Linux carries that over fork and
+    exec from the parent, which holds the dense model, so every worker would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # non-Linux fallback (KiB)
 
 
 def _median_seconds(fn, reps: int) -> float:
