@@ -64,6 +64,11 @@ def _eval_task(params: Params, task: str | None, task_file: Path | None, fmt: st
     return str(task_file), task_params, split
 
 
+def _model_ref(params: Params, model: str | None, revision: str | None) -> tuple[str, str | None]:
+    """(name, revision) from --model/--revision, falling back to params.model."""
+    return (model, revision) if model else (params.model.name_or_path, revision or params.model.revision)
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str | None, typer.Option(help="hub id or local model directory (default: params model.name_or_path)")] = None,
@@ -93,7 +98,7 @@ def eval_command(
             raise ValueError("evaluation.sample_seeds is empty: pass --seed")
         seed = p.evaluation.sample_seeds[0] if seed is None else seed
         items = load_items(task_params, split)[: limit or p.evaluation.num_items]
-        name, revision = (model, revision) if model else (p.model.name_or_path, revision or p.model.revision)
+        name, revision = _model_ref(p, model, revision)
         lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device)
         spec = SamplingSpec(temperature=temperature, top_p=p.evaluation.top_p, top_k=p.evaluation.top_k,
                             max_new_tokens=p.evaluation.max_new_tokens)
@@ -137,7 +142,7 @@ def export_command(
             check_format(fmt)
         jobs = ([(mask, out, f) for f in formats] if mask is not None else
                 [(path, out / f"sparsity-{target:.2f}" / f, f) for target, path in masks_in_dir(masks_dir).items() for f in formats])
-        name, revision = (model, revision) if model else (p.model.name_or_path, revision or p.model.revision)
+        name, revision = _model_ref(p, model, revision)
         identity = model_identity(name, revision)
         lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device)
         for mask_path, target_dir, fmt in jobs:
