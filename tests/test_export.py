@@ -54,7 +54,7 @@ def uneven_mask(s, dead_layer: int = 2) -> Mask:
     """4 layers x 4 query heads (2 KV groups of 2) x 40 channels, every hard case once.
 
     layer 0: heads {2} kept: group 0 dead, group 1 keeps one head
-    layer 1: heads {0, 1, 3}: groups keep 2 and 1 heads (uneven -> one padding head); even channels only
+    layer 1: heads {0, 1, 3}: groups keep 2 and 1 heads (uneven groups); even channels only
     layer `dead_layer` (0 or 2): no heads at all
     layer 3: dense attention, no MLP channels
     """
@@ -83,7 +83,7 @@ def test_compact_logits_equal_masked(family_model):
     with torch.no_grad():
         want = masked(ids, attention_mask=attention).logits
         got = compact(ids, attention_mask=attention).logits
-    assert isinstance(compact, RespCompactForCausalLM) and [p.padding_heads for p in plans] == [0, 1, 0, 0]
+    assert isinstance(compact, RespCompactForCausalLM) and [p.group_sizes for p in plans] == [[1], [2, 1], [], [2, 2]]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # the masked copy changed, the base model did not
     assert family_model.model.layers[2].self_attn.q_proj.weight.abs().sum() > 0
@@ -105,20 +105,24 @@ def test_compact_greedy_generation_equals_masked(family_model, dead_layer):
     assert torch.equal(got, want)
 
 
-def test_padding_head_rule_gives_exact_shapes(tiny_qwen3):
+def test_uneven_groups_store_only_kept_heads(tiny_qwen3):
     s = structures_for(tiny_qwen3, "query_head", [])
     mask = uneven_mask(s)
     plans = compact_plan(mask, s)
-    # layer 0: group 1 alone, holding head 2; layer 1: group 0 holds heads 0, 1 and group 1 holds 3 + a padding slot
-    assert [(p.kv_heads, p.query_heads) for p in plans] == [
-        ([1], [2]), ([0, 1], [0, 1, 3, None]), ([], []), ([0, 1], [0, 1, 2, 3])]
+    # layer 0: group 1 alone, holding head 2; layer 1: group 0 holds heads 0, 1 and group 1 holds head 3
+    assert [(p.kv_heads, p.query_heads, p.group_sizes) for p in plans] == [
+        ([1], [2], [1]), ([0, 1], [0, 1, 3], [2, 1]), ([], [], []), ([0, 1], [0, 1, 2, 3], [2, 2])]
     compact, _ = compact_model(tiny_qwen3, mask, s)
+    assert compact.config.layer_kv_group_sizes == [[1], [2, 1], [], [2, 2]]
     hd = s.head_dim
     base1, new1 = tiny_qwen3.model.layers[1].self_attn, compact.model.layers[1].self_attn
-    assert new1.q_proj.weight.shape == (4 * hd, 24) and new1.o_proj.weight.shape == (24, 4 * hd)
-    assert torch.equal(new1.q_proj.weight[2 * hd:3 * hd], base1.q_proj.weight[3 * hd:4 * hd])  # slot 2 = head 3
-    assert torch.equal(new1.q_proj.weight[3 * hd:], torch.zeros(hd, 24))                     # padding slot
-    assert torch.equal(new1.o_proj.weight[:, 3 * hd:], torch.zeros(24, hd))
+    assert new1.q_proj.weight.shape == (3 * hd, 24) and new1.o_proj.weight.shape == (24, 3 * hd)
+    assert torch.equal(new1.q_proj.weight[2 * hd:], base1.q_proj.weight[3 * hd:4 * hd])      # slot 2 = head 3
+    assert torch.equal(new1.o_proj.weight[:, 2 * hd:], base1.o_proj.weight[:, 3 * hd:4 * hd])
+    # query slots 0, 1 read KV head 0 and slot 2 reads KV head 1; even layers repeat KV heads as stock models do
+    assert new1.kv_index.tolist() == [0, 0, 1] and new1.num_key_value_groups == 1
+    assert compact.model.layers[3].self_attn.kv_index is None
+    assert compact.model.layers[3].self_attn.num_key_value_groups == 2
     assert torch.equal(new1.q_norm.weight, base1.q_norm.weight)                               # per head_dim, untouched
     base0, new0 = tiny_qwen3.model.layers[0].self_attn, compact.model.layers[0].self_attn
     assert new0.k_proj.weight.shape == (hd, 24)
@@ -139,18 +143,16 @@ def test_parameter_accounting_matches_hand_count(tiny_qwen3, tmp_path):
     # Outside the layers: embed 300*24=7200, lm_head 7200 (untied), final norm 24 -> 14424
     # base = 4*5248 + 14424 = 35416
     # Compact layers: 0: 1 q head, 1 kv: 192+192+192+192+16+2880+48 = 3712
-    #                 1: 4 q slots (1 padding), 2 kv, 20 channels: 768+384+384+768+16+1440+48 = 3808
+    #                 1: 3 q heads, 2 kv, 20 channels: 576+384+384+576+16+1440+48 = 3424
     #                 2: no heads: 16+2880+48 = 2944;  3: no channels: 768+384+384+768+16+48 = 2368
-    # stored = 3712+3808+2944+2368 + 14424 = 27256
-    # effective = stored - 1 padding head * (q rows + o columns = 2*8*24 = 384) = 26872
-    # cross-check, base - pruned: 8 heads*384 + 3 dead kv groups*384 + 60 channels*(3*24) = 3072+1152+4320 = 8544
-    #   35416 - 8544 = 26872
+    # stored = 3712+3424+2944+2368 + 14424 = 26872, all of it effective (nothing is padded)
+    # cross-check, base - pruned: 8 heads*(q rows + o columns = 2*8*24 = 384) + 3 dead kv groups*(k + v rows = 384)
+    #   + 60 channels*(3*24) = 3072+1152+4320 = 8544; 35416 - 8544 = 26872
     compact = json.loads((export_model(tiny_qwen3, None, mask, s, "compact", tmp_path / "c", 8) / MANIFEST).read_text())
     masked = json.loads((export_model(tiny_qwen3, None, mask, s, "masked", tmp_path / "m", 8) / MANIFEST).read_text())
-    assert compact["params"] == {"base": 35416, "stored": 27256, "effective": 26872}
-    assert compact["padding_heads"] == 1
+    assert compact["params"] == {"base": 35416, "stored": 26872, "effective": 26872}
     assert masked["params"] == {"base": 35416, "stored": 35416, "effective": 26872}
-    assert compact["plan"][1] == {"kv_heads": 2, "query_heads": 4, "padding_heads": 1, "intermediate_size": 20}
+    assert compact["plan"][1] == {"kv_heads": 2, "query_heads": 3, "group_sizes": [2, 1], "intermediate_size": 20}
     assert compact["mask_digest"] == mask.digest() and compact["format"] == "compact"
 
 
@@ -191,7 +193,7 @@ def test_compact_export_reloads_in_a_fresh_process_without_resp(tiny_qwen3, tiny
     assert torch.equal(result["generated"], expected)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["base_model"] == {"name": "tiny"}
-    assert manifest["plan"][0] == {"kv_heads": 0, "query_heads": 0, "padding_heads": 0, "intermediate_size": 40}
+    assert manifest["plan"][0] == {"kv_heads": 0, "query_heads": 0, "group_sizes": [], "intermediate_size": 40}
 
 
 def test_compact_keeps_tied_embeddings_and_dtype(tmp_path):
@@ -202,8 +204,8 @@ def test_compact_keeps_tied_embeddings_and_dtype(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert loaded.dtype == torch.bfloat16
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    # tied: the 7200 lm_head weights are stored once (27256 - 7200 = 20056 stored, 26872 - 7200 = 19672 effective)
-    assert json.loads((out / MANIFEST).read_text())["params"] == {"base": 28216, "stored": 20056, "effective": 19672}
+    # tied: the 7200 lm_head weights are stored once (26872 - 7200 = 19672)
+    assert json.loads((out / MANIFEST).read_text())["params"] == {"base": 28216, "stored": 19672, "effective": 19672}
     ids = torch.arange(3, 12).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, masked_model(base, mask, s)(ids).logits, atol=2e-2, rtol=0)

@@ -7,7 +7,7 @@
 
 Every export directory holds the weights, config, tokenizer and `resp_manifest.json`: format, base
 model identity, mask digest, the per-layer plan, and parameter counts (`stored`: saved in the
-files; `effective`: those that can change the output, i.e. without zeroed or padding units).
+files; `effective`: those that can change the output, i.e. without zeroed units).
 """
 
 from __future__ import annotations
@@ -42,9 +42,7 @@ def _compact(model, mask: Mask, s: Structures, channel_multiple: int) -> tuple:
     # classmethods: the saved config.json gets an auto_map and the modeling file is copied next to it
     type(exported).register_for_auto_class("AutoModelForCausalLM")
     type(exported.config).register_for_auto_class()
-    padding = sum(p.padding_heads for p in plans)
-    return exported, {"plan": [p.summary() for p in plans], "padding_heads": padding,
-                      "effective_params": exported.num_parameters() - padding * s.head_params}
+    return exported, {"plan": [p.summary() for p in plans], "effective_params": exported.num_parameters()}
 
 
 def _uniform(model, mask: Mask, s: Structures, channel_multiple: int) -> tuple:

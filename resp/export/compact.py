@@ -2,9 +2,8 @@
 
 Per layer, the plan keeps:
 - the alive KV groups (a group is alive while any of its query heads is kept): their k/v rows;
-- per alive group, its kept query heads, padded to the layer's largest kept count per group so
-  that every KV head serves the same number of query heads. A padding head has zero q rows (and
-  bias) and zero o columns: its attention output is multiplied by zero, so it contributes nothing;
+- per alive group, its kept query heads, and how many there are: groups may be uneven (2 heads
+  on one KV head, 1 on the next), so nothing is padded and every stored weight is a kept one;
 - the kept MLP channels: gate/up rows and down columns.
 A layer with no kept heads keeps no q/k/v rows at all; one with no kept channels keeps no MLP rows.
 The result is `RespCompactForCausalLM` (see `modeling_compact.py`), whose logits equal the masked
@@ -23,16 +22,14 @@ from resp.structures import Structures
 
 
 def compact_plan(mask: Mask, s: Structures) -> list[LayerPlan]:
-    """Per layer: alive KV groups, kept query heads padded to the layer's largest group, kept channels."""
+    """Per layer: alive KV groups, their kept query heads (group by group), kept channels."""
     plans = []
     kv_alive = mask.kv_alive(s)
     for i in range(s.num_layers):
         groups = torch.nonzero(kv_alive[i]).flatten().tolist()
         kept = {j: [h for h in range(j * s.n_rep, (j + 1) * s.n_rep) if mask.heads[i, h]] for j in groups}
-        width = max((len(heads) for heads in kept.values()), default=0)
-        query_heads = [h for j in groups for h in kept[j] + [None] * (width - len(kept[j]))]
         channels = torch.nonzero(mask.channels[i]).flatten().tolist()
-        plans.append(LayerPlan(groups, query_heads, channels))
+        plans.append(LayerPlan(groups, [h for j in groups for h in kept[j]], [len(kept[j]) for j in groups], channels))
     return plans
 
 
@@ -45,8 +42,7 @@ def compact_config(base, plans: list[LayerPlan], s: Structures) -> RespCompactCo
         hidden_size=s.hidden_size,
         num_hidden_layers=s.num_layers,
         head_dim=s.head_dim,
-        layer_num_attention_heads=[len(p.query_heads) for p in plans],
-        layer_num_key_value_heads=[len(p.kv_heads) for p in plans],
+        layer_kv_group_sizes=[list(p.group_sizes) for p in plans],
         layer_intermediate_sizes=[len(p.channels) for p in plans],
         hidden_act=base.hidden_act,
         max_position_embeddings=base.max_position_embeddings,

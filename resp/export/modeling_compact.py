@@ -5,9 +5,10 @@ This file is copied into every compact checkpoint and loaded from there with
 transformers, never `resp`. It covers the Llama-family layout of Qwen3 (per-head q/k RMSNorm),
 Qwen2 (q/k/v biases), Llama and Mistral: the family's differences are config flags.
 
-Per layer i, `layer_num_key_value_heads[i]` KV heads each serve `layer_num_attention_heads[i] //
-layer_num_key_value_heads[i]` query heads (the contiguous block j*n_rep ... of KV head j), and the
-MLP has `layer_intermediate_sizes[i]` channels. head_dim and hidden_size are global. A layer with
+Layer i has one KV head per entry of `layer_kv_group_sizes[i]`; KV head j serves the next
+`layer_kv_group_sizes[i][j]` query heads in stored order. Groups may be uneven ([2, 1]: a pruned
+query head leaves no padding behind). The MLP has `layer_intermediate_sizes[i]` channels.
+head_dim and hidden_size are global. A layer with
 no attention heads (or no MLP channels) contributes only its output bias, exactly as a model whose
 pruned weights were zeroed.
 """
@@ -29,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 class RespCompactConfig(PreTrainedConfig):
-    """Global sizes plus three per-layer lists (one entry per decoder layer)."""
+    """Global sizes plus per-layer lists (one entry per decoder layer)."""
 
     model_type = "resp_compact"
     keys_to_ignore_at_inference = ["cache"]
@@ -38,8 +39,7 @@ class RespCompactConfig(PreTrainedConfig):
     hidden_size: int = 4096
     num_hidden_layers: int = 32
     head_dim: int = 128
-    layer_num_attention_heads: list[int] | None = None   # query heads per layer (padding heads included)
-    layer_num_key_value_heads: list[int] | None = None   # KV heads per layer
+    layer_kv_group_sizes: list[list[int]] | None = None  # per layer: query heads served by each KV head
     layer_intermediate_sizes: list[int] | None = None    # MLP channels per layer
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768
@@ -62,21 +62,19 @@ class RespCompactConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         n = self.num_hidden_layers
-        if self.layer_num_attention_heads is None:
-            self.layer_num_attention_heads = [self.hidden_size // self.head_dim] * n
-        if self.layer_num_key_value_heads is None:
-            self.layer_num_key_value_heads = list(self.layer_num_attention_heads)
+        if self.layer_kv_group_sizes is None:
+            self.layer_kv_group_sizes = [[1] * (self.hidden_size // self.head_dim)] * n
         if self.layer_intermediate_sizes is None:
             self.layer_intermediate_sizes = [4 * self.hidden_size] * n
         if self.layer_types is None:
             self.layer_types = ["sliding_attention" if self.sliding_window else "full_attention"] * n
-        for name in ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes", "layer_types"):
+        for name in ("layer_kv_group_sizes", "layer_intermediate_sizes", "layer_types"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries but num_hidden_layers is {n}")
-        for i, (heads, kv) in enumerate(zip(self.layer_num_attention_heads, self.layer_num_key_value_heads)):
-            if (kv == 0) != (heads == 0) or (kv and heads % kv):
-                raise ValueError(f"layer {i}: {heads} query heads cannot share {kv} KV heads evenly")
-        if not any(self.layer_num_attention_heads):
+        for i, sizes in enumerate(self.layer_kv_group_sizes):
+            if any(size < 1 for size in sizes):
+                raise ValueError(f"layer {i}: KV group sizes {sizes} must be positive (a KV head serves a query head)")
+        if not any(self.layer_kv_group_sizes):
             raise ValueError("every layer has zero attention heads: at least one layer must keep attention")
         super().__post_init__(**kwargs)
 
@@ -162,6 +160,7 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    # uneven layers arrive with key/value already expanded to one head per query head (groups = 1)
     key_states = repeat_kv(key, module.num_key_value_groups)
     value_states = repeat_kv(value, module.num_key_value_groups)
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
@@ -179,9 +178,14 @@ class RespCompactAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.num_heads = config.layer_num_attention_heads[layer_idx]
-        self.num_key_value_heads = config.layer_num_key_value_heads[layer_idx]
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads if self.num_key_value_heads else 1
+        group_sizes = config.layer_kv_group_sizes[layer_idx]
+        self.num_heads = sum(group_sizes)
+        self.num_key_value_heads = len(group_sizes)
+        if len(set(group_sizes)) <= 1:  # even groups: the attention functions repeat each KV head
+            self.num_key_value_groups, self.kv_index = (group_sizes or [1])[0], None
+        else:  # uneven groups: query head h reads KV head kv_index[h]
+            self.num_key_value_groups = 1
+            self.kv_index = nn.Buffer(self.kv_index_values(), persistent=False)
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
@@ -195,6 +199,10 @@ class RespCompactAttention(nn.Module):
         if config.qk_norm:  # shared by all heads, so untouched by head pruning
             self.q_norm = RespCompactRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RespCompactRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def kv_index_values(self) -> torch.Tensor:
+        sizes = self.config.layer_kv_group_sizes[self.layer_idx]
+        return torch.tensor([j for j, size in enumerate(sizes) for _ in range(size)], dtype=torch.long)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache: Cache | None = None, **kwargs):
         batch, seq_len, _ = hidden_states.shape
@@ -219,6 +227,9 @@ class RespCompactAttention(nn.Module):
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+        if self.kv_index is not None:  # the cache holds each KV head once; expand for this step only
+            key_states = key_states.index_select(1, self.kv_index)
+            value_states = value_states.index_select(1, self.kv_index)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -264,6 +275,13 @@ class RespCompactPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RespCompactDecoderLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # from_pretrained builds the model on the meta device; non-persistent buffers are refilled here
+        if isinstance(module, RespCompactAttention) and module.kv_index is not None:
+            module.kv_index.copy_(module.kv_index_values())
 
 
 class RespCompactModel(RespCompactPreTrainedModel):

@@ -1,7 +1,7 @@
 """Cutting a model's tensors to a per-layer plan of kept units (shared by the compact and uniform exports).
 
-A `LayerPlan` lists, in stored order, the original indices of the KV heads, query heads (or
-padding slots) and MLP channels an export keeps in one layer. `sliced_state_dict` cuts q/k/v rows,
+A `LayerPlan` lists, in stored order, the original indices of the KV heads, query heads and MLP
+channels an export keeps in one layer, and how many of the query heads each KV head serves. `sliced_state_dict` cuts q/k/v rows,
 o columns, gate/up rows and down columns accordingly; everything else is copied unchanged.
 """
 
@@ -24,32 +24,23 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Which units of one layer an export stores, in stored order (original indices)."""
-    kv_heads: list[int]
-    query_heads: list[int | None]   # None = padding head: zero q rows, zero o columns
-    channels: list[int]
+    """Which units of one layer an export stores, in stored order (original indices).
 
-    @property
-    def padding_heads(self) -> int:
-        return sum(h is None for h in self.query_heads)
+    `query_heads` is grouped by KV head: the first `group_sizes[0]` serve `kv_heads[0]`, and so on.
+    """
+    kv_heads: list[int]
+    query_heads: list[int]
+    group_sizes: list[int]
+    channels: list[int]
 
     def summary(self) -> dict:
         return {"kv_heads": len(self.kv_heads), "query_heads": len(self.query_heads),
-                "padding_heads": self.padding_heads, "intermediate_size": len(self.channels)}
+                "group_sizes": list(self.group_sizes), "intermediate_size": len(self.channels)}
 
 
-def _head_index(heads: list[int | None], head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices of `heads` blocks (padding reads block 0) and a bool marking padding rows."""
-    rows = torch.tensor([(0 if h is None else h) * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long, device=device)
-    padding = torch.tensor([h is None for h in heads for _ in range(head_dim)], dtype=torch.bool, device=device)
-    return rows, padding
-
-
-def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-    out = tensor.index_select(dim, index)  # a new tensor: the source stays as it is
-    if padding is not None and padding.any():
-        out.index_fill_(dim, torch.nonzero(padding).flatten(), 0)
-    return out
+def _head_rows(heads: list[int], head_dim: int, device) -> torch.Tensor:
+    """Row indices of the `head_dim`-row blocks of `heads`, in order."""
+    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long, device=device)
 
 
 @torch.no_grad()
@@ -61,22 +52,22 @@ def sliced_state_dict(model, plans: list[LayerPlan], s: Structures) -> dict[str,
     hd = s.head_dim
     for layer, plan in zip(adapter.layers(model), plans):
         device = adapter.q_proj(layer).weight.device
-        q_rows, q_padding = _head_index(plan.query_heads, hd, device)
-        kv_rows, _ = _head_index(plan.kv_heads, hd, device)
+        q_rows = _head_rows(plan.query_heads, hd, device)
+        kv_rows = _head_rows(plan.kv_heads, hd, device)
         channels = torch.tensor(plan.channels, dtype=torch.long, device=device)
-        cuts = [  # (module, dim of weight to cut, row/column index, padding rows zeroed)
-            (adapter.q_proj(layer), 0, q_rows, q_padding),
-            (adapter.k_proj(layer), 0, kv_rows, None),
-            (adapter.v_proj(layer), 0, kv_rows, None),
-            (adapter.o_proj(layer), 1, q_rows, q_padding),
-            (adapter.gate_proj(layer), 0, channels, None),
-            (adapter.up_proj(layer), 0, channels, None),
-            (adapter.down_proj(layer), 1, channels, None),
+        cuts = [  # (module, dim of weight to cut, row/column index)
+            (adapter.q_proj(layer), 0, q_rows),
+            (adapter.k_proj(layer), 0, kv_rows),
+            (adapter.v_proj(layer), 0, kv_rows),
+            (adapter.o_proj(layer), 1, q_rows),
+            (adapter.gate_proj(layer), 0, channels),
+            (adapter.up_proj(layer), 0, channels),
+            (adapter.down_proj(layer), 1, channels),
         ]
-        for module, dim, index, padding in cuts:
-            state[f"{names[module]}.weight"] = _take(module.weight, dim, index, padding)
+        for module, dim, index in cuts:  # index_select makes new tensors: the source stays as it is
+            state[f"{names[module]}.weight"] = module.weight.index_select(dim, index)
             if module.bias is not None and dim == 0:  # an output bias follows the rows; o/down biases stay whole
-                state[f"{names[module]}.bias"] = _take(module.bias, 0, index, padding)
+                state[f"{names[module]}.bias"] = module.bias.index_select(0, index)
     return state
 
 

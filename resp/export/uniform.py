@@ -93,7 +93,7 @@ def uniform_plan(model, mask: Mask, s: Structures, shape: dict) -> list[LayerPla
                        for h in _best(group_heads[j], kept_heads, head_mag[i].tolist(), per_kv)]
         channels = _best(list(range(s.intermediate_size)), mask.channels[i].int().tolist(),
                          channel_mag[i].tolist(), shape["intermediate_size"])
-        plans.append(LayerPlan(groups, query_heads, channels))
+        plans.append(LayerPlan(groups, query_heads, [per_kv] * len(groups), channels))
     return plans
 
 
