@@ -69,6 +69,23 @@ def _model_ref(params: Params, model: str | None, revision: str | None) -> tuple
     return (model, revision) if model else (params.model.name_or_path, revision or params.model.revision)
 
 
+def _vllm_tokenizer(name: str, revision: str | None):
+    """The tokenizer alone, for evaluation.backend vllm: vLLM loads the weights itself from `name`
+    (a local directory, or a hub id at its default revision), so no Hugging Face copy is loaded."""
+    from transformers import AutoTokenizer
+
+    from resp.generation import require_vllm
+
+    require_vllm("evaluation.backend")
+    if not Path(name).is_dir():
+        if name.startswith((".", "/")) or name.count("/") > 1:  # a path, not a hub id (org/name)
+            raise ValueError(f"model directory {name} does not exist: check --model or model.name_or_path")
+        if revision is not None:
+            raise ValueError(f"evaluation.backend vllm loads hub model {name} at its default revision, not {revision}: "
+                             "drop --revision (and model.revision) or pass --model a local directory")
+    return AutoTokenizer.from_pretrained(name)
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str | None, typer.Option(help="hub id or local model directory (default: params model.name_or_path)")] = None,
@@ -99,11 +116,16 @@ def eval_command(
         seed = p.evaluation.sample_seeds[0] if seed is None else seed
         items = load_items(task_params, split)[: limit or p.evaluation.num_items]
         name, revision = _model_ref(p, model, revision)
-        lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device)
+        backend = p.evaluation.backend
+        if backend == "vllm":
+            lm, tokenizer = None, _vllm_tokenizer(name, revision)
+        else:
+            lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device)
         spec = SamplingSpec(temperature=temperature, top_p=p.evaluation.top_p, top_k=p.evaluation.top_k,
                             max_new_tokens=p.evaluation.max_new_tokens)
         started = time.perf_counter()
-        result = evaluate_task(lm, tokenizer, items, task_params.format, spec, p.evaluation.batch_size, seed)
+        result = evaluate_task(lm, tokenizer, items, task_params.format, spec, p.evaluation.batch_size, seed,
+                               backend=backend, model_dir=name, gpu_memory_utilization=p.scale.vllm_gpu_memory_utilization)
         seconds = time.perf_counter() - started
     correct = sum(r["correct"] for r in result["records"])
     typer.echo(f"{label} [{split}] {name}: accuracy {result['accuracy']:.4f} ({correct}/{result['n']}), "
@@ -111,7 +133,8 @@ def eval_command(
                f"truncation rate {result['truncation_rate']:.4f}, {seconds:.1f} s")
     if out is not None:
         report = {"model": name, "revision": revision, "task": label, "format": task_params.format, "split": split,
-                  "sampling": {**asdict(spec), "seed": seed, "batch_size": p.evaluation.batch_size}, **result}
+                  "sampling": {**asdict(spec), "seed": seed, "batch_size": p.evaluation.batch_size, "backend": backend},
+                  **result}
         log.info("wrote evaluation of %d items to %s", result["n"], write_json(out, report))
 
 

@@ -124,6 +124,7 @@ class PruneParams(Strict):
 
 
 class EvaluationParams(Strict):
+    backend: Literal["hf", "vllm"]   # vllm generates from a masked export of each evaluated model
     num_items: int = Field(gt=0)
     max_new_tokens: int = Field(gt=0)
     batch_size: int = Field(gt=0)
@@ -161,7 +162,7 @@ class ScheduleParams(Strict):
 
 
 class ScaleParams(Strict):
-    vllm_gpu_memory_utilization: float = Field(gt=0, le=1)   # GPU share vLLM may take (generation.backend vllm)
+    vllm_gpu_memory_utilization: float = Field(gt=0, le=1)   # GPU share vLLM may take (generation/evaluation.backend vllm)
 
 
 class FlowParams(Strict):

@@ -8,6 +8,10 @@ mean completion length (tokens, EOS included) and truncation rate, with one reco
 loss RESP calibrates on, measured on held-out prompts). `evaluate_masks` loads a model once
 and runs all of it for the dense model and each pruned mask (method step 10), writing one
 JSON file per method with no wall-clock times in it, so a rerun writes identical bytes.
+
+Completions come from Hugging Face `generate` or, with `evaluation.backend: vllm`, from vLLM,
+which loads each evaluated model from a masked export (pruned units zeroed, stock shapes) in a
+temporary directory. NLL is a forward pass and always runs on the Hugging Face model.
 """
 
 from __future__ import annotations
@@ -17,19 +21,21 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from resp.config import EvaluationParams, Params
-from resp.generation import SamplingSpec, generate
+from resp.generation import SamplingSpec, generate_with_backend, require_vllm
 from resp.importance import per_sample_mean_loss
 from resp.masks import Mask, MaskError, check_mask_fits
 from resp.models import load_model, model_identity
 from resp.schedule import MaskedModel
-from resp.structures import structures_for
+from resp.structures import Structures, structures_for
 from resp.tasks import Item, extract_answer, is_correct, load_items, render_prompt
 from resp.traces import Trace, TraceSet, decode_only_batches
 
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 DENSE = "dense"
 MASK_FILE = re.compile(r"^sparsity-(\d+\.\d+)\.safetensors$")
 SUMMARY_KEYS = ("n", "accuracy", "mean_completion_tokens", "truncation_rate")
+BACKEND_KNOB = "evaluation.backend"
 
 
 class EvaluationError(ValueError):
@@ -45,13 +52,18 @@ class EvaluationError(ValueError):
 
 
 def evaluate_task(model, tokenizer, items: list[Item], fmt: str, spec: SamplingSpec, batch_size: int,
-                  seed: int) -> dict:
-    """Accuracy, mean completion tokens, truncation rate and per-item records over `items`."""
+                  seed: int, backend: str = "hf", model_dir: str | Path | None = None,
+                  gpu_memory_utilization: float | None = None) -> dict:
+    """Accuracy, mean completion tokens, truncation rate and per-item records over `items`.
+
+    With backend "vllm", vLLM generates from `model_dir` (`model` is not used and may be None).
+    """
     if not items:
         raise EvaluationError("no items to evaluate: check the task's split and --limit")
     prompts = [render_prompt(tokenizer, item.message, enable_thinking=True) for item in items]
-    completions = generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed,
-                           desc=f"evaluate {fmt}")
+    completions = generate_with_backend(backend, model, tokenizer, prompts, spec, batch_size, seed,
+                                        desc=f"evaluate {fmt}", model_dir=model_dir,
+                                        gpu_memory_utilization=gpu_memory_utilization, backend_knob=BACKEND_KNOB)
     records = []
     for item, completion in zip(items, completions):
         records.append({
@@ -140,14 +152,31 @@ def _summary(result: dict) -> dict:
     return {key: result[key] for key in SUMMARY_KEYS}
 
 
+@contextmanager
+def _generation_dir(backend: str, model, tokenizer, mask: Mask, s: Structures, channel_multiple: int):
+    """None for hf; for vllm, a masked export of `model` under `mask` in a temporary directory,
+    removed on exit (vLLM loads models only from disk; one export at a time is on it)."""
+    if backend == "hf":
+        yield None
+        return
+    from resp.export import export_model
+
+    with tempfile.TemporaryDirectory(prefix="resp-eval-") as tmp:
+        yield export_model(model, tokenizer, mask, s, "masked", Path(tmp) / "masked", channel_multiple)
+
+
 def _evaluate_current(model, tokenizer, items: list[Item], fmt: str, ev: EvaluationParams,
-                      heldout: list[Trace] | None, label: str) -> dict:
-    """Greedy and sampled task metrics and held-out NLL of the model as it is now."""
+                      heldout: list[Trace] | None, label: str, model_dir: Path | None,
+                      gpu_memory_utilization: float) -> dict:
+    """Greedy and sampled task metrics and held-out NLL of the model as it is now (vllm: as
+    exported to `model_dir`)."""
     greedy_spec = SamplingSpec(temperature=0.0, top_p=ev.top_p, top_k=ev.top_k, max_new_tokens=ev.max_new_tokens)
     sampled_spec = SamplingSpec(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k, max_new_tokens=ev.max_new_tokens)
+    generation = {"backend": ev.backend, "model_dir": model_dir, "gpu_memory_utilization": gpu_memory_utilization}
     # Greedy decoding ignores the seed.
-    greedy = _summary(evaluate_task(model, tokenizer, items, fmt, greedy_spec, ev.batch_size, ev.sample_seeds[0]))
-    per_seed = [{"seed": seed, **_summary(evaluate_task(model, tokenizer, items, fmt, sampled_spec, ev.batch_size, seed))}
+    greedy = _summary(evaluate_task(model, tokenizer, items, fmt, greedy_spec, ev.batch_size, ev.sample_seeds[0], **generation))
+    per_seed = [{"seed": seed, **_summary(evaluate_task(model, tokenizer, items, fmt, sampled_spec, ev.batch_size, seed,
+                                                        **generation))}
                 for seed in ev.sample_seeds]
     n_seeds = len(per_seed)
     sampled = {"accuracy": sum(r["accuracy"] for r in per_seed) / n_seeds,
@@ -165,7 +194,8 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
     """Evaluate the dense model (if `include_dense`) and `params.model` under each mask; write JSON.
 
     Results are keyed "dense" and by target sparsity ("0.20"). Every mask is loaded and checked
-    against the model before anything runs; dense weights are restored before each mask.
+    against the model before anything runs; dense weights are restored before each mask. With
+    evaluation.backend vllm, each model (the dense one too) is generated from its masked export.
     """
     if not mask_paths and not include_dense:
         raise EvaluationError("nothing to evaluate: give masks (--masks-dir) or include the dense model (--dense)")
@@ -174,6 +204,8 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
     ev = params.evaluation
     if not ev.sample_seeds:
         raise EvaluationError("evaluation.sample_seeds is empty: give at least one seed for sampled accuracy, e.g. [0]")
+    if ev.backend == "vllm":
+        require_vllm(BACKEND_KNOB)  # before minutes of loading and exporting
     task_params = params.tasks[task]
     items = load_items(task_params, task_params.eval_split)[: ev.num_items]
     if not items:
@@ -198,8 +230,10 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
     for label, mask, about in variants:
         started = time.perf_counter()
         masked.set(mask)
-        metrics = _evaluate_current(model, tokenizer, items, task_params.format, ev,
-                                    heldout.traces if heldout else None, f"{method} {label}")
+        with _generation_dir(ev.backend, model, tokenizer, mask, s, params.export.channel_multiple) as model_dir:
+            metrics = _evaluate_current(model, tokenizer, items, task_params.format, ev,
+                                        heldout.traces if heldout else None, f"{method} {label}", model_dir,
+                                        params.scale.vllm_gpu_memory_utilization)
         results[label] = {**about, "sparsity": mask.sparsity(s), "structure_ratio": mask.structure_ratio(s), **metrics}
         nll = metrics["nll"]["nll"] if metrics["nll"] else float("nan")
         log.info("%s %s %s: sparsity %.4f, greedy accuracy %.4f, sampled accuracy %.4f, mean completion %.1f tokens, "

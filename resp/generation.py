@@ -116,11 +116,20 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_siz
 
 
 BACKENDS = ("hf", "vllm")
-VLLM_MISSING = "vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set generation.backend: hf"
+VLLM_MISSING = "vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set {knob}: hf"
+
+
+def require_vllm(backend_knob: str):
+    """The vllm module, or a one-line error naming the params knob (`backend_knob`) that asked for it."""
+    try:
+        import vllm
+    except ImportError:
+        raise GenerationError(VLLM_MISSING.format(knob=backend_knob)) from None
+    return vllm
 
 
 def generate_vllm(model_dir: str | Path, prompts: list[str], spec: SamplingSpec, seed: int,
-                  gpu_memory_utilization: float) -> list[Completion]:
+                  gpu_memory_utilization: float, backend_knob: str = "generation.backend") -> list[Completion]:
     """One completion per prompt (already chat-templated) with vLLM, from a saved model directory.
 
     For a pruned model, pass a masked export (pruned units zeroed in the stock shapes, so vLLM
@@ -128,10 +137,7 @@ def generate_vllm(model_dir: str | Path, prompts: list[str], spec: SamplingSpec,
     depend on how vLLM batches requests. EOS ids, the cut and the decoding are those of
     `generate`.
     """
-    try:
-        import vllm
-    except ImportError:
-        raise GenerationError(VLLM_MISSING) from None
+    vllm = require_vllm(backend_knob)
     from transformers import AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -162,13 +168,15 @@ def generate_vllm(model_dir: str | Path, prompts: list[str], spec: SamplingSpec,
 
 def generate_with_backend(backend: str, model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_size: int,
                           seed: int, desc: str, model_dir: str | Path | None = None,
-                          gpu_memory_utilization: float | None = None) -> list[Completion]:
-    """`generate` (hf) or `generate_vllm` (vllm, from `model_dir`), per params generation.backend."""
+                          gpu_memory_utilization: float | None = None,
+                          backend_knob: str = "generation.backend") -> list[Completion]:
+    """`generate` (hf) or `generate_vllm` (vllm, from `model_dir`), per the params knob `backend_knob`
+    (generation.backend or evaluation.backend), which the error messages name."""
     if backend == "hf":
         return generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=desc)
     if backend != "vllm":
         raise GenerationError(f"generation backend {backend!r} is not one of {list(BACKENDS)}")
     if model_dir is None or gpu_memory_utilization is None:
-        raise GenerationError("generation.backend vllm needs a saved model directory (a masked export of the current "
+        raise GenerationError(f"{backend_knob} vllm needs a saved model directory (a masked export of the current "
                               "mask) and scale.vllm_gpu_memory_utilization")
-    return generate_vllm(model_dir, prompts, spec, seed, gpu_memory_utilization)
+    return generate_vllm(model_dir, prompts, spec, seed, gpu_memory_utilization, backend_knob)

@@ -140,3 +140,45 @@ def prefect_api(tmp_path_factory):
         with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
             with prefect_test_harness():
                 yield
+
+
+class StandInVllm:
+    """A stand-in `vllm` module (the real one needs CUDA) that records what it is asked.
+
+    `reply(call, index, prompt_ids, sampling) -> token ids` scripts the output of prompt `index`
+    of the `call`-th LLM made (from 0); `on_load(model_dir)` runs in `LLM.__init__`, while the
+    model directory still exists, and what it returns is kept. `calls` holds one dict per LLM:
+    its keyword arguments ("llm"), `on_load`'s result ("loaded"), and "prompts"/"sampling" as
+    `LLM.generate` received them. `SamplingParams(**kw)` is the dict `kw`.
+    """
+
+    def __init__(self, reply, on_load=None):
+        from types import SimpleNamespace
+
+        self.calls: list[dict] = []
+        calls = self.calls
+
+        class LLM:
+            def __init__(self, **kwargs):
+                calls.append({"llm": kwargs, "loaded": on_load(kwargs["model"]) if on_load else None})
+                self.call = len(calls) - 1
+
+            def generate(self, prompts, sampling):
+                calls[self.call].update(prompts=prompts, sampling=sampling)
+                return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=reply(self.call, i, p["prompt_token_ids"], s))])
+                        for i, (p, s) in enumerate(zip(prompts, sampling))]
+
+        self.module = SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw)
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch):
+    """`install(reply, on_load=None)` puts a `StandInVllm` in place of the `vllm` module and returns it."""
+    import sys
+
+    def install(reply, on_load=None) -> StandInVllm:
+        stand_in = StandInVllm(reply, on_load)
+        monkeypatch.setitem(sys.modules, "vllm", stand_in.module)
+        return stand_in
+
+    return install

@@ -10,7 +10,7 @@ from conftest import make_qwen3
 from typer.testing import CliRunner
 
 from resp.cli import app
-from resp.config import TaskParams
+from resp.config import TaskParams, load_params
 from resp.evaluate import evaluate_task
 from resp.generation import SamplingSpec
 from resp.models import load_model
@@ -59,13 +59,55 @@ def test_eval_writes_what_evaluate_task_computes(saved_model, task_file, tmp_pat
     report = json.loads(out.read_text())
     assert {k: report[k] for k in ("model", "revision", "task", "format", "split", "sampling")} == {
         "model": str(saved_model), "revision": None, "task": str(task_file), "format": "gsm8k", "split": "test",
-        "sampling": {"temperature": 0.0, "top_p": 0.95, "top_k": 20, "max_new_tokens": 5, "seed": 0, "batch_size": 2}}
+        "sampling": {"temperature": 0.0, "top_p": 0.95, "top_k": 20, "max_new_tokens": 5, "seed": 0, "batch_size": 2,
+                     "backend": "hf"}}
     model, tokenizer = load_model(str(saved_model))
     items = load_items(TaskParams(format="gsm8k", source=str(task_file), subset=None, few_shot=0,
                                   calibration_split="test", eval_split="test"), "test")
     expected = evaluate_task(model, tokenizer, items, "gsm8k", SamplingSpec(0.0, 0.95, 20, 5), batch_size=2, seed=0)
     assert {k: report[k] for k in expected} == expected
     assert [r["id"] for r in report["records"]] == ["test-0", "test-1", "test-2"]
+
+
+def test_eval_with_vllm_generates_from_the_model_directory(saved_model, task_file, tmp_path, stand_in_vllm, tiny_tokenizer,
+                                                           monkeypatch):
+    """evaluation.backend=vllm: vLLM loads --model itself (no Hugging Face copy); records come from its outputs."""
+    monkeypatch.setattr("resp.models.load_model", lambda *a, **k: pytest.fail("vllm evaluation loaded the model with transformers"))
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reply = tiny_tokenizer("<think>\n</think>\n\nThe answer is 12.", add_special_tokens=False)["input_ids"] + [end]
+    vllm = stand_in_vllm(lambda call, index, prompt_ids, sampling: reply)
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "--model", str(saved_model), "--task-file", str(task_file), "--format", "gsm8k",
+                                 "--out", str(out), "--params", str(PARAMS), "--set", "evaluation.backend=vllm",
+                                 "--temperature", "0.6", "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert f"{task_file} [test] {saved_model}: accuracy 0.3333 (1/3), mean completion {len(reply):.1f} tokens" in result.output
+    [call] = vllm.calls
+    assert call["llm"] == {"model": str(saved_model), "tokenizer": str(saved_model), "seed": 4,
+                           "gpu_memory_utilization": load_params(PARAMS).scale.vllm_gpu_memory_utilization}
+    assert [(s["temperature"], s["seed"]) for s in call["sampling"]] == [(0.6, 4), (0.6, 5), (0.6, 6)]
+    report = json.loads(out.read_text())
+    assert report["sampling"]["backend"] == "vllm"
+    assert [(r["gold"], r["answer"], r["correct"], r["completion_tokens"]) for r in report["records"]] == [
+        ("3", "12", False, len(reply)), ("12", "12", True, len(reply)), ("7", "12", False, len(reply))]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "error: vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set evaluation.backend: hf"),
+    (["--model", "/nonexistent"], "error: model directory /nonexistent does not exist: check --model or model.name_or_path"),
+    (["--model", "Org/Model", "--revision", "abc123"],
+     "error: evaluation.backend vllm loads hub model Org/Model at its default revision, not abc123: "
+     "drop --revision (and model.revision) or pass --model a local directory"),
+])
+def test_eval_with_vllm_bad_input_is_one_line(args, message, task_file, stand_in_vllm, monkeypatch):
+    import sys
+
+    stand_in_vllm(lambda call, index, prompt_ids, sampling: pytest.fail("nothing should be generated"))
+    if not args:
+        monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    result = runner.invoke(app, ["eval", "--task-file", str(task_file), "--format", "gsm8k", "--params", str(PARAMS),
+                                 "--set", "evaluation.backend=vllm", *args])
+    assert (result.exit_code, result.output) == (2, message + "\n")
 
 
 def test_eval_named_task_with_limit(saved_model, monkeypatch):

@@ -161,37 +161,30 @@ def test_vllm_backend_without_vllm_says_how_to_fix(monkeypatch, tiny_model_dir):
         generate_with_backend("vllm", None, None, ["x"], spec, 1, 0, "g", model_dir=tiny_model_dir, gpu_memory_utilization=0.5)
     assert str(err.value) == ("vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, "
                               "or set generation.backend: hf")
+    with pytest.raises(GenerationError) as err:  # evaluation chose vllm: the message names its knob
+        generate_with_backend("vllm", None, None, ["x"], spec, 1, 0, "g", model_dir=tiny_model_dir, gpu_memory_utilization=0.5,
+                              backend_knob="evaluation.backend")
+    assert str(err.value) == ("vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, "
+                              "or set evaluation.backend: hf")
     with pytest.raises(GenerationError, match=r"needs a saved model directory \(a masked export"):
         generate_with_backend("vllm", None, None, ["x"], spec, 1, 0, "g")
     with pytest.raises(GenerationError, match=r"backend 'tgi' is not one of \['hf', 'vllm'\]"):
         generate_with_backend("tgi", None, None, ["x"], spec, 1, 0, "g")
 
 
-def test_vllm_outputs_become_completions_like_hf(monkeypatch, tiny_model_dir, tiny_tokenizer):
+def test_vllm_outputs_become_completions_like_hf(stand_in_vllm, tiny_model_dir, tiny_tokenizer):
     """A stand-in vllm module: checks what generate_vllm asks for and how it turns outputs into Completions."""
-    import sys
-    from types import SimpleNamespace
-
     from resp.generation import SamplingSpec, generate_vllm
 
     eos = sorted({tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"), tiny_tokenizer.pad_token_id})
-    made = {}
-
-    class LLM:
-        def __init__(self, **kwargs):
-            made["llm"] = kwargs
-
-        def generate(self, prompts, sampling):
-            made["prompts"], made["sampling"] = prompts, sampling
-            outs = [[40, 41, eos[0], 42], [43, 44, 45]]  # first stops at an EOS (42 is cut), second runs out
-            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids)]) for ids in outs]
-
-    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    outs = [[40, 41, eos[0], 42], [43, 44, 45]]  # first stops at an EOS (42 is cut), second runs out
+    vllm = stand_in_vllm(lambda call, index, prompt_ids, sampling: outs[index])
     prompts = ["<|im_start|>user\nTom<|im_end|>\n", "<|im_start|>user\n12+3<|im_end|>\n"]
     spec = SamplingSpec(temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=3)
     got = generate_vllm(tiny_model_dir, prompts, spec, seed=7, gpu_memory_utilization=0.4)
 
     ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    [made] = vllm.calls
     assert made["prompts"] == [{"prompt_token_ids": i} for i in ids]
     assert [s["seed"] for s in made["sampling"]] == [7, 8]
     assert made["sampling"][0] == {"temperature": 0.6, "top_p": 0.95, "top_k": -1, "max_tokens": 3, "seed": 7,

@@ -1,11 +1,13 @@
 """resp.evaluate: metrics from scripted completions (exact arithmetic), agreement with
 `generate` on a real tiny model, atomic JSON writes, decode-only NLL against a per-token brute
-force, and `evaluate_masks` / `resp evaluate` on a saved tiny Qwen3 with masks and held-out traces."""
+force, and `evaluate_masks` / `resp evaluate` on a saved tiny Qwen3 with masks and held-out traces,
+with Hugging Face generation and with evaluation.backend vllm (a stand-in vllm module)."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,7 +18,7 @@ from typer.testing import CliRunner
 
 from resp.cli import app
 from resp.evaluate import EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, masks_in_dir, write_json
-from resp.generation import SamplingSpec, generate
+from resp.generation import GenerationError, SamplingSpec, generate
 from resp.masks import Mask, MaskError, apply_mask, prune_step
 from resp.models import load_model, model_identity
 from resp.structures import structures_for
@@ -309,3 +311,124 @@ def test_cli_evaluate(eval_params, evaluation_inputs, tmp_path, monkeypatch):
 
     result = runner.invoke(app, ["evaluate", "--task", "arith", "--masks-dir", "m", "--out", "x.json", "--params", str(params_file)])
     assert (result.exit_code, result.stderr) == (2, "error: --masks-dir and --method go together: the method names who made the masks\n")
+
+
+# ---- evaluation.backend vllm: each model generated from its masked export (vllm stood in for)
+
+GONE = "vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set evaluation.backend: hf"
+
+
+def test_evaluate_task_with_vllm_scores_its_completions(stand_in_vllm, tiny_model_dir, tiny_tokenizer):
+    """The same replies through vLLM and through `generate` give the same records and metrics."""
+    scripted = ScriptedModel(tiny_tokenizer, REPLIES)
+    vllm = stand_in_vllm(lambda call, index, prompt_ids, sampling: scripted.replies[tuple(prompt_ids)][: sampling["max_tokens"]])
+    got = evaluate_task(None, tiny_tokenizer, ARITH, "gsm8k", SPEC, batch_size=2, seed=5, backend="vllm",
+                        model_dir=tiny_model_dir, gpu_memory_utilization=0.3)
+    assert got == evaluate_task(scripted, tiny_tokenizer, ARITH, "gsm8k", SPEC, batch_size=2, seed=5)
+    assert [r["truncated"] for r in got["records"]] == [False, False, True]
+    [call] = vllm.calls
+    assert call["llm"] == {"model": str(tiny_model_dir), "tokenizer": str(tiny_model_dir), "seed": 5,
+                           "gpu_memory_utilization": 0.3}
+    assert [s["seed"] for s in call["sampling"]] == [5, 6, 7]
+
+
+@pytest.fixture
+def vllm_params(eval_params):
+    """eval_params with evaluation.backend vllm and room for the scripted replies."""
+    ev = eval_params.evaluation.model_copy(update={"backend": "vllm", "max_new_tokens": 64})
+    return eval_params.model_copy(update={"evaluation": ev})
+
+
+def scripted_reply(tokenizer, call: int, index: int, gold: str) -> list[int]:
+    """The `call`-th LLM's reply to item `index`: right when (index + call) % 5 == 0, no EOS
+    (truncated) when (index + call) % 4 == 3, longer for later calls."""
+    answer = gold if (index + call) % 5 == 0 else "unknown"
+    ids = tokenizer("<think>\n" + "ok\n" * call + f"</think>\n\nThe answer is {answer}.", add_special_tokens=False)["input_ids"]
+    return ids if (index + call) % 4 == 3 else ids + [tokenizer.convert_tokens_to_ids(IM_END)]
+
+
+def scripted_summary(tokenizer, call: int, golds: list[str]) -> dict:
+    replies = [scripted_reply(tokenizer, call, i, gold) for i, gold in enumerate(golds)]
+    n = len(golds)
+    return {"n": n, "accuracy": sum((i + call) % 5 == 0 for i in range(n)) / n,
+            "mean_completion_tokens": sum(len(r) for r in replies) / n,
+            "truncation_rate": sum((i + call) % 4 == 3 for i in range(n)) / n}
+
+
+def test_evaluate_masks_with_vllm_generates_from_each_masked_export(vllm_params, evaluation_inputs, stand_in_vllm, tmp_path):
+    inputs, ev, s = evaluation_inputs, vllm_params.evaluation, evaluation_inputs["s"]
+    model, tokenizer = load_model(vllm_params.model.name_or_path)
+    items = load_items(vllm_params.tasks["arith"], "test")[: ev.num_items]
+    golds = [item.gold for item in items]
+
+    def inspect_export(model_dir):
+        """What the directory vLLM is asked to load holds, read while it exists."""
+        from safetensors.torch import load_file
+
+        directory = Path(model_dir)
+        weights = load_file(directory / "model.safetensors")
+        layers = range(s.num_layers)
+        heads = torch.stack([weights[f"model.layers.{i}.self_attn.q_proj.weight"].view(s.num_heads, s.head_dim, -1)
+                             .ne(0).flatten(1).any(1) for i in layers])
+        channels = torch.stack([weights[f"model.layers.{i}.mlp.up_proj.weight"].ne(0).any(1) for i in layers])
+        manifest = json.loads((directory / "resp_manifest.json").read_text())
+        return {"dir": directory, "heads": heads, "channels": channels, "format": manifest["format"],
+                "mask_digest": manifest["mask_digest"]}
+
+    vllm = stand_in_vllm(lambda call, index, prompt_ids, sampling: scripted_reply(tokenizer, call, index, golds[index]),
+                         inspect_export)
+    out = tmp_path / "resp.json"
+    evaluate_masks(vllm_params, "arith", "resp", masks_in_dir(inputs["masks_dir"]), inputs["heldout"], out, include_dense=True)
+    report = json.loads(out.read_text())
+    assert report["evaluation"] == {**ev.model_dump(), "backend": "vllm"}
+    results = report["results"]
+    variants = {"dense": Mask.dense(s), **inputs["masks"]}
+    assert list(results) == list(variants) == ["dense", "0.10", "0.20"]
+
+    # One LLM per variant per sampling pass: greedy, then one per seed.
+    n_passes = 1 + len(SEEDS)
+    assert len(vllm.calls) == len(variants) * n_passes
+    prompts = [{"prompt_token_ids": tokenizer(render_prompt(tokenizer, item.message), add_special_tokens=False)["input_ids"]}
+               for item in items]
+    eos = sorted({tokenizer.convert_tokens_to_ids(IM_END), tokenizer.pad_token_id})
+    export_dirs = []
+    for v, (label, mask) in enumerate(variants.items()):
+        calls = vllm.calls[v * n_passes:(v + 1) * n_passes]
+        export = calls[0]["loaded"]
+        export_dirs.append(export["dir"])
+        assert all(c["loaded"]["dir"] == export["dir"] for c in calls)  # one export per variant
+        assert (export["format"], export["mask_digest"]) == ("masked", mask.digest())
+        assert torch.equal(export["heads"], mask.heads) and torch.equal(export["channels"], mask.channels)
+        for c, (temperature, seed) in zip(calls, [(0.0, SEEDS[0])] + [(ev.temperature, seed) for seed in SEEDS]):
+            assert c["llm"] == {"model": str(export["dir"]), "tokenizer": str(export["dir"]), "seed": seed,
+                                "gpu_memory_utilization": vllm_params.scale.vllm_gpu_memory_utilization}
+            assert c["prompts"] == prompts
+            assert c["sampling"] == [{"temperature": temperature, "top_p": ev.top_p, "top_k": ev.top_k,
+                                      "max_tokens": ev.max_new_tokens, "seed": seed + i, "stop_token_ids": eos,
+                                      "skip_special_tokens": False} for i in range(len(items))]
+        # The metrics are those of the stand-in's completions; NLL is the Hugging Face model's.
+        r = results[label]
+        first = v * n_passes
+        assert r["greedy"] == scripted_summary(tokenizer, first, golds)
+        assert r["sampled"]["per_seed"] == [{"seed": seed, **scripted_summary(tokenizer, first + 1 + k, golds)}
+                                            for k, seed in enumerate(SEEDS)]
+        fresh, _ = load_model(vllm_params.model.name_or_path)
+        apply_mask(fresh, mask, s)
+        heldout = TraceSet.load(inputs["heldout"]).traces[:ev.nll_traces]
+        assert r["nll"] == decode_only_nll(fresh, heldout, ev.nll_batch_size, tokenizer.pad_token_id)
+    assert len(set(export_dirs)) == len(variants)
+    assert not any(d.exists() or d.parent.exists() for d in export_dirs)  # temporary directories removed
+    assert len({results[label]["greedy"]["accuracy"] for label in results}) > 1  # the script varies per call
+
+
+def test_evaluate_masks_without_vllm_says_how_to_fix_before_loading(vllm_params, monkeypatch, tmp_path):
+    import sys
+
+    import resp.evaluate as evaluate
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded before vllm was checked"))
+    out = tmp_path / "dense.json"
+    with pytest.raises(GenerationError, match="^" + re.escape(GONE) + "$"):
+        evaluate_masks(vllm_params, "arith", "dense", {}, None, out, include_dense=True)
+    assert not out.exists()

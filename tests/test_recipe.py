@@ -90,7 +90,8 @@ def test_vllm_backend_generates_from_model_dirs(tiny_params, tmp_path, monkeypat
 
     calls = []
 
-    def fake_vllm(model_dir, prompts, spec, seed, gpu_memory_utilization):
+    def fake_vllm(model_dir, prompts, spec, seed, gpu_memory_utilization, backend_knob):
+        assert backend_knob == "generation.backend"  # what a missing-vllm error would tell the user to set
         calls.append(str(model_dir))
         model, tokenizer = __import__("resp.models", fromlist=["load_model"]).load_model(str(model_dir))
         return generation.generate(model, tokenizer, prompts, spec, batch_size=4, seed=seed, desc="fake vllm")
