@@ -167,24 +167,18 @@ def _export_run_name() -> str:
       task_run_name=_export_run_name)
 def export_mask(params: Params, mask: str, formats: list[str], out_root: str, model_key: str) -> dict[str, str]:
     """Write the base model pruned by `mask` in every format to `<out_root>/<format>/`."""
-    from resp.export import export_model
-    from resp.masks import Mask
+    from resp.export import export_mask_file
     from resp.models import load_model
-    from resp.structures import structures_for
 
     m = params.model
-    pruning_mask, meta = Mask.load(mask)
     identity = model_identity(m.name_or_path, m.revision)
     written = {}
     with one_model_at_a_time():
         model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device)
-        s = structures_for(model, meta["attention_unit"], meta["protected_layers"])
         for fmt in formats:
-            written[fmt] = str(export_model(model, tokenizer, pruning_mask, s, fmt, Path(out_root) / fmt,
-                                            params.export.channel_multiple,
-                                            manifest_extra={"base_model": {**identity.to_dict(), "key": identity.key},
-                                                            "mask_file": mask},
-                                            mask_meta=meta, model_key=identity.key))
+            written[fmt] = str(export_mask_file(model, tokenizer, identity, mask, fmt, Path(out_root) / fmt,
+                                                params.export.channel_multiple, params.prune.attention_unit,
+                                                params.prune.protected_layers))
     return written
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, get_args
@@ -69,23 +69,6 @@ def _model_ref(params: Params, model: str | None, revision: str | None) -> tuple
     return (model, revision) if model else (params.model.name_or_path, revision or params.model.revision)
 
 
-def _vllm_tokenizer(name: str, revision: str | None):
-    """The tokenizer alone, for evaluation.backend vllm: vLLM loads the weights itself from `name`
-    (a local directory, or a hub id at its default revision), so no Hugging Face copy is loaded."""
-    from transformers import AutoTokenizer
-
-    from resp.generation import require_vllm
-
-    require_vllm("evaluation.backend")
-    if not Path(name).is_dir():
-        if name.startswith((".", "/")) or name.count("/") > 1:  # a path, not a hub id (org/name)
-            raise ValueError(f"model directory {name} does not exist: check --model or model.name_or_path")
-        if revision is not None:
-            raise ValueError(f"evaluation.backend vllm loads hub model {name} at its default revision, not {revision}: "
-                             "drop --revision (and model.revision) or pass --model a local directory")
-    return AutoTokenizer.from_pretrained(name)
-
-
 @app.command("eval")
 def eval_command(
     model: Annotated[str | None, typer.Option(help="hub id or local model directory (default: params model.name_or_path)")] = None,
@@ -104,8 +87,8 @@ def eval_command(
     """Evaluate a model on a task: accuracy, mean completion length, truncation rate."""
     # Imported here so that `resp --help` does not pay for torch and transformers.
     from resp.evaluate import evaluate_task, write_json
-    from resp.generation import SamplingSpec
-    from resp.models import load_model
+    from resp.generation import SamplingSpec, VllmEngine
+    from resp.models import check_model_ref, load_model
     from resp.tasks import load_items
 
     with user_errors():
@@ -117,15 +100,18 @@ def eval_command(
         items = load_items(task_params, split)[: limit or p.evaluation.num_items]
         name, revision = _model_ref(p, model, revision)
         backend = p.evaluation.backend
-        if backend == "vllm":
-            lm, tokenizer = None, _vllm_tokenizer(name, revision)
-        else:
-            lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device)
-        spec = SamplingSpec(temperature=temperature, top_p=p.evaluation.top_p, top_k=p.evaluation.top_k,
-                            max_new_tokens=p.evaluation.max_new_tokens)
-        started = time.perf_counter()
-        result = evaluate_task(lm, tokenizer, items, task_params.format, spec, p.evaluation.batch_size, seed,
-                               backend=backend, model_dir=name, gpu_memory_utilization=p.scale.vllm_gpu_memory_utilization)
+        with ExitStack() as stack:
+            if backend == "vllm":  # vLLM loads the weights itself (hub ids too); no Hugging Face copy
+                check_model_ref(name)
+                engine = stack.enter_context(VllmEngine(name, p.scale.vllm_gpu_memory_utilization, "evaluation.backend",
+                                                        revision))
+                lm, tokenizer = None, engine.tokenizer
+            else:
+                (lm, tokenizer), engine = load_model(name, revision, p.model.dtype, p.model.device), None
+            spec = SamplingSpec(temperature=temperature, top_p=p.evaluation.top_p, top_k=p.evaluation.top_k,
+                                max_new_tokens=p.evaluation.max_new_tokens)
+            started = time.perf_counter()
+            result = evaluate_task(lm, tokenizer, items, task_params.format, spec, p.evaluation.batch_size, seed, engine)
         seconds = time.perf_counter() - started
     correct = sum(r["correct"] for r in result["records"])
     typer.echo(f"{label} [{split}] {name}: accuracy {result['accuracy']:.4f} ({correct}/{result['n']}), "
@@ -151,10 +137,8 @@ def export_command(
 ) -> None:
     """Export a pruned model: masked (zeroed, stock shapes), compact (smaller per-layer shapes) or uniform (stock config)."""
     from resp.evaluate import masks_in_dir
-    from resp.export import check_format, export_model
-    from resp.masks import Mask
+    from resp.export import check_format, export_mask_file
     from resp.models import load_model, model_identity
-    from resp.structures import structures_for
 
     with user_errors():
         p = load_params(params, overrides)
@@ -169,13 +153,8 @@ def export_command(
         identity = model_identity(name, revision)
         lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device)
         for mask_path, target_dir, fmt in jobs:
-            pruning_mask, meta = Mask.load(mask_path)
-            s = structures_for(lm, meta.get("attention_unit", p.prune.attention_unit),
-                               meta.get("protected_layers", p.prune.protected_layers))
-            path = export_model(lm, tokenizer, pruning_mask, s, fmt, target_dir, p.export.channel_multiple,
-                                manifest_extra={"base_model": {**identity.to_dict(), "key": identity.key},
-                                                "mask_file": str(mask_path)},
-                                mask_meta=meta, model_key=identity.key)
+            path = export_mask_file(lm, tokenizer, identity, mask_path, fmt, target_dir, p.export.channel_multiple,
+                                    p.prune.attention_unit, p.prune.protected_layers)
             typer.echo(f"wrote {fmt} export to {path}")
 
 

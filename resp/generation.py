@@ -128,42 +128,65 @@ def require_vllm(backend_knob: str):
     return vllm
 
 
+class VllmEngine:
+    """One vLLM engine over a saved model directory, for any number of `generate` calls.
+
+    Starting an engine takes long on a real model, so evaluation keeps one per evaluated model
+    for all its sampling passes. For a pruned model, load a masked export (pruned units zeroed in
+    the stock shapes, so vLLM loads it like the base model). `close()` (or leaving the `with`
+    block) gives the GPU memory back to the model being pruned.
+    """
+
+    def __init__(self, model_dir: str | Path, gpu_memory_utilization: float, backend_knob: str = "generation.backend",
+                 revision: str | None = None):
+        self.vllm = require_vllm(backend_knob)
+        from transformers import AutoTokenizer, GenerationConfig
+
+        self.model_dir = str(model_dir)  # a directory, or a hub id at `revision`
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, revision=revision)
+        try:
+            generation_config = GenerationConfig.from_pretrained(self.model_dir, revision=revision)
+        except OSError:  # no generation_config.json: the tokenizer's EOS only
+            generation_config = GenerationConfig()
+        self.eos = eos_token_ids(SimpleNamespace(generation_config=generation_config), self.tokenizer)
+        # every request carries its own seed (see generate), so the engine's seed is never used
+        self.llm = self.vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, revision=revision,
+                                 tokenizer_revision=revision, gpu_memory_utilization=gpu_memory_utilization)
+
+    def generate(self, prompts: list[str], spec: SamplingSpec, seed: int) -> list[Completion]:
+        """One completion per prompt (already chat-templated). Prompt i is sampled with seed + i, so
+        a completion does not depend on how vLLM batches requests. EOS ids, the cut and the
+        decoding are those of `generate`."""
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        sampling = [self.vllm.SamplingParams(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k or -1,
+                                             max_tokens=spec.max_new_tokens, seed=seed + i, stop_token_ids=self.eos,
+                                             skip_special_tokens=False) for i in range(len(prompts))]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling)
+        results = []
+        for ids, output in zip(prompt_ids, outputs):
+            completion_ids, truncated = _cut(list(output.outputs[0].token_ids), set(self.eos))
+            body = completion_ids if truncated else completion_ids[:-1]
+            results.append(Completion(list(ids), completion_ids, self.tokenizer.decode(body, skip_special_tokens=False),
+                                      truncated))
+        log.info("vllm generated %d completions from %s", len(results), self.model_dir)
+        return results
+
+    def close(self) -> None:
+        self.llm = None
+        gc.collect()
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def generate_vllm(model_dir: str | Path, prompts: list[str], spec: SamplingSpec, seed: int,
                   gpu_memory_utilization: float, backend_knob: str = "generation.backend") -> list[Completion]:
-    """One completion per prompt (already chat-templated) with vLLM, from a saved model directory.
-
-    For a pruned model, pass a masked export (pruned units zeroed in the stock shapes, so vLLM
-    loads it like the base model). Prompt i is sampled with seed + i, so a completion does not
-    depend on how vLLM batches requests. EOS ids, the cut and the decoding are those of
-    `generate`.
-    """
-    vllm = require_vllm(backend_knob)
-    from transformers import AutoTokenizer, GenerationConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    try:
-        generation_config = GenerationConfig.from_pretrained(str(model_dir))
-    except OSError:  # no generation_config.json: the tokenizer's EOS only
-        generation_config = GenerationConfig()
-    eos = eos_token_ids(SimpleNamespace(generation_config=generation_config), tokenizer)
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    sampling = [vllm.SamplingParams(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k or -1,
-                                    max_tokens=spec.max_new_tokens, seed=seed + i, stop_token_ids=eos,
-                                    skip_special_tokens=False) for i in range(len(prompts))]
-    llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), seed=seed,
-                   gpu_memory_utilization=gpu_memory_utilization)
-    try:
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling)
-    finally:
-        del llm  # give the GPU memory back to the model being pruned
-        gc.collect()
-    results = []
-    for ids, output in zip(prompt_ids, outputs):
-        completion_ids, truncated = _cut(list(output.outputs[0].token_ids), set(eos))
-        body = completion_ids if truncated else completion_ids[:-1]
-        results.append(Completion(list(ids), completion_ids, tokenizer.decode(body, skip_special_tokens=False), truncated))
-    log.info("vllm generated %d completions from %s", len(results), model_dir)
-    return results
+    """`VllmEngine.generate` with an engine started for this call only."""
+    with VllmEngine(model_dir, gpu_memory_utilization, backend_knob) as engine:
+        return engine.generate(prompts, spec, seed)
 
 
 def generate_with_backend(backend: str, model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_size: int,

@@ -44,6 +44,12 @@ def _is_local(name_or_path: str) -> bool:
     return Path(name_or_path).exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1
 
 
+def check_model_ref(name_or_path: str) -> None:
+    """A path that is not a directory is an error; a hub id (org/name) is resolved by whoever loads it."""
+    if _is_local(name_or_path) and not Path(name_or_path).is_dir():
+        raise ModelLoadError(f"model directory {name_or_path} does not exist: check model.name_or_path")
+
+
 def content_hash(directory: str | Path) -> str:
     """sha256 over the (sorted) weight and config files of a local model directory."""
     directory = Path(directory)
@@ -61,9 +67,8 @@ def content_hash(directory: str | Path) -> str:
 
 def model_identity(name_or_path: str, revision: str | None = None) -> ModelIdentity:
     """Resolve what exactly `name_or_path` is right now (used for lineage and re-pruning)."""
+    check_model_ref(name_or_path)
     if _is_local(name_or_path):
-        if not Path(name_or_path).is_dir():
-            raise ModelLoadError(f"model directory {name_or_path} does not exist: check model.name_or_path")
         return ModelIdentity(name_or_path, None, content_hash(name_or_path))
     from huggingface_hub import HfApi
 
@@ -75,8 +80,7 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
     """Load (model, tokenizer) for pruning; the model is in eval mode on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if _is_local(name_or_path) and not Path(name_or_path).is_dir():
-        raise ModelLoadError(f"model directory {name_or_path} does not exist: check model.name_or_path")
+    check_model_ref(name_or_path)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     # A compact export (resp_manifest.json says so) carries its own modeling file: trust it, and

@@ -145,27 +145,30 @@ def prefect_api(tmp_path_factory):
 class StandInVllm:
     """A stand-in `vllm` module (the real one needs CUDA) that records what it is asked.
 
-    `reply(call, index, prompt_ids, sampling) -> token ids` scripts the output of prompt `index`
-    of the `call`-th LLM made (from 0); `on_load(model_dir)` runs in `LLM.__init__`, while the
-    model directory still exists, and what it returns is kept. `calls` holds one dict per LLM:
-    its keyword arguments ("llm"), `on_load`'s result ("loaded"), and "prompts"/"sampling" as
-    `LLM.generate` received them. `SamplingParams(**kw)` is the dict `kw`.
+    `reply(n, index, prompt_ids, sampling) -> token ids` scripts the output for prompt `index` of
+    the `n`-th `LLM.generate` call (from 0, over all LLMs); `on_load(model_dir)` runs in
+    `LLM.__init__`, while the model directory still exists, and what it returns is kept. `llms`
+    holds one dict per LLM made: its keyword arguments ("llm"), `on_load`'s result ("loaded"), and
+    "passes", one {"prompts", "sampling"} per `generate` call as received. `SamplingParams(**kw)`
+    is the dict `kw`.
     """
 
     def __init__(self, reply, on_load=None):
         from types import SimpleNamespace
 
-        self.calls: list[dict] = []
-        calls = self.calls
+        self.llms: list[dict] = []
+        llms, passes = self.llms, []
 
         class LLM:
             def __init__(self, **kwargs):
-                calls.append({"llm": kwargs, "loaded": on_load(kwargs["model"]) if on_load else None})
-                self.call = len(calls) - 1
+                self.record = {"llm": kwargs, "loaded": on_load(kwargs["model"]) if on_load else None, "passes": []}
+                llms.append(self.record)
 
             def generate(self, prompts, sampling):
-                calls[self.call].update(prompts=prompts, sampling=sampling)
-                return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=reply(self.call, i, p["prompt_token_ids"], s))])
+                n = len(passes)
+                passes.append(n)
+                self.record["passes"].append({"prompts": prompts, "sampling": sampling})
+                return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=reply(n, i, p["prompt_token_ids"], s))])
                         for i, (p, s) in enumerate(zip(prompts, sampling))]
 
         self.module = SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw)

@@ -82,9 +82,11 @@ def test_eval_with_vllm_generates_from_the_model_directory(saved_model, task_fil
                                  "--temperature", "0.6", "--seed", "4"])
     assert result.exit_code == 0, result.output
     assert f"{task_file} [test] {saved_model}: accuracy 0.3333 (1/3), mean completion {len(reply):.1f} tokens" in result.output
-    [call] = vllm.calls
-    assert call["llm"] == {"model": str(saved_model), "tokenizer": str(saved_model), "seed": 4,
-                           "gpu_memory_utilization": load_params(PARAMS).scale.vllm_gpu_memory_utilization}
+    [llm] = vllm.llms
+    assert llm["llm"] == {"model": str(saved_model), "tokenizer": str(saved_model), "revision": None,
+                          "tokenizer_revision": None,
+                          "gpu_memory_utilization": load_params(PARAMS).scale.vllm_gpu_memory_utilization}
+    [call] = llm["passes"]
     assert [(s["temperature"], s["seed"]) for s in call["sampling"]] == [(0.6, 4), (0.6, 5), (0.6, 6)]
     report = json.loads(out.read_text())
     assert report["sampling"]["backend"] == "vllm"
@@ -94,10 +96,7 @@ def test_eval_with_vllm_generates_from_the_model_directory(saved_model, task_fil
 
 @pytest.mark.parametrize("args,message", [
     ([], "error: vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set evaluation.backend: hf"),
-    (["--model", "/nonexistent"], "error: model directory /nonexistent does not exist: check --model or model.name_or_path"),
-    (["--model", "Org/Model", "--revision", "abc123"],
-     "error: evaluation.backend vllm loads hub model Org/Model at its default revision, not abc123: "
-     "drop --revision (and model.revision) or pass --model a local directory"),
+    (["--model", "/nonexistent"], "error: model directory /nonexistent does not exist: check model.name_or_path"),
 ])
 def test_eval_with_vllm_bad_input_is_one_line(args, message, task_file, stand_in_vllm, monkeypatch):
     import sys

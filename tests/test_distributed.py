@@ -184,12 +184,14 @@ def test_vllm_outputs_become_completions_like_hf(stand_in_vllm, tiny_model_dir, 
     got = generate_vllm(tiny_model_dir, prompts, spec, seed=7, gpu_memory_utilization=0.4)
 
     ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    [made] = vllm.calls
+    [llm] = vllm.llms
+    assert llm["llm"] == {"model": str(tiny_model_dir), "tokenizer": str(tiny_model_dir), "revision": None,
+                          "tokenizer_revision": None, "gpu_memory_utilization": 0.4}
+    [made] = llm["passes"]
     assert made["prompts"] == [{"prompt_token_ids": i} for i in ids]
     assert [s["seed"] for s in made["sampling"]] == [7, 8]
     assert made["sampling"][0] == {"temperature": 0.6, "top_p": 0.95, "top_k": -1, "max_tokens": 3, "seed": 7,
                                    "stop_token_ids": eos, "skip_special_tokens": False}
-    assert made["llm"]["gpu_memory_utilization"] == 0.4 and made["llm"]["model"] == str(tiny_model_dir)
     assert [(c.prompt_ids, c.completion_ids, c.truncated) for c in got] == [
         (ids[0], [40, 41, eos[0]], False), (ids[1], [43, 44, 45], True)]
     assert got[0].text == tiny_tokenizer.decode([40, 41], skip_special_tokens=False)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from resp.cli import app
 from resp.evaluate import EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, masks_in_dir, write_json
-from resp.generation import GenerationError, SamplingSpec, generate
+from resp.generation import GenerationError, SamplingSpec, VllmEngine, generate
 from resp.masks import Mask, MaskError, apply_mask, prune_step
 from resp.models import load_model, model_identity
 from resp.structures import structures_for
@@ -321,15 +321,17 @@ GONE = "vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or se
 def test_evaluate_task_with_vllm_scores_its_completions(stand_in_vllm, tiny_model_dir, tiny_tokenizer):
     """The same replies through vLLM and through `generate` give the same records and metrics."""
     scripted = ScriptedModel(tiny_tokenizer, REPLIES)
-    vllm = stand_in_vllm(lambda call, index, prompt_ids, sampling: scripted.replies[tuple(prompt_ids)][: sampling["max_tokens"]])
-    got = evaluate_task(None, tiny_tokenizer, ARITH, "gsm8k", SPEC, batch_size=2, seed=5, backend="vllm",
-                        model_dir=tiny_model_dir, gpu_memory_utilization=0.3)
+    vllm = stand_in_vllm(lambda n, index, prompt_ids, sampling: scripted.replies[tuple(prompt_ids)][: sampling["max_tokens"]])
+    with VllmEngine(tiny_model_dir, 0.3, revision="abc123") as engine:
+        got = evaluate_task(None, tiny_tokenizer, ARITH, "gsm8k", SPEC, batch_size=2, seed=5, engine=engine)
     assert got == evaluate_task(scripted, tiny_tokenizer, ARITH, "gsm8k", SPEC, batch_size=2, seed=5)
     assert [r["truncated"] for r in got["records"]] == [False, False, True]
-    [call] = vllm.calls
-    assert call["llm"] == {"model": str(tiny_model_dir), "tokenizer": str(tiny_model_dir), "seed": 5,
-                           "gpu_memory_utilization": 0.3}
+    [llm] = vllm.llms
+    assert llm["llm"] == {"model": str(tiny_model_dir), "tokenizer": str(tiny_model_dir), "revision": "abc123",
+                          "tokenizer_revision": "abc123", "gpu_memory_utilization": 0.3}
+    [call] = llm["passes"]
     assert [s["seed"] for s in call["sampling"]] == [5, 6, 7]
+    assert engine.llm is None  # closed on leaving the block
 
 
 @pytest.fixture
@@ -340,8 +342,8 @@ def vllm_params(eval_params):
 
 
 def scripted_reply(tokenizer, call: int, index: int, gold: str) -> list[int]:
-    """The `call`-th LLM's reply to item `index`: right when (index + call) % 5 == 0, no EOS
-    (truncated) when (index + call) % 4 == 3, longer for later calls."""
+    """The reply to item `index` in the `call`-th generate call: right when (index + call) % 5 == 0,
+    no EOS (truncated) when (index + call) % 4 == 3, longer for later calls."""
     answer = gold if (index + call) % 5 == 0 else "unknown"
     ids = tokenizer("<think>\n" + "ok\n" * call + f"</think>\n\nThe answer is {answer}.", add_special_tokens=False)["input_ids"]
     return ids if (index + call) % 4 == 3 else ids + [tokenizer.convert_tokens_to_ids(IM_END)]
@@ -385,23 +387,23 @@ def test_evaluate_masks_with_vllm_generates_from_each_masked_export(vllm_params,
     variants = {"dense": Mask.dense(s), **inputs["masks"]}
     assert list(results) == list(variants) == ["dense", "0.10", "0.20"]
 
-    # One LLM per variant per sampling pass: greedy, then one per seed.
+    # One LLM per variant, serving all its sampling passes: greedy, then one per seed.
     n_passes = 1 + len(SEEDS)
-    assert len(vllm.calls) == len(variants) * n_passes
+    assert [len(llm["passes"]) for llm in vllm.llms] == [n_passes] * len(variants)
     prompts = [{"prompt_token_ids": tokenizer(render_prompt(tokenizer, item.message), add_special_tokens=False)["input_ids"]}
                for item in items]
     eos = sorted({tokenizer.convert_tokens_to_ids(IM_END), tokenizer.pad_token_id})
     export_dirs = []
     for v, (label, mask) in enumerate(variants.items()):
-        calls = vllm.calls[v * n_passes:(v + 1) * n_passes]
-        export = calls[0]["loaded"]
+        llm = vllm.llms[v]
+        export = llm["loaded"]
         export_dirs.append(export["dir"])
-        assert all(c["loaded"]["dir"] == export["dir"] for c in calls)  # one export per variant
         assert (export["format"], export["mask_digest"]) == ("masked", mask.digest())
         assert torch.equal(export["heads"], mask.heads) and torch.equal(export["channels"], mask.channels)
-        for c, (temperature, seed) in zip(calls, [(0.0, SEEDS[0])] + [(ev.temperature, seed) for seed in SEEDS]):
-            assert c["llm"] == {"model": str(export["dir"]), "tokenizer": str(export["dir"]), "seed": seed,
-                                "gpu_memory_utilization": vllm_params.scale.vllm_gpu_memory_utilization}
+        assert llm["llm"] == {"model": str(export["dir"]), "tokenizer": str(export["dir"]), "revision": None,
+                              "tokenizer_revision": None,
+                              "gpu_memory_utilization": vllm_params.scale.vllm_gpu_memory_utilization}
+        for c, (temperature, seed) in zip(llm["passes"], [(0.0, SEEDS[0])] + [(ev.temperature, seed) for seed in SEEDS]):
             assert c["prompts"] == prompts
             assert c["sampling"] == [{"temperature": temperature, "top_p": ev.top_p, "top_k": ev.top_k,
                                       "max_tokens": ev.max_new_tokens, "seed": seed + i, "stop_token_ids": eos,

@@ -23,7 +23,7 @@ from resp.export.masked import masked_model
 from resp.export.slicing import ExportError
 from resp.export.uniform import layer_changes, uniform_model
 from resp.masks import Mask, check_mask_fits
-from resp.structures import Structures
+from resp.structures import Structures, structures_for
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +106,16 @@ def export_model(model, tokenizer, mask: Mask, s: Structures, fmt: str, out_dir:
     log.info("wrote %s export to %s (%d stored / %d effective parameters, %.1f MB on disk)",
              fmt, out, stored, manifest["params"]["effective"], size / 1e6)
     return out
+
+
+def export_mask_file(model, tokenizer, identity, mask_path: str | Path, fmt: str, out_dir: str | Path,
+                     channel_multiple: int, attention_unit: str, protected_layers) -> Path:
+    """`export_model` for a mask file written by pruning: the mask is checked against the base
+    model `identity` (a `resp.models.ModelIdentity`), its structures follow the mask's manifest
+    (`attention_unit`/`protected_layers` are the fallbacks), and the manifest names both."""
+    mask, meta = Mask.load(mask_path)
+    s = structures_for(model, meta.get("attention_unit", attention_unit), meta.get("protected_layers", protected_layers))
+    return export_model(model, tokenizer, mask, s, fmt, out_dir, channel_multiple,
+                        manifest_extra={"base_model": {**identity.to_dict(), "key": identity.key},
+                                        "mask_file": str(mask_path)},
+                        mask_meta=meta, model_key=identity.key)
