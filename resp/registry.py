@@ -14,12 +14,14 @@ digest; `versions_with_traces` lists the versions a trace set went into.
 
 A version is created only after its files are logged and their logged copies verified; any
 failure before that deletes the half-made run. Registering the same mask of the same base
-model with the same params again returns the existing version. This is the only module of
+model with the same params and byte-identical files again returns the existing version; if any
+file changed (a re-export, new metrics), a new version replaces it. This is the only module of
 `resp` that imports MLflow.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -207,6 +209,12 @@ def _dvc_stage(path: Path) -> dict | None:
 def _entry(role: str, artifact: str | None, path: Path | None, sha256: str | None = None, **extra) -> dict:
     return {"role": role, "artifact": artifact, "path": None if path is None else str(path),
             "sha256": sha256 or file_digest(path), **extra}
+
+
+def _artifacts_digest(entries: list[dict]) -> str:
+    """sha256 over what each file is (role, artifact name or local path) and its sha256."""
+    rows = sorted((e["role"], e["artifact"] or e["path"] or "", e["sha256"]) for e in entries)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def _log_entries(client, run_id: str, entries: list[dict]) -> None:
@@ -412,17 +420,7 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
     base = meta["model"]
     name = model_name(base, task, method)
     digest = mask.digest()
-    # params_hash names the model by path only: the base identity decides whether it is the same model
-    existing = _versions(client, f"name = '{name}' AND tags.mask_digest = '{digest}' "
-                                 f"AND tags.params_hash = '{meta['params_hash']}' AND tags.base_key = '{base['key']}'")
-    if existing:
-        log.info("%s version %s already holds mask %s of this base with these params", name, existing[-1].version,
-                 digest[:12])
-        return _info(existing[-1], created=False)
-    parent = _register_dense(client, experiment_id, base)
     label = f"{target:.2f}"
-    previous = _versions(client, f"name = '{name}' AND tags.target = '{label}'")
-    replaces = previous[-1].version if previous else None
 
     trace_entries, trace_manifests = [], []
     for i, t in enumerate(meta.get("trace_sets", [])):
@@ -451,6 +449,22 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
         numbers = _flat_numbers({k: v for k, v in result.items() if k != "target"})
         entries.append(_entry("metrics", f"metrics/{Path(metrics_path).name}", Path(metrics_path)))
 
+    # The same mask, base and params with byte-identical files is the same version. Anything else
+    # (a re-export, new metrics, new code in the manifests) is a new version replacing the old one,
+    # so that an audit of the newest version always checks the files now on disk.
+    artifacts = _artifacts_digest(entries)
+    # params_hash names the model by path only: the base identity decides whether it is the same model
+    existing = _versions(client, f"name = '{name}' AND tags.mask_digest = '{digest}' "
+                                 f"AND tags.params_hash = '{meta['params_hash']}' AND tags.base_key = '{base['key']}' "
+                                 f"AND tags.artifacts_digest = '{artifacts}'")
+    if existing:
+        log.info("%s version %s already holds mask %s of this base with these params and files", name,
+                 existing[-1].version, digest[:12])
+        return _info(existing[-1], created=False)
+    parent = _register_dense(client, experiment_id, base)
+    previous = _versions(client, f"name = '{name}' AND tags.target = '{label}'")
+    replaces = previous[-1].version if previous else None
+
     code = meta.get("code") or {}
     dvc = _dvc_stage(mask_path.parent)
     trace_sets = [{k: t.get(k) for k in ("tag", "path", "digest", "sparsity", "at_step", "n",
@@ -469,7 +483,8 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
         "base_name": str(base["name"]), "base_revision": str(base.get("revision")),
         "base_content_hash": str(base.get("content_hash")), "base_key": base["key"],
         "prompt_ids_digest": str(meta.get("prompt_ids_digest")), "params_hash": meta["params_hash"],
-        "mask_digest": digest, "trace_digests": ",".join(t["digest"] for t in trace_sets),
+        "mask_digest": digest, "artifacts_digest": artifacts,
+        "trace_digests": ",".join(t["digest"] for t in trace_sets),
         "trace_tags": ",".join(str(t["tag"]) for t in trace_sets),
         "code_commit": str(code.get("commit")), "code_dirty": str(code.get("dirty")),
         "dvc_stage": dvc["stage"] if dvc else "none", "dvc_md5": str(dvc.get("md5")) if dvc else "none",

@@ -130,7 +130,9 @@ def test_registering_again_returns_the_existing_versions(params, params_file, pr
     assert len(client.search_model_versions(f"name = '{registered['resp'][0]['name']}'")) == 2
     out = pruned["root"] / "registry" / "arith-magnitude.json"
     result = runner.invoke(app, ["register", "--task", "arith", "--method", "magnitude", "--run-dir",
-                                 str(pruned["root"] / "magnitude"), "--out", str(out), "--params", str(params_file)])
+                                 str(pruned["root"] / "magnitude"), "--out", str(out), "--params", str(params_file),
+                                 # the default metrics and exports live under flow.data_dir: none there, as at first
+                                 "--set", f"flow.data_dir={pruned['root']}"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']} "
@@ -299,3 +301,20 @@ def test_locked_sqlite_store_is_named_with_the_fix(params, pruned, tmp_path):
     finally:
         lock.rollback()
         lock.close()
+
+
+def test_changed_files_make_a_new_version_that_replaces_the_old(params, pruned, registered, client, tmp_path):
+    """Same mask, base and params but a changed file (here the metrics): a new version; the same files again: none."""
+    old = registered["resp"]
+    metrics = tmp_path / pruned["metrics"].name  # same artifact name, one more key inside
+    metrics.write_text(json.dumps({**json.loads(Path(pruned["metrics"]).read_text()), "note": "re-evaluated"}))
+    new = registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks", pruned["exports"], metrics)
+    assert [(v["target"], v["created"], v["replaces"]) for v in new] == [
+        (v["target"], True, v["version"]) for v in old]
+    assert [int(v["version"]) for v in new] == [int(old[-1]["version"]) + 1, int(old[-1]["version"]) + 2]
+    for v in new:
+        tags = client.get_model_version(v["name"], v["version"]).tags
+        assert tags["artifacts_digest"] != client.get_model_version(v["name"], v["replaces"]).tags["artifacts_digest"]
+        assert registry.audit(params, v["name"], v["version"])["problems"] == []
+    again = registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks", pruned["exports"], metrics)
+    assert [(v["version"], v["created"]) for v in again] == [(v["version"], False) for v in new]
