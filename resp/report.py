@@ -96,7 +96,14 @@ def load_metrics(metrics_dir: str | Path, tasks: list[str], methods: list[str],
         headers[task] = dense
         for method in methods:
             path = metrics_dir / task / f"{method}.json"
-            results = _read(path, task, method)["results"]
+            data = _read(path, task, method)
+            differs = sorted(k for k in set(data["evaluation"]) | set(dense["evaluation"])
+                             if data["evaluation"].get(k) != dense["evaluation"].get(k))
+            if differs:  # one table row per protocol: a different backend or sampling is not comparable
+                raise ReportError(f"metrics file {path} was evaluated with other settings than {task}/{DENSE}.json "
+                                  f"(evaluation.{', evaluation.'.join(differs)}): re-run `resp evaluate` for both "
+                                  "with the same params")
+            results = data["results"]
             missing = [_key(t) for t in targets if _key(t) not in results]
             if missing:
                 raise ReportError(f"metrics file {path} has no result at sparsity {', '.join(missing)}: "
@@ -148,7 +155,8 @@ def _protocol_line(task: str, header: dict) -> str:
     n = header["results"][DENSE]["greedy"]["n"]
     seeds = ", ".join(str(s) for s in ev["sample_seeds"])
     return (f"- {task}: first {n} items of split {header['split']} ({header['format']} format, "
-            f"{header['few_shot']}-shot), at most {ev['max_new_tokens']} new tokens; sampled at "
+            f"{header['few_shot']}-shot), at most {ev['max_new_tokens']} new tokens, generated with "
+            f"{ev['backend']}; sampled at "
             f"T={ev['temperature']}, top-p {ev['top_p']}, top-k {ev['top_k']}, mean over seeds [{seeds}].")
 
 

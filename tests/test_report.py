@@ -19,7 +19,7 @@ TASKS = ["arith", "choice"]
 METHODS = ["resp", "gisp", "magnitude"]
 TARGETS = [0.2, 0.4]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-EVALUATION = {"num_items": 500, "max_new_tokens": 96, "batch_size": 100, "temperature": 0.6, "top_p": 0.95,
+EVALUATION = {"backend": "hf", "num_items": 500, "max_new_tokens": 96, "batch_size": 100, "temperature": 0.6, "top_p": 0.95,
               "top_k": 20, "sample_seeds": [0, 1], "nll_traces": 64, "nll_batch_size": 16}
 
 # task -> method -> sparsity key -> (measured sparsity, greedy acc, sampled acc, greedy mean tokens, greedy truncation, nll)
@@ -66,8 +66,8 @@ EXPECTED_MD = """\
 
 Every method prunes the same model to each target parameter sparsity (columns); `dense` is the unpruned model. Protocol:
 
-- arith: first 500 items of split test (gsm8k format, 0-shot), at most 96 new tokens; sampled at T=0.6, top-p 0.95, top-k 20, mean over seeds [0, 1].
-- choice: first 500 items of split test (mathqa format, 0-shot), at most 96 new tokens; sampled at T=0.6, top-p 0.95, top-k 20, mean over seeds [0, 1].
+- arith: first 500 items of split test (gsm8k format, 0-shot), at most 96 new tokens, generated with hf; sampled at T=0.6, top-p 0.95, top-k 20, mean over seeds [0, 1].
+- choice: first 500 items of split test (mathqa format, 0-shot), at most 96 new tokens, generated with hf; sampled at T=0.6, top-p 0.95, top-k 20, mean over seeds [0, 1].
 
 ## Accuracy (%): greedy / sampled
 
@@ -180,6 +180,19 @@ def test_missing_metrics_file(tmp_path):
     with pytest.raises(ReportError, match="^" + re.escape(
             f"metrics file {missing} not found: evaluate gisp on choice first "
             f"(`resp evaluate --task choice ... --out {missing}`, or `dvc repro`)") + "$"):
+        write_report(metrics_dir, tmp_path / "report", TASKS, METHODS, TARGETS)
+    assert not (tmp_path / "report").exists()
+
+
+def test_methods_evaluated_under_another_protocol_are_refused(tmp_path):
+    metrics_dir = write_metrics(tmp_path / "metrics")
+    path = metrics_dir / "choice" / "gisp.json"
+    data = json.loads(path.read_text())
+    data["evaluation"] = {**data["evaluation"], "backend": "vllm", "temperature": 0.7}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReportError, match="^" + re.escape(
+            f"metrics file {path} was evaluated with other settings than choice/dense.json (evaluation.backend, "
+            "evaluation.temperature): re-run `resp evaluate` for both with the same params") + "$"):
         write_report(metrics_dir, tmp_path / "report", TASKS, METHODS, TARGETS)
     assert not (tmp_path / "report").exists()
 
