@@ -43,7 +43,6 @@ from resp.traces import file_digest
 
 log = logging.getLogger(__name__)
 
-MASK_FILE = re.compile(r"^sparsity-(\d+\.\d+)\.safetensors$")
 DIGEST = re.compile(r"^[0-9a-f]{8,64}$")
 LINEAGE = "lineage.json"
 # MLflow stores a dataset digest in 36 characters; the full sha256 goes into an input tag.
@@ -350,12 +349,13 @@ def _register_dense(client, experiment_id: str, base: dict) -> dict:
 
 
 def mask_files(masks_dir: str | Path) -> dict[float, Path]:
-    """The `sparsity-<t>.safetensors` masks in `masks_dir`, by target."""
-    masks_dir = Path(masks_dir)
-    found = {float(m.group(1)): f for f in sorted(masks_dir.glob("sparsity-*.safetensors")) if (m := MASK_FILE.match(f.name))}
-    if not found:
-        raise RegistryError(f"no masks (sparsity-*.safetensors) in {masks_dir}: run `resp prune` first")
-    return found
+    """The `sparsity-<t>.safetensors` masks in `masks_dir`, by target (`resp.evaluate.masks_in_dir`)."""
+    from resp.evaluate import EvaluationError, masks_in_dir
+
+    try:
+        return masks_in_dir(masks_dir)
+    except EvaluationError as e:
+        raise RegistryError(str(e)) from None
 
 
 def _check_trace_sets(meta: dict, mask_path: Path) -> None:
