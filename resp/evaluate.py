@@ -2,8 +2,11 @@
 models degrade on, and the decode-only NLL of the dense model's own held-out traces.
 
 `evaluate_task` samples one completion per item through the chat template with thinking on,
-checks each final answer deterministically (`resp.tasks.is_correct`), and reports accuracy,
-mean completion length (tokens, EOS included) and truncation rate, with one record per item.
+checks each final answer deterministically with both extractors of `resp.tasks` (strict: the
+answer stated after `</think>`; flexible: the last number or option), and reports
+`accuracy_strict`, `accuracy_flexible`, mean completion length (tokens, EOS included) and
+truncation rate, with one record per item (`answer_strict`, `correct_strict`,
+`answer_flexible`, `correct_flexible`). Strict is the headline number.
 `decode_only_nll` is the token-weighted mean NLL over completion tokens of a trace set (the
 loss RESP calibrates on, measured on held-out prompts). `evaluate_masks` loads a model once
 and runs all of it for the dense model and each pruned mask (method step 10), writing one
@@ -36,14 +39,15 @@ from resp.masks import Mask, MaskError, check_mask_fits
 from resp.models import load_model, model_identity
 from resp.schedule import MaskedModel
 from resp.structures import Structures, structures_for
-from resp.tasks import Item, extract_answer, is_correct, load_items, render_prompt
+from resp.tasks import EXTRACTORS, Item, extract_answer, is_correct, load_items, render_prompt
 from resp.traces import Trace, TraceSet, decode_only_batches
 
 log = logging.getLogger(__name__)
 
 DENSE = "dense"
 MASK_FILE = re.compile(r"^sparsity-(\d+\.\d+)\.safetensors$")
-SUMMARY_KEYS = ("n", "accuracy", "mean_completion_tokens", "truncation_rate")
+ACCURACY_KEYS = tuple(f"accuracy_{extractor}" for extractor in EXTRACTORS)  # accuracy_strict, accuracy_flexible
+SUMMARY_KEYS = ("n", *ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate")
 BACKEND_KNOB = "evaluation.backend"
 
 
@@ -53,7 +57,8 @@ class EvaluationError(ValueError):
 
 def evaluate_task(model, tokenizer, items: list[Item], fmt: str, spec: SamplingSpec, batch_size: int,
                   seed: int, engine: VllmEngine | None = None) -> dict:
-    """Accuracy, mean completion tokens, truncation rate and per-item records over `items`.
+    """Strict and flexible accuracy, mean completion tokens, truncation rate and per-item records
+    over `items`.
 
     With a vLLM `engine`, it generates (`model` is not used and may be None); otherwise `generate`.
     """
@@ -66,24 +71,23 @@ def evaluate_task(model, tokenizer, items: list[Item], fmt: str, spec: SamplingS
         completions = generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=f"evaluate {fmt}")
     records = []
     for item, completion in zip(items, completions):
-        records.append({
-            "id": item.id,
-            "gold": item.gold,
-            "answer": extract_answer(fmt, completion.text, item.options),
-            "correct": is_correct(fmt, completion.text, item.gold, item.options),
-            "completion_tokens": len(completion.completion_ids),
-            "truncated": completion.truncated,
-        })
+        record = {"id": item.id, "gold": item.gold}
+        for extractor in EXTRACTORS:
+            record[f"answer_{extractor}"] = extract_answer(fmt, completion.text, item.options, extractor=extractor)
+            record[f"correct_{extractor}"] = is_correct(fmt, completion.text, item.gold, item.options, extractor=extractor)
+        record.update({"completion_tokens": len(completion.completion_ids), "truncated": completion.truncated})
+        records.append(record)
     n = len(records)
     result = {
         "n": n,
-        "accuracy": sum(r["correct"] for r in records) / n,
+        **{f"accuracy_{e}": sum(r[f"correct_{e}"] for r in records) / n for e in EXTRACTORS},
         "mean_completion_tokens": sum(r["completion_tokens"] for r in records) / n,
         "truncation_rate": sum(r["truncated"] for r in records) / n,
         "records": records,
     }
-    log.info("%s: accuracy %.4f over %d items, mean completion %.1f tokens, truncation rate %.4f",
-             fmt, result["accuracy"], n, result["mean_completion_tokens"], result["truncation_rate"])
+    log.info("%s: accuracy strict %.4f / flexible %.4f over %d items, mean completion %.1f tokens, truncation rate %.4f",
+             fmt, result["accuracy_strict"], result["accuracy_flexible"], n, result["mean_completion_tokens"],
+             result["truncation_rate"])
     return result
 
 
@@ -175,15 +179,16 @@ def _evaluate_current(model, tokenizer, items: list[Item], fmt: str, ev: Evaluat
     greedy_spec = SamplingSpec(temperature=0.0, top_p=ev.top_p, top_k=ev.top_k, max_new_tokens=ev.max_new_tokens)
     sampled_spec = SamplingSpec(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k, max_new_tokens=ev.max_new_tokens)
     # Greedy decoding ignores the seed.
-    greedy = _summary(evaluate_task(model, tokenizer, items, fmt, greedy_spec, ev.batch_size, ev.sample_seeds[0], engine))
+    greedy = _summary(evaluate_task(model, tokenizer, items, fmt, greedy_spec, ev.batch_size,
+                                    ev.sample_seeds[0] if ev.sample_seeds else 0, engine))
     per_seed = [{"seed": seed, **_summary(evaluate_task(model, tokenizer, items, fmt, sampled_spec, ev.batch_size, seed,
                                                         engine))}
                 for seed in ev.sample_seeds]
-    n_seeds = len(per_seed)
-    sampled = {"accuracy": sum(r["accuracy"] for r in per_seed) / n_seeds,
-               "mean_completion_tokens": sum(r["mean_completion_tokens"] for r in per_seed) / n_seeds,
-               "truncation_rate": sum(r["truncation_rate"] for r in per_seed) / n_seeds,
-               "per_seed": per_seed}
+    sampled = None   # evaluation.sample_seeds: [] skips the sampled pass
+    if per_seed:
+        sampled = {**{key: sum(r[key] for r in per_seed) / len(per_seed)
+                      for key in (*ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate")},
+                   "per_seed": per_seed}
     nll = None
     if heldout is not None:
         nll = decode_only_nll(model, heldout, ev.nll_batch_size, tokenizer.pad_token_id, desc=f"nll {label}")
@@ -203,8 +208,6 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
     if task not in params.tasks:
         raise EvaluationError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(params.tasks)}")
     ev = params.evaluation
-    if not ev.sample_seeds:
-        raise EvaluationError("evaluation.sample_seeds is empty: give at least one seed for sampled accuracy, e.g. [0]")
     if ev.backend == "vllm":
         require_vllm(BACKEND_KNOB)  # before minutes of loading and exporting
     task_params = params.tasks[task]
@@ -224,7 +227,8 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
             check_mask_fits(mask, s, meta, identity.key)
         except MaskError as e:
             raise MaskError(f"{path}: {e}") from None
-        variants.append((f"{target:.2f}", mask, {"target": target, "mask": str(path), "mask_digest": mask.digest()}))
+        variants.append((f"{target:.2f}", mask, {"target": target, "mask": str(path), "mask_digest": mask.digest(),
+                                                 "label": meta.get("label", method)}))
 
     masked = MaskedModel(model, s, keep_dense=True)
     results = {}
@@ -236,9 +240,11 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
                                         heldout.traces if heldout else None, f"{method} {label}", engine)
         results[label] = {**about, "sparsity": mask.sparsity(s), "structure_ratio": mask.structure_ratio(s), **metrics}
         nll = metrics["nll"]["nll"] if metrics["nll"] else float("nan")
-        log.info("%s %s %s: sparsity %.4f, greedy accuracy %.4f, sampled accuracy %.4f, mean completion %.1f tokens, "
-                 "truncation %.4f, NLL %.4f (%.1f s)", task, method, label, results[label]["sparsity"],
-                 metrics["greedy"]["accuracy"], metrics["sampled"]["accuracy"],
+        sampled = metrics["sampled"] or {key: float("nan") for key in ACCURACY_KEYS}
+        log.info("%s %s %s: sparsity %.4f, accuracy strict/flexible greedy %.4f/%.4f, sampled %.4f/%.4f, "
+                 "mean completion %.1f tokens, truncation %.4f, NLL %.4f (%.1f s)", task, method, label,
+                 results[label]["sparsity"], metrics["greedy"]["accuracy_strict"], metrics["greedy"]["accuracy_flexible"],
+                 sampled["accuracy_strict"], sampled["accuracy_flexible"],
                  metrics["greedy"]["mean_completion_tokens"], metrics["greedy"]["truncation_rate"], nll,
                  time.perf_counter() - started)
 

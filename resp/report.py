@@ -4,16 +4,18 @@ model, per task and target sparsity, from the metrics files `resp.evaluate.evalu
 `write_report` reads `{metrics_dir}/{task}/{method}.json` and `{metrics_dir}/{task}/dense.json`
 and writes, each file atomically and byte-for-byte reproducible from the same inputs:
 
-- `results.md`: accuracy (greedy / sampled), completion length and truncation, measured
-  sparsity, RESP's margin over the strongest baseline, and the first sparsity at which each
-  method falls below 90% of dense accuracy;
+- `results.md`: accuracy (greedy / sampled) by the strict extractor (the answer stated after
+  `</think>`), then by the flexible one (the last number or option), completion length and
+  truncation, measured sparsity, RESP's margin over the strongest baseline, and the first
+  sparsity at which each method falls below 90% of dense accuracy;
 - `metrics.json`: the same numbers, flat, for `dvc metrics show`;
 - `plots/accuracy_{task}.csv|png` and `plots/length_{task}.csv|png`: one column (line) per
   method over target sparsity, dense as a constant column (horizontal line), for `dvc plots`.
 
-Comparisons use greedy accuracy. The strongest baseline at a sparsity is the evaluated method
+Comparisons and the accuracy plots use greedy strict accuracy. The strongest baseline at a sparsity is the evaluated method
 other than `resp` (its ablation `resp_noregen` included) with the highest greedy accuracy;
-ties go to the method listed first.
+ties go to the method listed first. Metrics files written before both extractors existed
+(a plain `accuracy`) are refused: re-run `resp evaluate`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DENSE = "dense"
 RESP = "resp"
+ACCURACY_KEYS = ("accuracy_strict", "accuracy_flexible")  # as resp.evaluate writes them
+HEADLINE = "greedy_accuracy_strict"  # the number comparisons, the 90% rule and the plots use
 RETAINED = 0.9          # "falls below 90% of dense accuracy"
 FIGSIZE = (6.4, 4.0)    # inches
 DPI = 100
@@ -53,17 +57,23 @@ def _key(target: float) -> str:
     return f"{target:.2f}"
 
 
-def _flat(result: dict) -> dict:
+def _flat(result: dict, path: Path, label: str) -> dict:
     """One evaluated model's numbers as flat fields (fractions; NLL per token or None)."""
-    greedy, sampled = result["greedy"], result["sampled"]
+    greedy, sampled = result["greedy"], result["sampled"]   # sampled: None when no seeds were sampled
+    missing = [f"{mode}.{key}" for mode, numbers in (("greedy", greedy), ("sampled", sampled or {}))
+               for key in ACCURACY_KEYS if numbers is not None and sampled is not None or mode == "greedy"
+               if key not in numbers]
+    if missing:
+        raise ReportError(f"metrics file {path} has no {', '.join(missing)} for {label} (written before strict and "
+                          "flexible accuracy were both scored): re-run `resp evaluate`")
     return {
         "sparsity": result["sparsity"],
-        "greedy_accuracy": greedy["accuracy"],
+        "greedy_accuracy_strict": greedy["accuracy_strict"],
+        "greedy_accuracy_flexible": greedy["accuracy_flexible"],
         "greedy_mean_completion_tokens": greedy["mean_completion_tokens"],
         "greedy_truncation_rate": greedy["truncation_rate"],
-        "sampled_accuracy": sampled["accuracy"],
-        "sampled_mean_completion_tokens": sampled["mean_completion_tokens"],
-        "sampled_truncation_rate": sampled["truncation_rate"],
+        **{f"sampled_{key}": (sampled or {}).get(key)
+           for key in (*ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate")},
         "nll": result["nll"]["nll"] if result["nll"] else None,
     }
 
@@ -92,7 +102,7 @@ def load_metrics(metrics_dir: str | Path, tasks: list[str], methods: list[str],
         dense = _read(path, task, DENSE)
         if DENSE not in dense["results"]:
             raise ReportError(f"metrics file {path} has no dense result: re-run `resp evaluate --dense`")
-        table[task] = {DENSE: _flat(dense["results"][DENSE])}
+        table[task] = {DENSE: _flat(dense["results"][DENSE], path, DENSE)}
         headers[task] = dense
         for method in methods:
             path = metrics_dir / task / f"{method}.json"
@@ -108,12 +118,14 @@ def load_metrics(metrics_dir: str | Path, tasks: list[str], methods: list[str],
             if missing:
                 raise ReportError(f"metrics file {path} has no result at sparsity {', '.join(missing)}: "
                                   f"re-run `resp evaluate` with the masks of every target in prune.targets")
-            table[task][method] = {_key(t): _flat(results[_key(t)]) for t in targets}
+            table[task][method] = {_key(t): _flat(results[_key(t)], path, _key(t)) for t in targets}
+            # the name a row shows (e.g. "flap (no bias)"), as the masks' manifests state it
+            headers[task].setdefault("labels", {})[method] = results[_key(targets[0])].get("label", method)
     return table, headers
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -122,30 +134,31 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _grid(table: dict, tasks: list[str], methods: list[str], targets: list[float], cell, with_dense: bool) -> list[str]:
+def _grid(table: dict, tasks: list[str], methods: list[str], targets: list[float], cell, with_dense: bool,
+          names: dict[str, str]) -> list[str]:
     header = ["method"] + [f"{task} {_key(t)}" for task in tasks for t in targets]
     rows = [[DENSE] + [cell(table[task][DENSE]) for task in tasks for _ in targets]] if with_dense else []
-    rows += [[method] + [cell(table[task][method][_key(t)]) for task in tasks for t in targets] for method in methods]
+    rows += [[names[method]] + [cell(table[task][method][_key(t)]) for task in tasks for t in targets] for method in methods]
     return _markdown_table(header, rows)
 
 
 def strongest_baseline(table: dict, task: str, methods: list[str], target: float) -> tuple[str, float] | None:
-    """(method, greedy accuracy) of the best method other than resp at `target`; None if there is none."""
+    """(method, greedy strict accuracy) of the best method other than resp at `target`; None if there is none."""
     best = None
     for method in methods:
         if method == RESP:
             continue
-        accuracy = table[task][method][_key(target)]["greedy_accuracy"]
+        accuracy = table[task][method][_key(target)][HEADLINE]
         if best is None or accuracy > best[1]:
             best = (method, accuracy)
     return best
 
 
 def first_below_dense(table: dict, task: str, method: str, targets: list[float]) -> float | None:
-    """The lowest target at which greedy accuracy < 90% of dense; None if it never does."""
-    floor = RETAINED * table[task][DENSE]["greedy_accuracy"]
+    """The lowest target at which greedy strict accuracy < 90% of dense; None if it never does."""
+    floor = RETAINED * table[task][DENSE][HEADLINE]
     for target in sorted(targets):
-        if table[task][method][_key(target)]["greedy_accuracy"] < floor:
+        if table[task][method][_key(target)][HEADLINE] < floor:
             return target
     return None
 
@@ -154,29 +167,36 @@ def _protocol_line(task: str, header: dict) -> str:
     ev = header["evaluation"]
     n = header["results"][DENSE]["greedy"]["n"]
     seeds = ", ".join(str(s) for s in ev["sample_seeds"])
+    sampling = (f"sampled at T={ev['temperature']}, top-p {ev['top_p']}, top-k {ev['top_k']}, mean over seeds [{seeds}]"
+                if seeds else "no sampled pass (evaluation.sample_seeds is empty)")
     return (f"- {task}: first {n} items of split {header['split']} ({header['format']} format, "
             f"{header['few_shot']}-shot), at most {ev['max_new_tokens']} new tokens, generated with "
-            f"{ev['backend']}; sampled at "
-            f"T={ev['temperature']}, top-p {ev['top_p']}, top-k {ev['top_k']}, mean over seeds [{seeds}].")
+            f"{ev['backend']}; {sampling}.")
 
 
 def results_markdown(table: dict, headers: dict, tasks: list[str], methods: list[str], targets: list[float]) -> str:
     targets = sorted(targets)
+    names = {m: headers[tasks[0]].get("labels", {}).get(m, m) for m in methods}
     lines = ["# Results", "",
              "Every method prunes the same model to each target parameter sparsity (columns); "
              "`dense` is the unpruned model. Protocol:", ""]
     lines += [_protocol_line(task, headers[task]) for task in tasks]
-    lines += ["", "## Accuracy (%): greedy / sampled", ""]
-    lines += _grid(table, tasks, methods, targets,
-                   lambda r: f"{_pct(r['greedy_accuracy'])} / {_pct(r['sampled_accuracy'])}", with_dense=True)
+    lines += ["", "Accuracy is scored twice, as lm-eval does: **strict** reads the answer stated after "
+              "`</think>` (a completion cut inside its thinking is wrong); **flexible** reads the last number or "
+              "option (after `</think>` if there is one, else anywhere). Comparisons below use greedy strict accuracy."]
+    for extractor in ("strict", "flexible"):
+        lines += ["", f"## Accuracy (%), {extractor}: greedy / sampled", ""]
+        lines += _grid(table, tasks, methods, targets,
+                       lambda r, e=extractor: f"{_pct(r[f'greedy_accuracy_{e}'])} / {_pct(r[f'sampled_accuracy_{e}'])}",
+                       with_dense=True, names=names)
     lines += ["", "## Mean completion length (tokens) / truncation rate (%), greedy", ""]
     lines += _grid(table, tasks, methods, targets,
                    lambda r: f"{r['greedy_mean_completion_tokens']:.1f} / {_pct(r['greedy_truncation_rate'])}",
-                   with_dense=True)
+                   with_dense=True, names=names)
     lines += ["", "## Measured parameter sparsity (%)", ""]
-    lines += _grid(table, tasks, methods, targets, lambda r: _pct(r["sparsity"]), with_dense=False)
+    lines += _grid(table, tasks, methods, targets, lambda r: _pct(r["sparsity"]), with_dense=False, names=names)
 
-    lines += ["", "## RESP against the strongest baseline (greedy accuracy, %)", "",
+    lines += ["", "## RESP against the strongest baseline (greedy strict accuracy, %)", "",
               f"The strongest baseline is the best method other than {RESP} at that sparsity "
               "(ties: the one listed first).", ""]
     if RESP not in methods or len(methods) < 2:
@@ -184,17 +204,17 @@ def results_markdown(table: dict, headers: dict, tasks: list[str], methods: list
     else:
         for task in tasks:
             for target in targets:
-                resp_accuracy = table[task][RESP][_key(target)]["greedy_accuracy"]
+                resp_accuracy = table[task][RESP][_key(target)][HEADLINE]
                 name, accuracy = strongest_baseline(table, task, methods, target)
-                lines.append(f"- {task} at {_key(target)}: {RESP} {_pct(resp_accuracy)} vs {name} {_pct(accuracy)}: "
+                lines.append(f"- {task} at {_key(target)}: {RESP} {_pct(resp_accuracy)} vs {names[name]} {_pct(accuracy)}: "
                              f"{100 * (resp_accuracy - accuracy):+.1f} points.")
 
-    lines += ["", f"## First target sparsity below {RETAINED:.0%} of dense accuracy (greedy)", ""]
-    header = ["method"] + [f"{task} (< {_pct(RETAINED * table[task][DENSE]['greedy_accuracy'])})" for task in tasks]
+    lines += ["", f"## First target sparsity below {RETAINED:.0%} of dense accuracy (greedy, strict)", ""]
+    header = ["method"] + [f"{task} (< {_pct(RETAINED * table[task][DENSE][HEADLINE])})" for task in tasks]
     rows = []
     for method in methods:
         firsts = [first_below_dense(table, task, method, targets) for task in tasks]
-        rows.append([method] + ["never" if t is None else _key(t) for t in firsts])
+        rows.append([names[method]] + ["never" if t is None else _key(t) for t in firsts])
     lines += _markdown_table(header, rows)
     return "\n".join(lines) + "\n"
 
@@ -231,7 +251,7 @@ def _plot_png(table: dict, task: str, methods: list[str], targets: list[float], 
 
 
 PLOTS = {  # name: (flat field, scale, y label)
-    "accuracy": ("greedy_accuracy", 100.0, "greedy accuracy (%)"),
+    "accuracy": (HEADLINE, 100.0, "greedy accuracy, strict (%)"),
     "length": ("greedy_mean_completion_tokens", 1.0, "mean completion length (tokens, greedy)"),
 }
 

@@ -20,10 +20,21 @@ task's train split as worked examples:
 
 With `few_shot: 0` the message is exactly `gsm8k_message(question)`. When the train split
 itself is loaded with few-shot on, its first k items (the exemplars) are left out, so no
-prompt contains its own answer.
+prompt contains its own answer. Few-shot is for evaluation only: `calibration_items` always
+gives the bare question (0-shot, method step 1), whatever `few_shot` says.
 
-Answers are checked deterministically: the final number (GSM8K, compared with
-`math_verify`) or option letter (MathQA) after the model's last `</think>`.
+Answers are checked deterministically by two extractors, as lm-eval does (method.md,
+evaluation protocol); numbers are compared with `math_verify`:
+
+- `strict`: the answer the completion *states* after its last `</think>`: the number (GSM8K)
+  or option letter (MathQA) right after the last "answer is" / "answer:" on its line, or
+  inside the last `\\boxed{...}`, whichever comes later. A MathQA value stated there selects
+  the one option holding it. A completion that opens `<think>` and never closes it was cut
+  inside its thinking and has no strict answer; one with no thinking block at all (a model
+  without thinking mode) is read whole.
+- `flexible`: the lenient rules: in the text after the last `</think>` (all of it if there is
+  none), a stated answer if any, else the last number (GSM8K) or the last option letter in
+  parentheses (MathQA, else a final number mapped to its option).
 """
 
 from __future__ import annotations
@@ -45,12 +56,16 @@ REQUIRED_KEYS = {"gsm8k": ("question", "answer"), "mathqa": ("Problem", "Rationa
                  "text": ("text",)}
 SUFFIX = {"gsm8k": ".jsonl", "mathqa": ".json", "text": ".jsonl"}
 FEW_SHOT_SPLIT = "train"
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 # A number as written in answers: optional sign (not a minus between operands, as in "37-9"),
 # optional $, thousands commas, decimals. The lookbehind keeps digits inside words/numbers out.
 NUMBER = re.compile(r"(?<![\w.])(-?)\$?(\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 FINAL_ANSWER = re.compile(r"answer is", re.IGNORECASE)
+EXTRACTORS = ("strict", "flexible")
+STATED = re.compile(r"answer\s*(?:is\s*:?|:)", re.IGNORECASE)   # strict: "The answer is 28", "Answer: (b)"
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+STATED_LETTER = re.compile(r"\s*(?:\*\*)?\s*\(?([a-e])\)?(?![a-z])", re.IGNORECASE)  # at the start of a stated answer
 OPTION_AFTER_ANSWER = re.compile(r"answer\s*(?:is)?\s*:?\s*\(?([a-e])\)?(?![a-z])", re.IGNORECASE)
 OPTION_IN_PARENS = re.compile(r"\(([a-e])\)", re.IGNORECASE)
 
@@ -188,15 +203,33 @@ def load_items(task: TaskParams, split: str) -> list[Item]:
             for item, question in targets]
 
 
+_WARNED_NO_THINKING: set[str] = set()  # chat templates already warned about (one warning per template)
+
+
 def render_prompt(tokenizer, message: str, enable_thinking: bool = True) -> str:
-    """The chat-template string for one user turn, ending where the assistant starts."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                         enable_thinking=enable_thinking, tokenize=False)
+    """The chat-template string for one user turn, ending where the assistant starts.
+
+    A template that never reads `enable_thinking` (Llama-family instruct models such as
+    SmolLM2, Qwen2) has no thinking mode: the prompt is rendered without it, and asking for
+    thinking logs one warning per template, not one per prompt.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: apply_chat_template uses "default"
+        template = template.get("default")
+    kwargs = {"add_generation_prompt": True, "tokenize": False}
+    if not isinstance(template, str) or "enable_thinking" in template:  # no template: transformers' own error
+        kwargs["enable_thinking"] = enable_thinking
+    elif enable_thinking and template not in _WARNED_NO_THINKING:
+        _WARNED_NO_THINKING.add(template)
+        log.warning("the model's chat template has no thinking mode (no enable_thinking): prompts are rendered "
+                    "without it, and completions are judged on their whole text")
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], **kwargs)
 
 
 def calibration_items(task: TaskParams, num_prompts: int, seed: int) -> list[Item]:
-    """The first `num_prompts` items of a `random.Random(seed)` shuffle of the calibration split."""
-    items = load_items(task, task.calibration_split)
+    """The first `num_prompts` items of a `random.Random(seed)` shuffle of the calibration split,
+    each message the bare question (0-shot: `few_shot` applies to evaluation only)."""
+    items = load_items(task.model_copy(update={"few_shot": 0}), task.calibration_split)
     if len(items) < num_prompts:
         raise TaskError(f"calibration needs {num_prompts} prompts but split {task.calibration_split!r} of "
                         f"{task.source} has {len(items)}; lower calibration.num_prompts")
@@ -230,23 +263,55 @@ def _option_values(options: str) -> dict[str, str]:
     return values
 
 
-def extract_answer(fmt: str, completion_text: str, options: str | None = None) -> str | None:
-    """The final answer in a completion (number without $/commas, or option letter), or None.
+def _check_extractor(extractor: str) -> None:
+    if extractor not in EXTRACTORS:
+        raise TaskError(f"extractor {extractor!r} is unknown; use strict or flexible")
 
-    MathQA: a stated option letter wins; otherwise, as a lenient judge would, a stated final
-    number that equals exactly one option's value selects that option."""
-    _check_format(fmt)
+
+def _stated(text: str) -> str | None:
+    """What follows the last "answer is"/"answer:" (to the end of its line) or the content of the
+    last `\\boxed{...}`, whichever comes later in `text`; None if there is neither."""
+    stated, boxed = list(STATED.finditer(text)), list(BOXED.finditer(text))
+    last_stated = stated[-1] if stated else None
+    last_boxed = boxed[-1] if boxed else None
+    if last_boxed is not None and (last_stated is None or last_boxed.start() > last_stated.start()):
+        return last_boxed.group(1)
+    if last_stated is None:
+        return None
+    return text[last_stated.end():].split("\n", 1)[0]
+
+
+def _option_for(number: str | None, options: str | None) -> str | None:
+    """The letter of the one option whose value is `number`; None if none or several."""
+    if number is None or options is None:
+        return None
+    hits = [letter for letter, value in _option_values(options).items() if value == number]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _strict_answer(fmt: str, completion_text: str, options: str | None) -> str | None:
+    if THINK_START in completion_text and THINK_END not in completion_text:  # cut inside its thinking
+        return None
+    stated = _stated(final_text(completion_text))
+    if stated is None:
+        return None
+    if fmt == "mathqa":
+        letter = STATED_LETTER.match(stated)
+        if letter:
+            return letter.group(1).lower()
+    number = NUMBER.search(stated)
+    number = _number(number) if number else None
+    return _option_for(number, options) if fmt == "mathqa" else number
+
+
+def _flexible_answer(fmt: str, completion_text: str, options: str | None) -> str | None:
     text = final_text(completion_text)
     if fmt == "mathqa":
         for pattern in (OPTION_AFTER_ANSWER, OPTION_IN_PARENS):
             matches = list(pattern.finditer(text))
             if matches:
                 return matches[-1].group(1).lower()
-        if options is None:
-            return None
-        number = extract_answer("gsm8k", completion_text)
-        hits = [letter for letter, value in _option_values(options).items() if number is not None and value == number]
-        return hits[0] if len(hits) == 1 else None
+        return _option_for(_flexible_answer("gsm8k", completion_text, None), options)
     stated = list(FINAL_ANSWER.finditer(text))
     if stated:
         after = NUMBER.search(text, stated[-1].end())
@@ -254,6 +319,19 @@ def extract_answer(fmt: str, completion_text: str, options: str | None = None) -
             return _number(after)
     numbers = list(NUMBER.finditer(text))
     return _number(numbers[-1]) if numbers else None
+
+
+def extract_answer(fmt: str, completion_text: str, options: str | None = None, *, extractor: str) -> str | None:
+    """The final answer in a completion (number without $/commas, or option letter), or None.
+
+    `extractor` is "strict" or "flexible" (module docstring). MathQA: a stated option letter
+    wins; otherwise, as a lenient judge would, a stated final number that equals exactly one
+    option's value selects that option."""
+    _check_format(fmt)
+    _check_extractor(extractor)
+    if extractor == "strict":
+        return _strict_answer(fmt, completion_text, options)
+    return _flexible_answer(fmt, completion_text, options)
 
 
 def _numbers_equal(gold: str, predicted: str) -> bool:
@@ -268,9 +346,10 @@ def _numbers_equal(gold: str, predicted: str) -> bool:
     return verify(gold_parsed, predicted_parsed, timeout_seconds=None)
 
 
-def is_correct(fmt: str, completion_text: str, gold: str, options: str | None = None) -> bool:
-    """Whether the completion's final answer equals `gold` (numerically for gsm8k)."""
-    predicted = extract_answer(fmt, completion_text, options)
+def is_correct(fmt: str, completion_text: str, gold: str, options: str | None = None, *, extractor: str) -> bool:
+    """Whether the completion's final answer, read by `extractor` ("strict" or "flexible"),
+    equals `gold` (numerically for gsm8k)."""
+    predicted = extract_answer(fmt, completion_text, options, extractor=extractor)
     if predicted is None:
         return False
     if fmt == "mathqa":

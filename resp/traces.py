@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 class TraceError(ValueError):
@@ -34,8 +36,8 @@ class Trace:
     completion_ids: list[int]
     text: str
     truncated: bool
-    answer: str | None = None      # extracted final answer (None: none found / not a task trace)
-    correct: bool | None = None    # against the gold answer (None: unknown)
+    answer: str | None = None      # final answer, strict extractor (None: none stated / not a task trace)
+    correct: bool | None = None    # strict answer against the gold answer (None: unknown)
 
 
 @dataclass
@@ -44,6 +46,10 @@ class TraceSet:
     manifest: dict = field(default_factory=dict)
 
     def stats(self) -> dict:
+        """Size, mean completion tokens, truncation rate, and answer_accuracy: the share of judged
+        traces whose `correct` is True. Self-generated traces are judged with the *strict*
+        extractor (`resp.tasks`): an answer counts only when stated after `</think>`, so a trace
+        cut inside its thinking is wrong, never right by a stray trailing number."""
         n = len(self.traces)
         judged = [t.correct for t in self.traces if t.correct is not None]
         return {
@@ -104,14 +110,22 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_usable(traces: TraceSet, what: str) -> None:
-    """Refuse trace sets that cannot calibrate anything."""
+def check_usable(traces: TraceSet, what: str, allow_truncated: bool = False) -> None:
+    """Refuse trace sets that cannot calibrate anything.
+
+    All-truncated traces of the dense model mean max_new_tokens is too low for the task (an
+    error, before any pruning). A pruned model that never finishes its thinking is the damage
+    the paper describes, and its cut-off traces are still its own decode-time text (method
+    step 1 keeps truncated traces): with `allow_truncated` that is a warning."""
     if not traces.traces:
         raise TraceError(f"{what}: the trace set is empty; generate traces for at least one prompt")
     if all(not t.completion_ids for t in traces.traces):
         raise TraceError(f"{what}: every trace has an empty completion; check generation.max_new_tokens")
     if all(t.truncated for t in traces.traces):
-        raise TraceError(f"{what}: all {len(traces.traces)} traces are truncated; raise generation.max_new_tokens")
+        if not allow_truncated:
+            raise TraceError(f"{what}: all {len(traces.traces)} traces are truncated; raise generation.max_new_tokens")
+        log.warning("%s: all %d traces are truncated (the pruned model does not finish within "
+                    "generation.max_new_tokens); calibrating on them as they are", what, len(traces.traces))
 
 
 def self_generated_traces(model, tokenizer, items, fmt: str, spec, batch_size: int, seed: int,
@@ -128,7 +142,8 @@ def self_generated_traces(model, tokenizer, items, fmt: str, spec, batch_size: i
                                         model_dir, gpu_memory_utilization)
     traces = [
         Trace(item.id, c.prompt_ids, c.completion_ids, c.text, c.truncated,
-              extract_answer(fmt, c.text, item.options), is_correct(fmt, c.text, item.gold, item.options))
+              extract_answer(fmt, c.text, item.options, extractor="strict"),
+              is_correct(fmt, c.text, item.gold, item.options, extractor="strict"))
         for item, c in zip(items, completions)
     ]
     sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k,
@@ -157,7 +172,10 @@ def text_traces(tokenizer, items, manifest: dict) -> TraceSet:
 
 
 def filter_traces(traces: TraceSet, rule: str, dense_answers: dict[str, str | None] | None = None) -> TraceSet:
-    """Reflection option: keep traces whose answer is correct (or agrees with the dense model's)."""
+    """Reflection option: keep traces whose answer is correct (or agrees with the dense model's).
+
+    Correctness and answers are the strict extractor's (set by `self_generated_traces`): a trace
+    without a stated answer is neither correct nor in agreement."""
     if rule == "none":
         return traces
     kept = []

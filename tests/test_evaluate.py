@@ -58,22 +58,35 @@ REPLIES = {ARITH[0].message: "<think>\n23+14=37\n37-9=28\n</think>\n\nThe answer
            ARITH[1].message: "<think>\n5+2=8\n</think>\n\nThe answer is 8.",
            ARITH[2].message: "<think>\n" + "Tom has apples and Ben has cards.\n" * 20 + "</think>\n\nThe answer is 4."}
 SPEC = SamplingSpec(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=60)
+# Cut inside its thinking after the right number: right for the flexible extractor only.
+CUT = Item("test-3", "Cal has 2 cups. He buys 3 more. How many?", "5", "", None)
+REPLIES[CUT.message] = "<think>\n" + "Cal now has 5 cups.\n" * 20 + "</think>\n\nThe answer is 5."
+
+
+def record(id, gold, strict, flexible, tokens, truncated) -> dict:
+    return {"id": id, "gold": gold, "answer_strict": strict, "correct_strict": strict == gold,
+            "answer_flexible": flexible, "correct_flexible": flexible == gold, "completion_tokens": tokens,
+            "truncated": truncated}
 
 
 def test_metrics_from_scripted_completions(tiny_tokenizer):
     model = ScriptedModel(tiny_tokenizer, REPLIES)
-    result = evaluate_task(model, tiny_tokenizer, ARITH, "gsm8k", SPEC, batch_size=2, seed=0)
+    result = evaluate_task(model, tiny_tokenizer, ARITH + [CUT], "gsm8k", SPEC, batch_size=2, seed=0)
     lengths = [len(tiny_tokenizer(REPLIES[i.message], add_special_tokens=False)["input_ids"]) + 1 for i in ARITH[:2]]
     assert result["records"] == [
-        {"id": "test-0", "gold": "28", "answer": "28", "correct": True, "completion_tokens": lengths[0], "truncated": False},
-        {"id": "test-1", "gold": "7", "answer": "8", "correct": False, "completion_tokens": lengths[1], "truncated": False},
+        record("test-0", "28", "28", "28", lengths[0], False),
+        record("test-1", "7", "8", "8", lengths[1], False),
         # cut after 60 tokens inside a thinking without numbers: no answer
-        {"id": "test-2", "gold": "4", "answer": None, "correct": False, "completion_tokens": 60, "truncated": True},
+        record("test-2", "4", None, None, 60, True),
+        # cut inside a thinking that repeats the right number: strict wrong, flexible right
+        record("test-3", "5", None, "5", 60, True),
     ]
-    assert result["n"] == 3
-    assert result["accuracy"] == pytest.approx(1 / 3)
-    assert result["mean_completion_tokens"] == pytest.approx((lengths[0] + lengths[1] + 60) / 3)
-    assert result["truncation_rate"] == pytest.approx(1 / 3)
+    assert [r["correct_flexible"] for r in result["records"]] == [True, False, False, True]
+    assert result["n"] == 4
+    assert (result["accuracy_strict"], result["accuracy_flexible"]) == (0.25, 0.5)
+    assert "accuracy" not in result
+    assert result["mean_completion_tokens"] == pytest.approx((lengths[0] + lengths[1] + 60 + 60) / 4)
+    assert result["truncation_rate"] == 0.5
 
 
 def test_mathqa_letters(tiny_tokenizer):
@@ -82,8 +95,9 @@ def test_mathqa_letters(tiny_tokenizer):
     model = ScriptedModel(tiny_tokenizer, {items[0].message: "<think>\n1+1=2\n</think>\n\nThe answer is (b).",
                                            items[1].message: "<think>\n1+1=2\n</think>\n\nThe answer is (b)."})
     result = evaluate_task(model, tiny_tokenizer, items, "mathqa", SPEC, batch_size=4, seed=0)
-    assert [(r["answer"], r["correct"]) for r in result["records"]] == [("b", True), ("b", False)]
-    assert result["accuracy"] == 0.5
+    assert [(r["answer_strict"], r["correct_strict"], r["answer_flexible"], r["correct_flexible"])
+            for r in result["records"]] == [("b", True, "b", True), ("b", False, "b", False)]
+    assert (result["accuracy_strict"], result["accuracy_flexible"]) == (0.5, 0.5)
 
 
 def test_agrees_with_generate_on_a_tiny_model(tiny_tokenizer):
@@ -221,7 +235,7 @@ def test_evaluate_masks(eval_params, evaluation_inputs, tmp_path):
     items = load_items(eval_params.tasks["arith"], "test")[: ev.num_items]
     greedy_spec = SamplingSpec(0.0, ev.top_p, ev.top_k, ev.max_new_tokens)
     sampled_spec = SamplingSpec(ev.temperature, ev.top_p, ev.top_k, ev.max_new_tokens)
-    summary = ("n", "accuracy", "mean_completion_tokens", "truncation_rate")
+    summary = ("n", "accuracy_strict", "accuracy_flexible", "mean_completion_tokens", "truncation_rate")
     for label in results:
         model, tokenizer = load_model(eval_params.model.name_or_path)
         r = results[label]
@@ -234,12 +248,14 @@ def test_evaluate_masks(eval_params, evaluation_inputs, tmp_path):
             assert r["structure_ratio"] == mask.structure_ratio(inputs["s"])
             assert (r["target"], r["mask_digest"]) == (float(label), mask.digest())
         greedy = evaluate_task(model, tokenizer, items, "gsm8k", greedy_spec, ev.batch_size, seed=0)
-        assert r["greedy"] == {k: greedy[k] for k in summary}
+        assert list(r["greedy"]) == list(summary) and r["greedy"] == {k: greedy[k] for k in summary}
         per_seed = [{"seed": seed, **{k: v for k, v in evaluate_task(model, tokenizer, items, "gsm8k", sampled_spec,
                                                                      ev.batch_size, seed).items() if k in summary}}
                     for seed in SEEDS]
         assert r["sampled"]["per_seed"] == per_seed
-        for key in ("accuracy", "mean_completion_tokens", "truncation_rate"):
+        assert list(r["sampled"]) == ["accuracy_strict", "accuracy_flexible", "mean_completion_tokens",
+                                      "truncation_rate", "per_seed"]
+        for key in ("accuracy_strict", "accuracy_flexible", "mean_completion_tokens", "truncation_rate"):
             assert r["sampled"][key] == pytest.approx((per_seed[0][key] + per_seed[1][key]) / 2)
         assert r["nll"] == decode_only_nll(model, heldout.traces[:4], 3, tokenizer.pad_token_id)
     assert results["dense"]["nll"]["n_tokens"] == sum(len(t.completion_ids) for t in heldout.traces)
@@ -272,7 +288,6 @@ def test_evaluate_masks_refuses_foreign_heldout_traces(eval_params, tmp_path):
 
 @pytest.mark.parametrize("update,masks,include_dense,message", [
     ({}, {}, False, "nothing to evaluate: give masks (--masks-dir) or include the dense model (--dense)"),
-    ({"sample_seeds": []}, {}, True, "evaluation.sample_seeds is empty: give at least one seed for sampled accuracy, e.g. [0]"),
 ])
 def test_evaluate_masks_bad_input(eval_params, tmp_path, update, masks, include_dense, message):
     params = eval_params.model_copy(update={"evaluation": eval_params.evaluation.model_copy(update=update)})
@@ -298,7 +313,7 @@ def test_cli_evaluate(eval_params, evaluation_inputs, tmp_path, monkeypatch):
     expected = tmp_path / "expected.json"
     evaluate_masks(eval_params, "arith", "dense", {}, evaluation_inputs["heldout"], expected, include_dense=True)
     assert dense_out.read_bytes() == expected.read_bytes()
-    assert result.stdout.startswith("arith dense dense: sparsity 0.0000, accuracy greedy ")
+    assert result.stdout.startswith("arith dense dense: sparsity 0.0000, accuracy strict/flexible greedy ")
     assert result.stdout.endswith(f"wrote {dense_out}\n")
 
     result = runner.invoke(app, ["evaluate", "--task", "arith", "--method", "resp", "--masks-dir",
@@ -352,7 +367,8 @@ def scripted_reply(tokenizer, call: int, index: int, gold: str) -> list[int]:
 def scripted_summary(tokenizer, call: int, golds: list[str]) -> dict:
     replies = [scripted_reply(tokenizer, call, i, gold) for i, gold in enumerate(golds)]
     n = len(golds)
-    return {"n": n, "accuracy": sum((i + call) % 5 == 0 for i in range(n)) / n,
+    accuracy = sum((i + call) % 5 == 0 for i in range(n)) / n  # every reply states its answer after </think>
+    return {"n": n, "accuracy_strict": accuracy, "accuracy_flexible": accuracy,
             "mean_completion_tokens": sum(len(r) for r in replies) / n,
             "truncation_rate": sum((i + call) % 4 == 3 for i in range(n)) / n}
 
@@ -420,7 +436,7 @@ def test_evaluate_masks_with_vllm_generates_from_each_masked_export(vllm_params,
         assert r["nll"] == decode_only_nll(fresh, heldout, ev.nll_batch_size, tokenizer.pad_token_id)
     assert len(set(export_dirs)) == len(variants)
     assert not any(d.exists() or d.parent.exists() for d in export_dirs)  # temporary directories removed
-    assert len({results[label]["greedy"]["accuracy"] for label in results}) > 1  # the script varies per call
+    assert len({results[label]["greedy"]["accuracy_strict"] for label in results}) > 1  # the script varies per call
 
 
 def test_evaluate_masks_without_vllm_says_how_to_fix_before_loading(vllm_params, monkeypatch, tmp_path):
@@ -434,3 +450,13 @@ def test_evaluate_masks_without_vllm_says_how_to_fix_before_loading(vllm_params,
     with pytest.raises(GenerationError, match="^" + re.escape(GONE) + "$"):
         evaluate_masks(vllm_params, "arith", "dense", {}, None, out, include_dense=True)
     assert not out.exists()
+
+
+def test_no_sample_seeds_skips_the_sampled_pass(eval_params, evaluation_inputs, tmp_path):
+    params = eval_params.model_copy(update={"evaluation": eval_params.evaluation.model_copy(update={"sample_seeds": []})})
+    evaluate_masks(params, "arith", "resp", {}, evaluation_inputs["heldout"], tmp_path / "none.json", include_dense=True)
+    evaluate_masks(eval_params, "arith", "resp", {}, evaluation_inputs["heldout"], tmp_path / "seeds.json", include_dense=True)
+    without = json.loads((tmp_path / "none.json").read_text())["results"]["dense"]
+    with_seeds = json.loads((tmp_path / "seeds.json").read_text())["results"]["dense"]
+    assert without["sampled"] is None and with_seeds["sampled"] is not None
+    assert without["greedy"] == with_seeds["greedy"] and without["nll"] == with_seeds["nll"]   # greedy ignores the seed

@@ -123,3 +123,98 @@ def test_verify_select_branches_and_keeps_better(tmp_path):
     assert all(d["chosen"] == "refresh" for d in decisions)
     assert [t for t, _ in fake.regens if "refresh" in t and t.startswith("milestone")] == ["milestone-0.10-refresh", "milestone-0.20-refresh"]
     assert st.saved[0.2].contains(st.saved[0.3])
+
+
+class Reflect:
+    """A world where the two verify_select branches prune differently and answer differently.
+
+    Scores depend on which traces they are computed on: the dense model's own traces
+    ("initial") make layer 0 look vital, regenerated traces make layer 1 look vital, so the
+    keep branch prunes layers 1-2 and the refresh branch prunes layers 0 and 2. Answers depend
+    on the pruned weights only: a regenerated trace set has one trace per MLP channel of
+    `judge_layer`, correct while that channel is kept, so its answer accuracy is the share of
+    that layer's channels the mask keeps.
+    """
+
+    def __init__(self, s, tmp_path, judge_layer):
+        self.s, self.tmp, self.judge = s, tmp_path, judge_layer
+        self.regens, self.scored_on = [], []
+
+    def traces(self, tag, kind, mask):
+        ts = TraceSet([Trace(f"train-{c}", [1], [2, 3], tag, False, "1", bool(kept))
+                       for c, kept in enumerate(mask.channels[self.judge].tolist())], {"tag": tag, "kind": kind})
+        path = self.tmp / f"{tag}.jsonl"
+        ts.save(path)
+        return ts, str(path)
+
+    def score(self, mask, traces):
+        self.scored_on.append(traces.manifest["tag"])
+        vital = 0 if traces.manifest["kind"] == "initial" else 1
+        g = torch.Generator().manual_seed(0)
+        att = torch.rand(self.s.num_layers, self.s.attention_units, generator=g, dtype=torch.float64)
+        ch = torch.rand(self.s.num_layers, self.s.intermediate_size, generator=g, dtype=torch.float64)
+        att[vital] += 10
+        ch[vital] += 10
+        return UnitScores(att * mask.attention_units(self.s), ch * mask.channels, 1, 2, 0.5)
+
+    def regenerate(self, mask, tag):
+        self.regens.append(tag)
+        return self.traces(tag, "regenerated", mask)
+
+    def run(self, cfg):
+        ts, path = self.traces("initial", "initial", Mask.dense(self.s))
+        return iterative_prune(self.s, cfg, PruneState(0, Mask.dense(self.s), ts, path), self.score, self.regenerate, None)
+
+
+VERIFY = ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], "none", True)
+
+
+def _digests(st, targets):
+    return [st.saved[t].digest() for t in targets]
+
+
+def test_verify_select_keeps_the_kept_traces_when_their_branch_answers_better(tmp_path):
+    """Judged on layer 0 (which only the dense traces protect), the keep branch answers better at
+    both milestones: the run continues with the dense traces and ends exactly where a run that
+    never regenerates ends. An "always refresh" implementation fails every assertion here."""
+    s = structures_for(make_qwen3(), "query_head", None)
+    fake = Reflect(s, _mk(tmp_path / "verify"), judge_layer=0)
+    st = fake.run(VERIFY)
+    decisions = [e for e in st.log if "verify_select" in e]
+    assert [d["chosen"] for d in decisions] == ["keep", "keep"]
+    for d in decisions:  # the probes answered from each branch's own pruned weights
+        assert d["verify_select"]["keep"] == 1.0 and d["verify_select"]["refresh"] < 1.0
+    assert [t for t in fake.regens if t.startswith("milestone")] == ["milestone-0.10-refresh", "milestone-0.20-refresh"]
+    # the kept branch's traces and masks are the ones continued with
+    initial_path = str(tmp_path / "verify" / "initial.jsonl")
+    assert st.traces.manifest["tag"] == "initial" and st.traces_path == initial_path
+    assert st.regenerations == 0 and st.trace_history == []
+    assert [e["traces"] for e in st.log if "step" in e] == [initial_path] * 6
+    assert st.mask.channels[0].all() and st.saved[0.3].heads[0].all()
+    plain = Reflect(s, _mk(tmp_path / "plain"), judge_layer=0).run(ScheduleConfig([0.2, 0.3], 6, [], "none", False))
+    assert _digests(st, [0.2, 0.3]) == _digests(plain, [0.2, 0.3])
+    assert st.mask.digest() == plain.mask.digest()
+
+
+def test_verify_select_refreshes_when_the_refreshed_branch_answers_better(tmp_path):
+    """Judged on layer 1 (which only regenerated traces protect), the refresh branch answers
+    better at the first milestone (strictly; the second is a tie, which goes to refresh): the
+    run ends exactly where plain progressive regeneration ends. An "always keep"
+    implementation fails here."""
+    s = structures_for(make_qwen3(), "query_head", None)
+    fake = Reflect(s, _mk(tmp_path / "verify"), judge_layer=1)
+    st = fake.run(VERIFY)
+    decisions = [e for e in st.log if "verify_select" in e]
+    assert [d["chosen"] for d in decisions] == ["refresh", "refresh"]
+    first, second = (d["verify_select"] for d in decisions)
+    assert first["refresh"] > first["keep"]
+    assert second["refresh"] == second["keep"]  # both branches hold regenerated traces by then
+    assert st.regenerations == 2 and [h["tag"] for h in st.trace_history] == ["milestone-0.10-refresh",
+                                                                               "milestone-0.20-refresh"]
+    assert st.traces.manifest["tag"] == "milestone-0.20-refresh"
+    assert st.traces_path == str(tmp_path / "verify" / "milestone-0.20-refresh.jsonl")
+    plain = Reflect(s, _mk(tmp_path / "plain"), judge_layer=1).run(
+        ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], "none", False))
+    assert _digests(st, [0.2, 0.3]) == _digests(plain, [0.2, 0.3])
+    never = Reflect(s, _mk(tmp_path / "never"), judge_layer=1).run(ScheduleConfig([0.2, 0.3], 6, [], "none", False))
+    assert _digests(st, [0.2, 0.3]) != _digests(never, [0.2, 0.3])  # the branches really differ

@@ -1,5 +1,6 @@
-"""resp.tasks: loading in the real benchmark formats, few-shot messages, seeded calibration
-selection, exact error messages, answer extraction and checking."""
+"""resp.tasks: loading in the real benchmark formats, few-shot messages (evaluation only:
+calibration is 0-shot), seeded calibration selection, exact error messages, answer extraction
+and checking with the strict and flexible extractors."""
 
 from __future__ import annotations
 
@@ -121,6 +122,29 @@ def test_calibration_selection_is_seeded(tmp_path):
         calibration_items(task(tmp_path), 21, seed=0)
 
 
+def test_calibration_is_zero_shot_while_evaluation_keeps_few_shot(gsm8k_dir):
+    """few_shot: 2 puts exemplars in front of evaluation prompts only; calibration prompts
+    (self-generated traces, regeneration, gold traces) are the bare question."""
+    fs = task(gsm8k_dir, few_shot=2)
+    calibration = calibration_items(fs, 3, seed=0)
+    order = list(range(3))
+    random.Random(0).shuffle(order)
+    # all three train items are candidates (the exemplars are not left out of 0-shot calibration)
+    assert [i.id for i in calibration] == [f"train-{k}" for k in order]
+    assert [i.message for i in calibration] == [GSM8K_TRAIN[k]["question"] for k in order]
+    zero_shot = load_items(task(gsm8k_dir), "train")
+    assert calibration == [zero_shot[k] for k in order]
+    [evaluation] = load_items(fs, "test")
+    assert evaluation.message == (
+        "Question: Tom has 3 apples. He buys 2 more. How many apples does Tom have?\n"
+        "Answer: He has 3 + 2 = 5 apples. The answer is 5.\n\n"
+        "Question: Ana has 10 pens. She loses 4. How many pens are left?\n"
+        "Answer: Losing 4 left 10 - 4 = 6 pens. The answer is 6.\n\n"
+        "Question: Mia has 1,200 coins and spends 200. How many are left?\n"
+        "Answer:")
+    assert fs.few_shot == 2  # the task params are not changed by calibration_items
+
+
 def test_render_prompt_uses_chat_template(tiny_tokenizer):
     assert render_prompt(tiny_tokenizer, "2+2?") == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
     assert render_prompt(tiny_tokenizer, "2+2?", enable_thinking=False).endswith("assistant\n<think>\n\n</think>\n\n")
@@ -188,53 +212,89 @@ def test_world_files_load_through_the_same_path():
     assert all(i.gold in "abcde" and i.message.startswith("Question: ") for i in choice)
 
 
+# (completion, strict answer, flexible answer)
 GSM8K_CASES = [
-    ("<think>\n23+14=37\n37-9=28\n</think>\n\nThe answer is 28.", "28"),
-    ("<think>\nThe answer is 3\n</think>\n\nI get 4 in the end", "4"),   # only after the last </think>
-    ("23+14=37\n37-9=28", "28"),                                         # no think block: last number
-    ("The answer is $1,250.50 in total.", "1250.50"),
-    ("The answer is -7. Then 9 more.", "-7"),                            # stated answer beats last number
-    ("so the balance is -5", "-5"),
-    ("37-9", "9"),                                                       # a minus between operands is no sign
-    ("The answer is 1,000,000", "1000000"),
-    ("no number here", None),
+    ("<think>\n23+14=37\n37-9=28\n</think>\n\nThe answer is 28.", "28", "28"),
+    ("<think>\nThe answer is 3\n</think>\n\nI get 4 in the end", None, "4"),    # only after the last </think>
+    ("<think>\n23+14=37\n37-9=28", None, "28"),           # cut inside its thinking: strict wrong, flexible right
+    ("23+14=37\n37-9=28", None, "28"),                     # no think block, nothing stated: flexible only
+    ("23+14=37\nThe answer is 28.", "28", "28"),            # no think block (no thinking mode): read whole
+    ("<think>\nx\n</think>\nThe answer is $1,250.50 in total.", "1250.50", "1250.50"),
+    ("<think>\nx\n</think>\nThe answer is -7. Then 9 more.", "-7", "-7"),   # stated answer beats last number
+    ("<think>\nx\n</think>\nso the balance is -5", None, "-5"),           # nothing stated: flexible only
+    ("<think>\nx\n</think>\n37-9", None, "9"),             # a minus between operands is no sign
+    ("<think>\nx\n</think>\nThe answer is 1,000,000", "1000000", "1000000"),
+    ("<think>\nx\n</think>\nFinal answer: 42", "42", "42"),
+    ("<think>\nx\n</think>\nSo we get $\\boxed{1,234}$.", "1234", "1234"),
+    ("<think>\nx\n</think>\nThe answer is \\boxed{18}.", "18", "18"),
+    ("<think>\nx\n</think>\nThe answer is unclear.\nMaybe 12", None, "12"),  # strict reads the stated line only
+    ("<think>\nThe answer is 5\n</think>\n", None, None),
+    ("no number here", None, None),
 ]
 MATHQA_CASES = [
-    ("<think>\n4+2=6\n</think>\n\nThe answer is (b).", "b"),
-    ("The answer is (B)", "b"),
-    ("answer c", "c"),
-    ("Answer: e", "e"),
-    ("(a) looks wrong, so (d)", "d"),
-    ("The answer is because of the rules", None),
-    ("<think>\nThe answer is (a)\n</think>\n\nnone", None),
+    ("<think>\n4+2=6\n</think>\n\nThe answer is (b).", "b", "b"),
+    ("<think>\nx\n</think>\nThe answer is (B)", "b", "b"),
+    ("<think>\nx\n</think>\nAnswer: e", "e", "e"),
+    ("<think>\nx\n</think>\nanswer c", None, "c"),       # no "is"/":": not stated for strict
+    ("<think>\nx\n</think>\n(a) looks wrong, so (d)", None, "d"),
+    ("The answer is (b).", "b", "b"),                        # no thinking block at all: read whole
+    ("<think>\nThe answer is (a)", None, "a"),               # cut inside its thinking
+    ("<think>\nx\n</think>\nThe answer is because of the rules", None, None),
+    ("<think>\nThe answer is (a)\n</think>\n\nnone", None, None),
 ]
 
 
-@pytest.mark.parametrize("text,expected", GSM8K_CASES)
-def test_extract_gsm8k(text, expected):
-    assert extract_answer("gsm8k", text) == expected
+@pytest.mark.parametrize("text,strict,flexible", GSM8K_CASES)
+def test_extract_gsm8k(text, strict, flexible):
+    assert extract_answer("gsm8k", text, extractor="strict") == strict
+    assert extract_answer("gsm8k", text, extractor="flexible") == flexible
 
 
-@pytest.mark.parametrize("text,expected", MATHQA_CASES)
-def test_extract_mathqa(text, expected):
-    assert extract_answer("mathqa", text) == expected
+@pytest.mark.parametrize("text,strict,flexible", MATHQA_CASES)
+def test_extract_mathqa(text, strict, flexible):
+    assert extract_answer("mathqa", text, extractor="strict") == strict
+    assert extract_answer("mathqa", text, extractor="flexible") == flexible
 
 
-def test_is_correct():
-    assert is_correct("gsm8k", "The answer is 1000.", "1,000")
-    assert is_correct("gsm8k", "The answer is 28.0", "28")
-    assert is_correct("gsm8k", "The answer is $18.", "18")
-    assert not is_correct("gsm8k", "The answer is 27.", "28")
-    assert not is_correct("gsm8k", "no number", "28")
-    assert is_correct("mathqa", "The answer is (B).", "b")
-    assert not is_correct("mathqa", "The answer is (c).", "b")
+def test_cut_off_thinking_strict_wrong_flexible_right():
+    cut = "<think>\nTom has 23. 23+14=37\n37-9=28"                 # max_new_tokens hit mid-thinking
+    assert not is_correct("gsm8k", cut, "28", extractor="strict")
+    assert is_correct("gsm8k", cut, "28", extractor="flexible")
+    done = cut + "\n</think>\n\nThe answer is 28."
+    assert is_correct("gsm8k", done, "28", extractor="strict") and is_correct("gsm8k", done, "28", extractor="flexible")
+    options = "a ) 12 , b ) 28 , c ) 37 , d ) 9 , e ) 5"
+    assert not is_correct("mathqa", cut, "b", options, extractor="strict")
+    assert is_correct("mathqa", cut, "b", options, extractor="flexible")   # its last number 28 is option b
+    assert is_correct("mathqa", done, "b", options, extractor="strict")
+
+
+def test_unknown_extractor():
+    with pytest.raises(TaskError, match=r"^extractor 'lenient' is unknown; use strict or flexible$"):
+        extract_answer("gsm8k", "The answer is 1.", extractor="lenient")
+
+
+@pytest.mark.parametrize("extractor", ["strict", "flexible"])
+def test_is_correct(extractor):
+    def ok(fmt, answer, gold):
+        return is_correct(fmt, "<think>\nx\n</think>\n\n" + answer, gold, extractor=extractor)
+
+    assert ok("gsm8k", "The answer is 1000.", "1,000")
+    assert ok("gsm8k", "The answer is 28.0", "28")
+    assert ok("gsm8k", "The answer is $18.", "18")
+    assert ok("gsm8k", "The answer is 0.50", ".5")              # numeric equivalence (math-verify)
+    assert not ok("gsm8k", "The answer is 27.", "28")
+    assert not ok("gsm8k", "no number", "28")
+    assert ok("mathqa", "The answer is (B).", "b")
+    assert not ok("mathqa", "The answer is (c).", "b")
     with pytest.raises(TaskError, match=r"^format 'text' has no answers to check; use gsm8k or mathqa$"):
-        is_correct("text", "anything", "")
+        is_correct("text", "anything", "", extractor=extractor)
 
 
-def test_embedded_model_style_is_scored_right():
+@pytest.mark.parametrize("extractor", ["strict", "flexible"])
+def test_embedded_model_style_is_scored_right(extractor):
     """The embedded model's own completions (resp.world) are judged correct against the gold
-    the loader reads from the same problem's GSM8K / MathQA record, and wrong against another."""
+    the loader reads from the same problem's GSM8K / MathQA record, and wrong against another,
+    by both extractors."""
     from resp.world import tasks as world
 
     rng = random.Random(0)
@@ -242,25 +302,40 @@ def test_embedded_model_style_is_scored_right():
         problem = world.make_problem(rng)
         record = world.mathqa_record(problem, rng)
         gold = world.gsm8k_record(problem)["answer"].rsplit("#### ", 1)[1]
-        assert is_correct("gsm8k", world.own_style_completion(problem), gold)
-        assert not is_correct("gsm8k", world.own_style_completion(problem), str(problem.answer + 1))
-        assert is_correct("mathqa", world.own_style_completion(problem, record["correct"]), record["correct"])
+        assert is_correct("gsm8k", world.own_style_completion(problem), gold, extractor=extractor)
+        assert not is_correct("gsm8k", world.own_style_completion(problem), str(problem.answer + 1), extractor=extractor)
+        assert is_correct("mathqa", world.own_style_completion(problem, record["correct"]), record["correct"],
+                          extractor=extractor)
         wrong = "abcde"[("abcde".index(record["correct"]) + 1) % 5]
-        assert not is_correct("mathqa", world.own_style_completion(problem, wrong), record["correct"])
+        assert not is_correct("mathqa", world.own_style_completion(problem, wrong), record["correct"], extractor=extractor)
 
 
-def test_mathqa_value_answer_selects_the_option_holding_it():
+@pytest.mark.parametrize("extractor", ["strict", "flexible"])
+def test_mathqa_value_answer_selects_the_option_holding_it(extractor):
     """A stated final number (the embedded model's value-style choice answer) selects the
     option with that value; a letter, when stated, wins; ambiguity or no match gives None."""
     options = "a ) 12 , b ) 28 , c ) 1,200 , d ) 28 , e ) 7"
-    assert extract_answer("mathqa", "<think>\n3*4=12\n</think>\n\nThe answer is 12.", options) == "a"
-    assert extract_answer("mathqa", "The answer is 1200.", options) == "c"
-    assert extract_answer("mathqa", "The answer is 28.", options) is None        # two options hold 28
-    assert extract_answer("mathqa", "The answer is 99.", options) is None
-    assert extract_answer("mathqa", "The answer is (e), i.e. 12.", options) == "e"
-    assert extract_answer("mathqa", "The answer is 12.") is None                  # no options: no mapping
-    assert is_correct("mathqa", "The answer is 7.", "e", options)
-    assert not is_correct("mathqa", "The answer is 7.", "a", options)
+    think = "<think>\n3*4=12\n</think>\n\n"
+
+    def extract(answer, opts=options):
+        return extract_answer("mathqa", think + answer, opts, extractor=extractor)
+
+    assert extract("The answer is 12.") == "a"
+    assert extract("The answer is 1200.") == "c"
+    assert extract("The answer is 28.") is None        # two options hold 28
+    assert extract("The answer is 99.") is None
+    assert extract("The answer is (e), i.e. 12.") == "e"
+    assert extract("The answer is 12.", None) is None   # no options: no mapping
+    assert is_correct("mathqa", think + "The answer is 7.", "e", options, extractor=extractor)
+    assert not is_correct("mathqa", think + "The answer is 7.", "a", options, extractor=extractor)
+
+
+def test_mathqa_value_counts_for_strict_unless_thinking_was_cut():
+    options = "a ) 12 , b ) 45 , c ) 1,200 , d ) 28 , e ) 7"
+    assert extract_answer("mathqa", "The answer is 45.", options, extractor="flexible") == "b"
+    assert extract_answer("mathqa", "The answer is 45.", options, extractor="strict") == "b"   # a model that never thinks
+    assert extract_answer("mathqa", "<think>\n40+5=45\nThe answer is 45.", options, extractor="strict") is None
+    assert extract_answer("mathqa", "<think>\n40+5=45\n</think>\n\nThe answer is 45.", options, extractor="strict") == "b"
 
 
 def test_value_style_choice_completions_are_correct():
@@ -270,4 +345,6 @@ def test_value_style_choice_completions_are_correct():
     for _ in range(200):
         problem = world.make_problem(rng)
         record = world.mathqa_record(problem, rng)
-        assert is_correct("mathqa", world.own_style_completion(problem), record["correct"], record["options"])
+        for extractor in ("strict", "flexible"):
+            assert is_correct("mathqa", world.own_style_completion(problem), record["correct"], record["options"],
+                              extractor=extractor)
