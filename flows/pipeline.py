@@ -44,8 +44,12 @@ from resp.config import FlowParams, Params, load_params
 from resp.models import model_identity
 from resp.traces import file_digest
 
-DENSE_TRACE_METHODS = ("resp", "resp_noregen")   # calibrate on the dense model's own traces
 LIBRARY = Path(resp.__file__).resolve().parent
+
+
+# Results are paths and plain data: stored as JSON, never pickles (a pickle in .prefect/results would
+# run code when a later run reads the cache).
+RESULTS = "json"
 
 
 class FlowError(ValueError):
@@ -137,7 +141,7 @@ def one_model_at_a_time() -> threading.Lock:
     return _MODEL_LOCK
 
 @task(cache_policy=cache_policy(("model", "tasks.{task}", "calibration", "generation")), persist_result=True,
-      task_run_name="traces-{task}-{split}")
+      result_serializer=RESULTS, task_run_name="traces-{task}-{split}")
 def generate_traces(params: Params, task: str, split: str, limit: int | None, out: str, model_key: str,
                     data_key: dict) -> str:
     """Sample the dense model's own reasoning traces (calibration or held-out prompts)."""
@@ -146,7 +150,7 @@ def generate_traces(params: Params, task: str, split: str, limit: int | None, ou
 
 
 @task(cache_policy=cache_policy(("model", "tasks", "prose_task", "calibration", "generation", "importance", "prune"),
-                                files=("dense_traces",)), persist_result=True,
+                                files=("dense_traces",)), persist_result=True, result_serializer=RESULTS,
       task_run_name="prune-{task}-{method}")
 def prune_method(params: Params, task: str, method: str, out_dir: str, dense_traces: str | None, model_key: str,
                  data_key: dict) -> dict[str, str]:
@@ -164,7 +168,7 @@ def _export_run_name() -> str:
 
 
 @task(cache_policy=cache_policy(("model", "prune", "export"), files=("mask",)), persist_result=True,
-      task_run_name=_export_run_name)
+      result_serializer=RESULTS, task_run_name=_export_run_name)
 def export_mask(params: Params, mask: str, formats: list[str], out_root: str, model_key: str) -> dict[str, str]:
     """Write the base model pruned by `mask` in every format to `<out_root>/<format>/`."""
     from resp.export import export_mask_file
@@ -174,7 +178,7 @@ def export_mask(params: Params, mask: str, formats: list[str], out_root: str, mo
     identity = model_identity(m.name_or_path, m.revision)
     written = {}
     with one_model_at_a_time():
-        model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device)
+        model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device, m.trust_remote_code)
         for fmt in formats:
             written[fmt] = str(export_mask_file(model, tokenizer, identity, mask, fmt, Path(out_root) / fmt,
                                                 params.export.channel_multiple, params.prune.attention_unit,
@@ -183,7 +187,7 @@ def export_mask(params: Params, mask: str, formats: list[str], out_root: str, mo
 
 
 @task(cache_policy=cache_policy(("model", "tasks.{task}", "evaluation", "prune"), files=("masks", "heldout")),
-      persist_result=True, task_run_name="evaluate-{task}-{method}")
+      persist_result=True, result_serializer=RESULTS, task_run_name="evaluate-{task}-{method}")
 def evaluate_method(params: Params, task: str, method: str, masks: dict[str, str], heldout: str | None, out: str,
                     include_dense: bool, model_key: str, data_key: dict) -> str:
     """Accuracy, length, truncation and held-out NLL under every mask (and of the dense model)."""
@@ -252,10 +256,11 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
     common = {"params": p, "model_key": identity.key}
     keys = {t: data_key(p, t) for t in p.run.tasks}
 
+    self_calibrated = {m for m in p.run.methods if p.methods[m].calibration == "self"}
     calls = {}
     for t in p.run.tasks:
         tp = p.tasks[t]
-        if set(DENSE_TRACE_METHODS) & set(p.run.methods):
+        if self_calibrated:
             calls["dense", t] = (generate_traces, {**common, "task": t, "split": tp.calibration_split, "limit": None,
                                                    "out": str(layout.dense_traces(t)), "data_key": keys[t]})
         if p.evaluation.nll_traces:
@@ -265,7 +270,7 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
     traces = _run_wave(calls, refresh)
 
     calls = {(t, m): (prune_method, {**common, "task": t, "method": m, "out_dir": str(layout.run_dir(t, m)),
-                                     "dense_traces": traces["dense", t] if m in DENSE_TRACE_METHODS else None,
+                                     "dense_traces": traces["dense", t] if m in self_calibrated else None,
                                      "data_key": keys[t]})
              for t in p.run.tasks for m in p.run.methods}
     masks = _run_wave(calls, refresh)

@@ -37,12 +37,43 @@ def main() -> None:
 
 @contextmanager
 def user_errors():
-    """Project errors subclass ValueError and carry a one-line message naming the fix."""
+    """Project errors subclass ValueError and carry a one-line message naming the fix; files that
+    cannot be read or written, and corrupt safetensors files, end in one line too."""
     try:
         yield
     except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
+        text = " ".join(str(e).split())
+        if type(e).__name__ in ("JSONDecodeError", "UnicodeDecodeError"):  # a file that was not named
+            text = f"a file this command reads is corrupt ({type(e).__name__}: {text}): re-run the step that wrote it"
+        typer.echo(f"error: {text}", err=True)
         raise typer.Exit(2) from None
+    except OSError as e:
+        if e.filename is None:
+            raise
+        typer.echo(f"error: {e.filename}: {e.strerror or type(e).__name__}: check the path and its permissions", err=True)
+        raise typer.Exit(2) from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        typer.echo(f"error: a safetensors file is truncated or corrupt ({' '.join(str(e).split())}): re-run the step "
+                   "that wrote it", err=True)
+        raise typer.Exit(2) from None
+
+
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run modeling code shipped inside the model "
+                                                                             "directory (only for models you trust; "
+                                                                             "also model.trust_remote_code)")]
+
+
+def _early_checks(p: Params, outputs: list[tuple[Path | None, str]] = ()) -> None:
+    """Before any model is loaded: the device exists, and every output path can be written."""
+    from resp.models import check_device
+    from resp.outputs import check_output
+
+    check_device(p.model.device)
+    for path, kind in outputs:
+        if path is not None:
+            check_output(path, kind)
 
 
 def _eval_task(params: Params, task: str | None, task_file: Path | None, fmt: str | None,
@@ -81,6 +112,7 @@ def eval_command(
     temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature; 0 = greedy")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed (default: first of evaluation.sample_seeds)")] = None,
     out: Annotated[Path | None, typer.Option(help="write metrics and per-item records to this JSON file")] = None,
+    trust_remote_code: TrustRemoteCode = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
@@ -94,6 +126,7 @@ def eval_command(
     with user_errors():
         p = load_params(params, overrides)
         label, task_params, split = _eval_task(p, task, task_file, task_format, split)
+        _early_checks(p, [(out, "file")])
         if seed is None and not p.evaluation.sample_seeds:
             raise ValueError("evaluation.sample_seeds is empty: pass --seed")
         seed = p.evaluation.sample_seeds[0] if seed is None else seed
@@ -107,14 +140,16 @@ def eval_command(
                                                         revision))
                 lm, tokenizer = None, engine.tokenizer
             else:
-                (lm, tokenizer), engine = load_model(name, revision, p.model.dtype, p.model.device), None
+                (lm, tokenizer), engine = load_model(name, revision, p.model.dtype, p.model.device,
+                                                     trust_remote_code or p.model.trust_remote_code), None
             spec = SamplingSpec(temperature=temperature, top_p=p.evaluation.top_p, top_k=p.evaluation.top_k,
                                 max_new_tokens=p.evaluation.max_new_tokens)
             started = time.perf_counter()
             result = evaluate_task(lm, tokenizer, items, task_params.format, spec, p.evaluation.batch_size, seed, engine)
         seconds = time.perf_counter() - started
-    correct = sum(r["correct"] for r in result["records"])
-    typer.echo(f"{label} [{split}] {name}: accuracy {result['accuracy']:.4f} ({correct}/{result['n']}), "
+    correct = sum(r["correct_strict"] for r in result["records"])
+    typer.echo(f"{label} [{split}] {name}: accuracy strict {result['accuracy_strict']:.4f} ({correct}/{result['n']}), "
+               f"flexible {result['accuracy_flexible']:.4f}, "
                f"mean completion {result['mean_completion_tokens']:.1f} tokens, "
                f"truncation rate {result['truncation_rate']:.4f}, {seconds:.1f} s")
     if out is not None:
@@ -132,12 +167,16 @@ def export_command(
     export_format: Annotated[str | None, typer.Option("--format", help="masked, compact or uniform (default: every format in export.formats)")] = None,
     model: Annotated[str | None, typer.Option(help="base model the mask was made for (default: params model.name_or_path)")] = None,
     revision: Annotated[str | None, typer.Option(help="hub revision (branch, tag or sha)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out that is not a resp export "
+                                                                "(a previous export is always replaced)")] = False,
+    trust_remote_code: TrustRemoteCode = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
     """Export a pruned model: masked (zeroed, stock shapes), compact (smaller per-layer shapes) or uniform (stock config)."""
     from resp.evaluate import masks_in_dir
-    from resp.export import check_format, export_mask_file
+    from resp.export import check_export_dir, check_format, export_mask_file
+    from resp.lineage import read_mask
     from resp.models import load_model, model_identity
 
     with user_errors():
@@ -149,12 +188,17 @@ def export_command(
             check_format(fmt)
         jobs = ([(mask, out, f) for f in formats] if mask is not None else
                 [(path, out / f"sparsity-{target:.2f}" / f, f) for target, path in masks_in_dir(masks_dir).items() for f in formats])
+        _early_checks(p)
+        for mask_path, target_dir, fmt in jobs:  # before the model is loaded: every mask reads, every --out may be written
+            read_mask(mask_path)
+            check_export_dir(target_dir, overwrite)
         name, revision = _model_ref(p, model, revision)
         identity = model_identity(name, revision)
-        lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device)
+        lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device,
+                                   trust_remote_code or p.model.trust_remote_code)
         for mask_path, target_dir, fmt in jobs:
             path = export_mask_file(lm, tokenizer, identity, mask_path, fmt, target_dir, p.export.channel_multiple,
-                                    p.prune.attention_unit, p.prune.protected_layers)
+                                    p.prune.attention_unit, p.prune.protected_layers, overwrite)
             typer.echo(f"wrote {fmt} export to {path}")
 
 
@@ -210,6 +254,10 @@ def traces_command(
         p = load_params(params, overrides)
         if task not in p.tasks:
             raise ValueError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
+        _early_checks(p, [(out, "file")])
+        if out.is_file() and not out.with_name(out.name + ".json").is_file():
+            raise ValueError(f"--out {out} exists and is not a trace set (no {out.name}.json manifest beside it): "
+                             "choose another --out; a previous trace set is replaced, other files never")
         path = make_traces(p, task, split or p.tasks[task].calibration_split, limit, out, model)
     typer.echo(f"wrote traces to {path}")
 
@@ -230,6 +278,10 @@ def prune_command(
         p = load_params(params, overrides)
         if task not in p.tasks:
             raise ValueError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
+        from resp.lineage import check_run_state
+
+        _early_checks(p, [(out, "dir")])
+        check_run_state(out)
         started = time.perf_counter()
         written = prune(p, task, method, out, str(traces) if traces else None)
     for target, path in written.items():
@@ -251,7 +303,6 @@ def evaluate_command(
     """Evaluate the dense model and/or every mask of one method: accuracy (greedy, sampled), length, truncation, NLL."""
     import json
 
-    from resp.config import METHODS
     from resp.evaluate import DENSE, evaluate_masks, masks_in_dir
 
     with user_errors():
@@ -260,15 +311,24 @@ def evaluate_command(
             raise ValueError("nothing to evaluate: give --masks-dir DIR --method NAME, and/or --dense")
         if (masks_dir is None) != (method is None):
             raise ValueError("--masks-dir and --method go together: the method names who made the masks")
-        if method is not None and method not in METHODS:
-            raise ValueError(f"method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if method is not None and method not in p.methods:
+            raise ValueError(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
+                             f"(declared: {', '.join(p.methods)})")
         masks = masks_in_dir(masks_dir) if masks_dir is not None else {}
+        from resp.lineage import read_mask
+
+        _early_checks(p, [(out, "file")])
+        for mask_path in masks.values():
+            read_mask(mask_path)
         path = evaluate_masks(p, task, method or DENSE, masks, heldout, out, include_dense=dense)
     report = json.loads(path.read_text())
     for label, r in report["results"].items():
         nll = f"{r['nll']['nll']:.4f}" if r["nll"] else "-"
-        typer.echo(f"{task} {report['method']} {label}: sparsity {r['sparsity']:.4f}, accuracy greedy "
-                   f"{r['greedy']['accuracy']:.4f} / sampled {r['sampled']['accuracy']:.4f}, mean completion "
+        sampled = (f"{r['sampled']['accuracy_strict']:.4f}/{r['sampled']['accuracy_flexible']:.4f}"
+                   if r["sampled"] else "-")
+        typer.echo(f"{task} {report['method']} {label}: sparsity {r['sparsity']:.4f}, accuracy strict/flexible greedy "
+                   f"{r['greedy']['accuracy_strict']:.4f}/{r['greedy']['accuracy_flexible']:.4f}, sampled "
+                   f"{sampled}, mean completion "
                    f"{r['greedy']['mean_completion_tokens']:.1f} tokens, truncation {r['greedy']['truncation_rate']:.4f}, NLL {nll}")
     typer.echo(f"wrote {path}")
 
@@ -285,6 +345,9 @@ def report_command(
 
     with user_errors():
         p = load_params(params, overrides)
+        from resp.outputs import check_output
+
+        check_output(out, "dir")
         written = write_report(metrics_dir, out, p.run.tasks, list(p.run.methods), p.prune.targets)
     typer.echo(f"wrote {len(written)} files to {out} (table: {out / 'results.md'})")
 
@@ -303,6 +366,7 @@ def score_command(
 
     with user_errors():
         p = load_params(params, overrides)
+        _early_checks(p, [(out, "file")])
         path = score_trace_file(p, traces, out, model)
     if path is not None:  # only rank 0 writes
         typer.echo(f"wrote scores to {path}")
@@ -350,19 +414,36 @@ def register_command(
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
-    """Register every mask of a method in the MLflow registry with its lineage (one version per sparsity)."""
+    """Register every mask of a method in the MLflow registry with its lineage (one version per sparsity).
+
+    Metrics and exports must have been computed from the masks of the run registered: given ones
+    that were not are refused; defaults (the data layout) are taken only where their mask digests match."""
+    import signal
+
     from flows.layout import Layout, existing_exports
     from resp.evaluate import write_json
+    from resp.lineage import export_digest, mask_digests, metrics_digests
+    from resp.outputs import check_output
     from resp.registry import mask_files, register_method
 
+    # a plain `kill` ends a registration like Ctrl-C: its half-made run is deleted, not left RUNNING
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with user_errors():
         p = load_params(params, overrides)
+        if out is not None:
+            check_output(out, "file")
         layout = Layout(Path(p.flow.data_dir))
         masks_dir = (run_dir or layout.run_dir(task, method)) / "masks"
-        exports = existing_exports(exports_dir or layout.method_exports(task, method), sorted(mask_files(masks_dir)),
+        digests = mask_digests(mask_files(masks_dir))
+        exports = existing_exports(exports_dir or layout.method_exports(task, method), sorted(digests),
                                    list(p.export.formats))
+        if exports_dir is None:  # derived: only the exports of these masks
+            exports = {t: kept for t, dirs in exports.items()
+                       if (kept := {f: d for f, d in dirs.items() if _derived(d, export_digest(d) == digests[t])})}
         if metrics is None and layout.metrics(task, method).is_file():
-            metrics = layout.metrics(task, method)
+            made_from = metrics_digests(layout.metrics(task, method))
+            if _derived(layout.metrics(task, method), all(made_from.get(t) == d for t, d in digests.items())):
+                metrics = layout.metrics(task, method)
         versions = register_method(p, task, method, masks_dir, exports, metrics)
     if out is not None:  # the same bytes whether this run created the versions or found them
         write_json(out, {"task": task, "method": method,
@@ -371,6 +452,12 @@ def register_command(
         typer.echo(f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']}"
                    + (f", replaces version {v['replaces']}" if v["replaces"] else "")
                    + ("" if v["created"] else " (already registered)"))
+
+
+def _derived(path: Path, matches: bool) -> bool:
+    if not matches:
+        log.warning("not registering %s with these masks: it was computed from other masks (another run)", path)
+    return matches
 
 
 @app.command("audit")
@@ -400,7 +487,7 @@ def audit_command(
         return
     for line in lineage_lines(report):
         typer.echo(line)
-    checked = len(report["checks"]) + (report["base_check"] in ("ok", "mismatch"))
+    checked = len(report["checks"]) + len(report.get("joins", [])) + (report["base_check"] in ("ok", "mismatch"))
     if report["problems"]:
         for problem in report["problems"]:
             typer.echo(f"MISMATCH {problem}")

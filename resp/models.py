@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from resp.adapters import adapter_for
+from resp.adapters import UnsupportedArchitecture, adapter_for
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,24 @@ def check_model_ref(name_or_path: str) -> None:
         raise ModelLoadError(f"model directory {name_or_path} does not exist: check model.name_or_path")
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def content_hash(directory: str | Path) -> str:
-    """sha256 over the (sorted) weight and config files of a local model directory."""
+    """sha256 over the (sorted) weight and config files of a local model directory (memoised per
+    process by the files' paths, sizes and modification times: a check and a run hash once)."""
     directory = Path(directory)
     files = sorted({f for pattern in IDENTITY_FILES for f in directory.glob(pattern)})
     if not files:
         raise ModelLoadError(f"{directory} holds no weight files (*.safetensors or *.bin): point model.name_or_path at a saved model")
+    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stamp in _HASHES:
+        return _HASHES[stamp]
+    _HASHES[stamp] = _hash_files(files)
+    return _HASHES[stamp]
+
+
+def _hash_files(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -72,31 +84,112 @@ def model_identity(name_or_path: str, revision: str | None = None) -> ModelIdent
         return ModelIdentity(name_or_path, None, content_hash(name_or_path))
     from huggingface_hub import HfApi
 
-    sha = HfApi().model_info(name_or_path, revision=revision).sha
+    try:
+        sha = HfApi().model_info(name_or_path, revision=revision).sha
+    except Exception as e:  # offline, unknown id, gated repository, bad revision
+        raise ModelLoadError(f"hub model {name_or_path!r}{f' revision {revision!r}' if revision else ''} cannot be resolved "
+                             f"({_first_line(e)}): check the id, revision and network, or download it and set "
+                             "model.name_or_path to the local directory") from None
     return ModelIdentity(name_or_path, sha, None)
 
 
-def load_model(name_or_path: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu"):
-    """Load (model, tokenizer) for pruning; the model is in eval mode on `device`."""
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before anything is loaded."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"model.device is {device} but no CUDA device is available here: set model.device=cpu")
+        index = device.split(":")[1] if ":" in device else "0"
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise ModelLoadError(f"model.device {device} names a GPU this machine does not have "
+                                 f"({torch.cuda.device_count()} visible): set model.device=cuda:0")
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError(f"model.device is {device} but MPS is not available here: set model.device=cpu")
+    elif kind != "cpu":
+        raise ModelLoadError(f"model.device {device!r} is not a device torch knows here: use cpu, cuda or cuda:N")
+
+
+def _config_json(name_or_path: str) -> dict | None:
+    path = Path(name_or_path) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}): the model directory is corrupt; re-save or re-download it") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(directory: str | Path) -> None:
+    """A local model directory must carry its tokenizer; one saved from a GGUF file often does not."""
+    directory = Path(directory)
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return
+    raise ModelLoadError(f"{directory} has no tokenizer: none of {', '.join(TOKENIZER_FILES)}; save it beside the weights "
+                         f"(from GGUF: AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name).save_pretrained('{directory}'), "
+                         "as benchmarks/real_model.py prepare does)")
+
+
+def load_model(name_or_path: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) for pruning; the model is in eval mode on `device`.
+
+    Code inside a model directory runs only with `trust_remote_code=True` (model.trust_remote_code,
+    `--trust-remote-code`); nothing in the directory can turn it on. A compact export of resp
+    (config model_type `resp_compact`) loads with resp's own copy of its modeling code, never the
+    copy in the directory. transformers is never left to ask interactively.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_ref(name_or_path)
+    check_device(device)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    # A compact export (resp_manifest.json says so) carries its own modeling file: trust it, and
-    # skip the pruning adapter, since a compact model is for inference, not for pruning again.
-    manifest = Path(name_or_path) / "resp_manifest.json"
-    compact = manifest.is_file() and json.loads(manifest.read_text()).get("format") == "compact"
-    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=compact)
-    if not compact:
-        adapter_for(config)  # fail early, naming the supported families
-    architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
-        raise ModelLoadError(f"{name_or_path} is a {architectures[0]}, not a causal language model (*ForCausalLM)")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype],
-                                                 trust_remote_code=compact)
+    local = _config_json(name_or_path) if _is_local(name_or_path) else None
+    if _is_local(name_or_path) and local is None:
+        raise ModelLoadError(f"{name_or_path} has no config.json: point model.name_or_path at a saved model directory")
+    compact = (local or {}).get("model_type") == "resp_compact"
+    try:
+        if compact:  # inference only: no pruning adapter, resp's own classes
+            from resp.export.modeling_compact import RespCompactConfig, RespCompactForCausalLM
+
+            config = RespCompactConfig.from_pretrained(name_or_path)
+            model = RespCompactForCausalLM.from_pretrained(name_or_path, config=config, dtype=DTYPES[dtype])
+        else:
+            if (local or {}).get("auto_map") and not trust_remote_code:
+                raise ModelLoadError(f"{name_or_path} ships its own modeling code (auto_map in config.json): pass "
+                                     "--trust-remote-code (model.trust_remote_code=true) only if you trust that code")
+            config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+            adapter_for(config)  # fail early, naming the supported families
+            architectures = getattr(config, "architectures", None) or []
+            if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+                raise ModelLoadError(f"{name_or_path} is a {architectures[0]}, not a causal language model (*ForCausalLM)")
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype],
+                                                         trust_remote_code=trust_remote_code)
+        if local is not None:
+            check_tokenizer_files(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (ModelLoadError, UnsupportedArchitecture):
+        raise
+    except Exception as e:  # OSError (offline hub, missing files), safetensors errors (truncated weights), ...
+        text = _first_line(e)
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(f"{name_or_path} needs its own modeling code ({text}): pass --trust-remote-code "
+                                 "(model.trust_remote_code=true) only if you trust that code") from None
+        if _is_local(name_or_path):
+            raise ModelLoadError(f"model {name_or_path} cannot be loaded ({type(e).__name__}: {text}): its files are "
+                                 "truncated or corrupt; re-save or re-download the model") from None
+        raise ModelLoadError(f"hub model {name_or_path!r} cannot be loaded ({type(e).__name__}: {text}): check the id "
+                             "and network, or download it and set model.name_or_path to the local directory") from None
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

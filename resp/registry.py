@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -36,7 +37,7 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from resp.config import METHODS, Params
+from resp.config import Params
 from resp.masks import Mask
 from resp.models import content_hash
 from resp.traces import file_digest
@@ -85,14 +86,64 @@ def _store_errors(uri: str):
         raise
 
 
-def _client(params: Params):
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other stores and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if rest in ("", ":memory:") else Path(unquote(rest))
+
+
+STORE_WAIT_S = 600.0   # a registration waits this long for another writer of the same sqlite store
+
+
+@contextmanager
+def _store_lock(uri: str):
+    """Serialise writers of one sqlite store (and its first initialisation) across processes."""
+    from resp.locking import exclusive
+
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with exclusive(db, "tracking store", "wait for the other registration to finish", wait_s=STORE_WAIT_S):
+        yield
+
+
+def _check_reachable(uri: str, timeout_s: float) -> None:
+    """Before MLflow's own retries (minutes): a sqlite file's folder exists, a server answers."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        folder = db.absolute().parent
+        if not folder.is_dir():
+            raise RegistryError(f"tracking store {uri}: folder {folder} does not exist (a mistyped path would create a "
+                                "new, empty store): fix registry.tracking_uri (or MLFLOW_TRACKING_URI) or create the folder")
+        if db.exists() and not db.is_file():
+            raise RegistryError(f"tracking store {uri}: {db} is not a file: fix registry.tracking_uri")
+        return
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import socket
+
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+                pass
+        except OSError as e:
+            reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+            raise RegistryError(f"tracking store {uri} is unreachable ({reason} within {timeout_s:g} s): start it, or set "
+                                "registry.tracking_uri (or MLFLOW_TRACKING_URI) to a reachable store") from None
+
+
+def _client(params: Params, lock: bool = True):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    uri = tracking_uri(params)
+    _check_reachable(uri, params.registry.connect_timeout_s)
     from mlflow import MlflowClient
 
-    uri = tracking_uri(params)
     try:
-        with _store_errors(uri):
+        with _store_errors(uri), (_store_lock(uri) if lock else _nothing()):
             client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             client.search_registered_models(max_results=1)  # open the store now, not halfway through a registration
     except RegistryError:
@@ -102,6 +153,11 @@ def _client(params: Params):
                             "registry.tracking_uri (or MLFLOW_TRACKING_URI) to e.g. sqlite:///mlflow.db or "
                             "http://host:5000") from None
     return client, uri
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def _experiment_id(client, params: Params) -> str:
@@ -255,11 +311,13 @@ def _discard_run(client, run) -> None:
 
 def _create_version(client, experiment_id: str, run_name: str, name: str, description: str, tags: dict,
                     entries: list[dict], generated: dict[str, bytes], lineage: dict, params_flat: dict,
-                    metrics: dict, datasets: list) -> dict:
+                    metrics: dict, datasets: list, same_as: str | None = None) -> dict:
     """Log, verify, then register. `generated` maps artifact paths to bytes written here (params.json)."""
     from mlflow.entities import Metric, Param
 
-    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, "mlflow.note.content": description})
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, "mlflow.note.content": description,
+                                                                      "resp.pid": str(os.getpid()),
+                                                                      "resp.host": socket.gethostname()})
     created_model = False
     try:
         with tempfile.TemporaryDirectory(prefix="resp-register-") as tmp:
@@ -293,8 +351,32 @@ def _create_version(client, experiment_id: str, run_name: str, name: str, descri
         if created_model:
             client.delete_registered_model(name)
         raise
+    # One version per identity, enforced: a concurrent registration of the same files (a store no
+    # lock serialises, e.g. a shared server) keeps the oldest version and withdraws the others.
+    same = _versions(client, f"name = '{name}' AND {same_as}") if same_as else []
+    if same and int(same[0].version) < int(version.version):
+        log.info("%s version %s was registered concurrently with the same files; withdrawing version %s", name,
+                 same[0].version, version.version)
+        client.delete_model_version(name, version.version)
+        _discard_run(client, run)
+        return _info(same[0], created=False)
     log.info("registered %s version %s (run %s)", name, version.version, run.info.run_id)
     return _info(version, created=True)
+
+
+def _clean_stale_runs(client, experiment_id: str) -> None:
+    """Runs left RUNNING by a registration that was killed (its process on this host is gone):
+    marked FAILED and deleted with their artifacts."""
+    from resp.locking import pid_alive
+
+    host = socket.gethostname()
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get("resp.pid", "")
+        if tags.get("resp.host") == host and pid.isdigit() and not pid_alive(int(pid)):
+            log.warning("run %s of a killed registration (pid %s) is marked failed and deleted", run.info.run_id, pid)
+            client.set_terminated(run.info.run_id, "FAILED")
+            _discard_run(client, run)
 
 
 def _dataset_inputs(trace_entries: list[dict]) -> list:
@@ -324,9 +406,11 @@ def _dataset_inputs(trace_entries: list[dict]) -> list:
 
 def register_dense(params: Params, base: dict) -> dict:
     """The dense base model as a version of `resp-{base}-dense` (one per base identity); idempotent."""
-    client, uri = _client(params)
-    with _store_errors(uri):
-        return _register_dense(client, _experiment_id(client, params), base)
+    uri = tracking_uri(params)
+    with _store_lock(uri):
+        client, uri = _client(params, lock=False)
+        with _store_errors(uri):
+            return _register_dense(client, _experiment_id(client, params), base)
 
 
 def _register_dense(client, experiment_id: str, base: dict) -> dict:
@@ -345,7 +429,7 @@ def _register_dense(client, experiment_id: str, base: dict) -> dict:
     description = f"dense base model {base['name']} ({base['key'][:12]})"
     return _create_version(client, experiment_id, f"dense-{base['key'][:12]}", name, description, tags, [],
                            {"base_model.json": json.dumps(about, indent=2, sort_keys=True).encode()},
-                           lineage, {"base_key": base["key"]}, {}, [])
+                           lineage, {"base_key": base["key"]}, {}, [], same_as=f"tags.base_key = '{base['key']}'")
 
 
 def mask_files(masks_dir: str | Path) -> dict[float, Path]:
@@ -370,11 +454,22 @@ def _check_trace_sets(meta: dict, mask_path: Path) -> None:
                                 f"{t['digest'][:12]} in {mask_path.name}.json): restore it or re-run `resp prune`")
 
 
+def _read_metrics(path) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+        if not isinstance(report.get("results"), dict):
+            raise KeyError("results")
+        return report
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise RegistryError(f"metrics file {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): pass the JSON "
+                            "written by `resp evaluate`") from None
+
+
 def _check_request(params: Params, task: str, method: str) -> None:
     if task not in params.tasks:
         raise RegistryError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(params.tasks)}")
-    if method not in METHODS:
-        raise RegistryError(f"method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if method not in params.methods:
+        raise RegistryError(f"method {method!r} is unknown; choose one of {', '.join(params.methods)}")
 
 
 def register_method(params: Params, task: str, method: str, masks_dir: str | Path,
@@ -393,25 +488,55 @@ def register_method(params: Params, task: str, method: str, masks_dir: str | Pat
     summary = Path(masks_dir).parent / "summary.json"
     if not summary.is_file():
         raise RegistryError(f"{summary} not found: it is written with the masks by `resp prune`; re-run it")
-    report = json.loads(Path(metrics).read_text()) if metrics is not None else None
+    report = _read_metrics(metrics) if metrics is not None else None
     expected_hash = params_hash(params, task)
     exports = {round(float(t), 6): v for t, v in (exports or {}).items()}
-    client, uri = _client(params)
-    with _store_errors(uri):
-        experiment_id = _experiment_id(client, params)
-        versions = []
-        for target, mask_path in sorted(masks.items()):
-            mask, meta = Mask.load(mask_path)  # refuses a mask edited after it was written
-            if meta.get("task") != task or meta.get("method") != method:
-                raise RegistryError(f"{mask_path} was made for {meta.get('task')}/{meta.get('method')}, not {task}/{method}")
-            if meta["params_hash"] != expected_hash:
-                raise RegistryError(f"{mask_path} was made with other params (params hash {meta['params_hash'][:12]} != "
-                                    f"{expected_hash[:12]} from the given params): register with the params it was made "
-                                    "with, or re-run `resp prune` (dvc repro)")
-            _check_trace_sets(meta, mask_path)
-            versions.append(_register_mask(client, experiment_id, params, mask, meta, mask_path, summary,
-                                           exports.get(round(target, 6), {}), report, metrics))
-    return versions
+    with _store_lock(tracking_uri(params)):
+        client, uri = _client(params, lock=False)
+        with _store_errors(uri):
+            experiment_id = _experiment_id(client, params)
+            _clean_stale_runs(client, experiment_id)
+            return _register_masks(client, experiment_id, params, task, method, masks, summary, exports, report,
+                                   metrics, expected_hash)
+
+
+def _register_masks(client, experiment_id, params: Params, task: str, method: str, masks: dict[float, Path],
+                    summary: Path, exports: dict, report: dict | None, metrics, expected_hash: str) -> list[dict]:
+    from resp.lineage import read_mask
+
+    checked = []
+    for target, mask_path in sorted(masks.items()):  # every mask and join checked before anything is created
+        mask, meta = read_mask(mask_path)  # refuses a mask edited after it was written
+        if meta.get("task") != task or meta.get("method") != method:
+            raise RegistryError(f"{mask_path} was made for {meta.get('task')}/{meta.get('method')}, not {task}/{method}")
+        if meta["params_hash"] != expected_hash:
+            raise RegistryError(f"{mask_path} was made with other params (params hash {meta['params_hash'][:12]} != "
+                                f"{expected_hash[:12]} from the given params): register with the params it was made "
+                                "with, or re-run `resp prune` (dvc repro)")
+        _check_trace_sets(meta, mask_path)
+        mask_exports = exports.get(round(target, 6), {})
+        _check_joins(mask.digest(), mask_path, target, mask_exports, report, metrics)
+        checked.append((mask, meta, mask_path, mask_exports))
+    return [_register_mask(client, experiment_id, params, mask, meta, mask_path, summary, mask_exports, report, metrics)
+            for mask, meta, mask_path, mask_exports in checked]
+
+
+def _check_joins(digest: str, mask_path: Path, target: float, exports: dict, report: dict | None, metrics_path) -> None:
+    """Metrics and exports given for a mask must have been computed from that mask (by digest)."""
+    from resp.lineage import export_digest
+
+    if report is not None:
+        result = report.get("results", {}).get(f"{target:.2f}")
+        if result is not None and result.get("mask_digest") != digest:
+            raise RegistryError(f"metrics file {metrics_path} (sparsity {target:.2f}) was computed from mask "
+                                f"{str(result.get('mask_digest'))[:12]}, not {mask_path} ({digest[:12]}): evaluate this "
+                                f"run (`resp evaluate --masks-dir {mask_path.parent}`) and pass that --metrics")
+    for fmt, directory in sorted(exports.items()):
+        made_from = export_digest(directory)
+        if Path(directory).is_dir() and made_from != digest:
+            raise RegistryError(f"{fmt} export {directory} was made from mask {str(made_from)[:12]}, not {mask_path} "
+                                f"({digest[:12]}): re-export this run (`resp export --masks-dir {mask_path.parent}`) "
+                                "and pass that --exports-dir")
 
 
 def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict, mask_path: Path,
@@ -498,9 +623,11 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
     description = (f"{method} on {task}: parameter sparsity {meta['sparsity']:.4f} (target {label}) "
                    f"of {base['name']} ({base['key'][:12]})")
     params_json = json.dumps(params.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+    same_as = (f"tags.mask_digest = '{digest}' AND tags.params_hash = '{meta['params_hash']}' "
+               f"AND tags.base_key = '{base['key']}' AND tags.artifacts_digest = '{artifacts}'")
     return _create_version(client, experiment_id, f"{task}-{method}-{label}", name, description, tags, entries,
                            {"params.json": params_json}, lineage, params_flat, numbers,
-                           _dataset_inputs(trace_entries))
+                           _dataset_inputs(trace_entries), same_as=same_as)
 
 
 # ---------------------------------------------------------------- queries
@@ -591,7 +718,9 @@ def audit(params: Params, name: str, version: str | int) -> dict:
                 problems.append(f"{LINEAGE} of run {mv.run_id} does not match the version's lineage_digest tag")
             lineage = json.loads(record.read_text())
             checks = [_check_file(e, root) for e in lineage.get("files", [])]
+            joins = _join_checks(lineage, checks, root)
     problems += [p for p in map(_problem, checks) if p]
+    problems += [j["problem"] for j in joins if j["problem"]]
     base = lineage["base"]
     base_check = "not checked (hub revision)" if not base.get("content_hash") else "missing"
     if base.get("content_hash") and Path(base["name"]).is_dir():
@@ -601,7 +730,47 @@ def audit(params: Params, name: str, version: str | int) -> dict:
             problems.append(f"base model {base['name']}: its content (sha256 {current[:12]}) changed since "
                             f"registration (recorded {base['content_hash'][:12]})")
     return {"name": name, "version": str(version), "run_id": mv.run_id, "tracking_uri": uri, "tags": tags,
-            "lineage": lineage, "checks": checks, "base_check": base_check, "problems": problems}
+            "lineage": lineage, "checks": checks, "joins": joins, "base_check": base_check, "problems": problems}
+
+
+def _readable(check: dict, root: Path) -> Path | None:
+    """The logged copy of a checked file when it verifies, else the local file when it does."""
+    if check["logged"] == "ok":
+        return root / check["artifact"]
+    if check["local"] == "ok":
+        return Path(check["path"])
+    return None
+
+
+def _join_checks(lineage: dict, checks: list[dict], root: Path) -> list[dict]:
+    """The metrics and every export of a pruned version must have been computed from its mask."""
+    from resp.lineage import EXPORT_MANIFEST
+
+    if lineage.get("kind") != "pruned":
+        return []
+    digest, label = lineage["mask"]["digest"], f"{float(lineage['target']):.2f}"
+    joins = []
+    for c in checks:
+        source = _readable(c, root)
+        if c["role"] == "metrics" and source is not None:
+            try:
+                made_from = json.loads(source.read_text())["results"][label].get("mask_digest")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                made_from = None
+            joins.append({"join": "metrics", "path": c["path"], "mask_digest": made_from,
+                          "problem": None if made_from == digest else
+                          f"metrics {c['path'] or c['artifact']} (sparsity {label}) were computed from mask "
+                          f"{str(made_from)[:12]}, not this version's mask {digest[:12]}"})
+        elif c["role"] == "export" and Path(c["path"] or c["artifact"]).name == EXPORT_MANIFEST and source is not None:
+            try:
+                made_from = json.loads(source.read_text()).get("mask_digest")
+            except (ValueError, AttributeError):
+                made_from = None
+            joins.append({"join": f"export {c.get('format')}", "path": c["path"], "mask_digest": made_from,
+                          "problem": None if made_from == digest else
+                          f"{c.get('format')} export {Path(c['path'] or c['artifact']).parent} was made from mask "
+                          f"{str(made_from)[:12]}, not this version's mask {digest[:12]}"})
+    return joins
 
 
 def _status(check: dict) -> str:
@@ -643,6 +812,9 @@ def lineage_lines(report: dict) -> list[str]:
         bad = [c for c in files if _problem(c)]
         state = "ok" if not bad else f"{len(bad)} of {len(files)} files do not verify"
         lines.append(f"          export {fmt} {directory} ({len(files)} files) [{state}]")
+    for j in report.get("joins", []):
+        lines.append(f"          {j['join']} made from mask {str(j['mask_digest'])[:16]} "
+                     f"[{'ok' if not j['problem'] else 'not this version' + chr(39) + 's mask'}]")
     code = lin.get("code") or {}
     dvc = lin.get("dvc")
     lines.append(f"params sha256 {lin['params_hash'][:16]}, code {code.get('commit')} (dirty: {code.get('dirty')}), "

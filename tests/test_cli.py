@@ -55,7 +55,7 @@ def test_eval_writes_what_evaluate_task_computes(saved_model, task_file, tmp_pat
                                  "--out", str(out), "--params", str(PARAMS), "--set", "evaluation.max_new_tokens=5",
                                  "--set", "evaluation.batch_size=2", "--set", "model.device=cpu"])
     assert result.exit_code == 0, result.output
-    assert f"{task_file} [test] {saved_model}: accuracy 0.0000 (0/3), mean completion" in result.output
+    assert f"{task_file} [test] {saved_model}: accuracy strict 0.0000 (0/3), flexible " in result.output
     report = json.loads(out.read_text())
     assert {k: report[k] for k in ("model", "revision", "task", "format", "split", "sampling")} == {
         "model": str(saved_model), "revision": None, "task": str(task_file), "format": "gsm8k", "split": "test",
@@ -81,7 +81,7 @@ def test_eval_with_vllm_generates_from_the_model_directory(saved_model, task_fil
                                  "--out", str(out), "--params", str(PARAMS), "--set", "evaluation.backend=vllm",
                                  "--temperature", "0.6", "--seed", "4"])
     assert result.exit_code == 0, result.output
-    assert f"{task_file} [test] {saved_model}: accuracy 0.3333 (1/3), mean completion {len(reply):.1f} tokens" in result.output
+    assert f"{task_file} [test] {saved_model}: accuracy strict 0.3333 (1/3), flexible 0.3333, mean completion {len(reply):.1f} tokens" in result.output
     [llm] = vllm.llms
     assert llm["llm"] == {"model": str(saved_model), "tokenizer": str(saved_model), "revision": None,
                           "tokenizer_revision": None,
@@ -90,7 +90,7 @@ def test_eval_with_vllm_generates_from_the_model_directory(saved_model, task_fil
     assert [(s["temperature"], s["seed"]) for s in call["sampling"]] == [(0.6, 4), (0.6, 5), (0.6, 6)]
     report = json.loads(out.read_text())
     assert report["sampling"]["backend"] == "vllm"
-    assert [(r["gold"], r["answer"], r["correct"], r["completion_tokens"]) for r in report["records"]] == [
+    assert [(r["gold"], r["answer_strict"], r["correct_strict"], r["completion_tokens"]) for r in report["records"]] == [
         ("3", "12", False, len(reply)), ("12", "12", True, len(reply)), ("7", "12", False, len(reply))]
 
 
@@ -114,7 +114,7 @@ def test_eval_named_task_with_limit(saved_model, monkeypatch):
     result = runner.invoke(app, ["eval", "--model", str(saved_model), "--task", "arith", "--limit", "2",
                                  "--set", "evaluation.max_new_tokens=3", "--set", "model.device=cpu"])
     assert result.exit_code == 0, result.output
-    assert f"arith [test] {saved_model}: accuracy 0.0000 (0/2)" in result.output
+    assert f"arith [test] {saved_model}: accuracy strict 0.0000 (0/2)" in result.output
 
 
 @pytest.mark.parametrize("args,message", [

@@ -16,15 +16,16 @@ def test_every_shipped_params_file_validates(path):
 
 
 def test_overrides_apply_and_are_validated():
-    p = load_params(ROOT / "params.yaml", ["prune.targets=[0.25]", "model.device=cuda"])
+    p = load_params(ROOT / "params.yaml", ["prune.targets=[0.25]", "prune.milestones=[0.1]", "model.device=cuda"])
     assert p.prune.targets == [0.25] and p.model.device == "cuda"
+    assert (p.model.trust_remote_code, p.registry.connect_timeout_s) == (False, 5)
 
 
 def test_every_error_is_reported_at_once():
     with pytest.raises(ParamsError) as e:
         load_params(ROOT / "params.yaml", ["prune.targets=[0.2,1.2]", "prune.bogus=1", "prune.attention_unit=rows"])
     message = str(e.value)
-    assert "prune.targets: Value error, sparsity 1.2 is outside [0, 1): use a fraction such as 0.4" in message
+    assert "prune.targets: Value error, sparsity 1.2 is outside (0, 1): use a fraction such as 0.4" in message
     assert "prune.bogus: Extra inputs are not permitted" in message
     assert "prune.attention_unit: Input should be 'query_head' or 'kv_group'" in message
     assert "\n" not in message
@@ -45,3 +46,35 @@ def test_bad_files_and_overrides(tmp_path):
         load_params(ROOT / "params.yaml", ["schedule.cron=*/5 * * * *"])
     with pytest.raises(ParamsError, match=r"run.tasks/prose_task name unknown tasks \['nope'\]"):
         load_params(ROOT / "params.yaml", ["run.tasks=[nope]"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["prune.targets=[0.0,0.2]"], "prune.targets: Value error, sparsity 0.0 is outside (0, 1): use a fraction such as 0.4"),
+    (["prune.targets=[0.2,0.2,0.5]"], "prune.targets: Value error, [0.2, 0.2, 0.5] repeats a value: list each sparsity once"),
+    (["prune.milestones=[0.1,0.1]"], "prune.milestones: Value error, [0.1, 0.1] repeats a value: list each sparsity once"),
+    (["prune.milestones=[0.3,0.1]"], "prune.milestones: Value error, [0.3, 0.1] must be sorted ascending"),
+    (["prune.milestones=[0.1,0.5]"], "prune: Value error, milestones [0.5] are not below the last target 0.5: a milestone "
+                                     "there never triggers (no scoring step follows the last prune); drop them"),
+    (["prune.targets=[0.2,0.3]"], "prune: Value error, milestones [0.3, 0.4] are not below the last target 0.3"),
+    (["registry.connect_timeout_s=11"], "registry.connect_timeout_s: Input should be less than or equal to 10"),
+])
+def test_schedule_and_knob_validation(overrides, message):
+    """Issue 13: targets in (0, 1), unique and sorted; milestones unique, sorted, below the last target."""
+    with pytest.raises(ParamsError) as e:
+        load_params(ROOT / "params.yaml", overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreadable_params_and_empty_override_keys(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ParamsError, match=r"latin.yaml is not UTF-8 text \(byte 0xe9 at offset 5\): save it as UTF-8$"):
+        load_params(latin)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n")
+    with pytest.raises(ParamsError, match=r"list.yaml does not hold a mapping of sections"):
+        load_params(listing)
+    for item in ("=1", "prune.=1", ".steps=1"):
+        with pytest.raises(ParamsError, match=rf"^override '{item}' has an empty key part before '=': write "
+                                              r"section.key=value, e.g. prune.steps=10$"):
+            load_params(ROOT / "params.yaml", [item])

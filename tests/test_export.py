@@ -326,3 +326,44 @@ def test_cli_export_writes_the_manifest_and_refuses_a_foreign_mask(tiny_tokenize
     result = CliRunner().invoke(app, [*args[:2], str(foreign), *args[3:]])
     assert result.exit_code == 2
     assert "error: mask was made for model ffffffffffffffff, not this model" in result.output
+
+
+def test_cli_export_never_deletes_what_it_did_not_write(tiny_tokenizer, tmp_path):
+    """Issue 13, worst case 1: `--out` on a non-empty directory of user files was moved to DIR.old and
+    deleted (exit 0). Now it is refused before the model loads, unless --overwrite; a previous export
+    (recognised by its manifest) is replaced; `--out` on a file is one line and leaves nothing behind."""
+    base = make_qwen3()
+    model_dir = tmp_path / "model"
+    base.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    s = structures_for(base, "query_head", [])
+    mask_path = uneven_mask(s).save(tmp_path / "mask.safetensors", {"model": {"key": model_identity(str(model_dir)).key},
+                                                                     "protected_layers": []})
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    args = ["export", "--mask", str(mask_path), "--model", str(model_dir), "--format", "masked", "--out", str(out),
+            "--params", str(PARAMS)]
+    result = CliRunner().invoke(app, args)
+    assert (result.exit_code, result.output) == (2, f"error: --out {out} is not empty and holds no {MANIFEST} (it is not "
+                                                    "a resp export): choose a new or empty directory, or pass --overwrite "
+                                                    "to replace its contents\n")
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"] and (out / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.safetensors", "mask.safetensors.json", "model", "work"]
+
+    export = tmp_path / "export"
+    assert CliRunner().invoke(app, [*args[:-3], str(export), *args[-2:]]).exit_code == 0
+    (export / "note.txt").write_text("kept?")            # a previous export is replaced as a whole, without --overwrite
+    result = CliRunner().invoke(app, [*args[:-3], str(export), *args[-2:]])
+    assert result.exit_code == 0, result.output
+    assert not (export / "note.txt").exists() and (export / MANIFEST).is_file()
+
+    result = CliRunner().invoke(app, [*args, "--overwrite"])   # explicit: the user's directory is replaced
+    assert result.exit_code == 0, result.output
+    assert not (out / "thesis.tex").exists() and (out / MANIFEST).is_file()
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(app, [*args[:-3], str(PARAMS), *args[-2:]])
+    assert (result.exit_code, result.output) == (2, f"error: --out {PARAMS} is a file, not a directory: give a directory path\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and PARAMS.is_file()
+    assert not list(PARAMS.parent.glob(f".{PARAMS.name}*")) and not PARAMS.with_name(PARAMS.name + ".old").exists()

@@ -106,6 +106,10 @@ def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, t
                                                                                          ("0.20", True, None)]
     masks = first["masks"]["arith/resp"]
     assert sorted(masks) == ["0.10", "0.20"] and all(Path(p).is_file() for p in masks.values())
+    # cached results are JSON (paths and plain data), never pickles that would run code when read back
+    stored = [json.loads(f.read_text()) for f in (tmp_path / "run" / "results").iterdir() if f.is_file()]
+    assert len(stored) == 7 and {r["metadata"]["serializer"]["type"] for r in stored} == {"json"}
+    assert any(json.loads(r["result"]) == masks for r in stored)
 
     calls.clear()
     result = runner.invoke(app, ["run", "--params", str(params)])   # the same flow through the CLI

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -73,3 +74,45 @@ def test_compact_export_loads_for_inference(tiny_model_dir, tmp_path):
     reference, _ = load_model(str(masked))
     with torch.no_grad():
         torch.testing.assert_close(compact(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_code_in_a_model_directory_never_runs_unasked(tiny_model_dir, tmp_path):
+    """Issue 13: an edited modeling_compact.py in a compact export ran on `resp eval` (trust_remote_code
+    came from resp_manifest.json). Now a compact export loads with resp's own class, and any other
+    model that ships code is refused unless trust_remote_code is given (never a prompt)."""
+    import json
+
+    from resp.export import export_model
+    from resp.masks import Mask
+    from resp.structures import structures_for
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    s = structures_for(model, "query_head", None)
+    out = export_model(model, tokenizer, Mask.dense(s), s, "compact", tmp_path / "compact", 8)
+    marker = tmp_path / "ran"
+    (out / "modeling_compact.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(3)\n")
+    compact, _ = load_model(str(out))
+    assert type(compact).__module__ == "resp.export.modeling_compact" and not marker.exists()
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, custom)
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "modeling_x.XConfig"}}))
+    (custom / "modeling_x.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(ModelLoadError, match=r"ships its own modeling code \(auto_map in config.json\): pass "
+                                             r"--trust-remote-code \(model.trust_remote_code=true\) only if you trust"):
+        load_model(str(custom))
+    assert not marker.exists()
+
+
+def test_device_and_damaged_weights_are_one_line(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match=r"^model.device is cuda:0 but no CUDA device is available here: set "
+                                             r"model.device=cpu$"):
+        load_model(str(tiny_model_dir), device="cuda:0")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=rf"^model {broken} cannot be loaded \(.*\): its files are truncated or "
+                                             "corrupt; re-save or re-download the model$"):
+        load_model(str(broken))

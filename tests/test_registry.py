@@ -5,6 +5,7 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -51,12 +52,12 @@ def client(params):
 
 @pytest.fixture(scope="module")
 def pruned(params, tmp_path_factory):
-    """RESP masks (with exports and metrics) and magnitude masks, made once for the module."""
+    """RESP masks (with exports and metrics) and wanda_sp masks, made once for the module."""
     root = tmp_path_factory.mktemp("data")
     dense = recipe.make_traces(params, "arith", "train", None, root / "dense.jsonl")
     heldout = recipe.make_traces(params, "arith", "test", 4, root / "heldout.jsonl")
     resp_masks = recipe.prune(params, "arith", "resp", root / "resp", str(dense))
-    recipe.prune(params, "arith", "magnitude", root / "magnitude")
+    recipe.prune(params, "arith", "wanda_sp", root / "wanda_sp")
     model, tokenizer = load_model(params.model.name_or_path)
     key = model_identity(params.model.name_or_path).key
     exports = {}
@@ -73,8 +74,8 @@ def pruned(params, tmp_path_factory):
 def registered(params, pruned):
     resp_versions = registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks",
                                              pruned["exports"], pruned["metrics"])
-    magnitude_versions = registry.register_method(params, "arith", "magnitude", pruned["root"] / "magnitude" / "masks")
-    return {"resp": resp_versions, "magnitude": magnitude_versions}
+    wanda_sp_versions = registry.register_method(params, "arith", "wanda_sp", pruned["root"] / "wanda_sp" / "masks")
+    return {"resp": resp_versions, "wanda_sp": wanda_sp_versions}
 
 
 def test_versions_carry_lineage_tags_inputs_and_artifacts(params, pruned, registered, client, tiny_model_dir):
@@ -110,7 +111,8 @@ def test_versions_carry_lineage_tags_inputs_and_artifacts(params, pruned, regist
         assert [{t.key: t.value for t in i.tags}["sha256"] for i in inputs] == [t["digest"] for t in meta["trace_sets"]]
         assert [i.dataset.digest for i in inputs] == [t["digest"][:32] for t in meta["trace_sets"]]
         expected = report["results"][f"{target:.2f}"]
-        assert run.data.metrics["greedy.accuracy"] == expected["greedy"]["accuracy"]
+        assert {k: v for k, v in expected["greedy"].items() if "accuracy" in k} == {
+            k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("greedy.accuracy")}
         assert run.data.metrics["nll.nll"] == pytest.approx(expected["nll"]["nll"])
         assert run.data.params["prune.steps"] == "4" and run.data.params["method"] == "resp"
 
@@ -128,17 +130,17 @@ def test_registering_again_returns_the_existing_versions(params, params_file, pr
                                      pruned["exports"], pruned["metrics"])
     assert [(v["version"], v["created"]) for v in again] == [(v["version"], False) for v in registered["resp"]]
     assert len(client.search_model_versions(f"name = '{registered['resp'][0]['name']}'")) == 2
-    out = pruned["root"] / "registry" / "arith-magnitude.json"
-    result = runner.invoke(app, ["register", "--task", "arith", "--method", "magnitude", "--run-dir",
-                                 str(pruned["root"] / "magnitude"), "--out", str(out), "--params", str(params_file),
+    out = pruned["root"] / "registry" / "arith-wanda_sp.json"
+    result = runner.invoke(app, ["register", "--task", "arith", "--method", "wanda_sp", "--run-dir",
+                                 str(pruned["root"] / "wanda_sp"), "--out", str(out), "--params", str(params_file),
                                  # the default metrics and exports live under flow.data_dir: none there, as at first
                                  "--set", f"flow.data_dir={pruned['root']}"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']} "
-        "(already registered)" for v in registered["magnitude"]]
-    assert json.loads(out.read_text()) == {"task": "arith", "method": "magnitude", "versions": [
-        {k: v for k, v in version.items() if k != "created"} for version in registered["magnitude"]]}
+        "(already registered)" for v in registered["wanda_sp"]]
+    assert json.loads(out.read_text()) == {"task": "arith", "method": "wanda_sp", "versions": [
+        {k: v for k, v in version.items() if k != "created"} for version in registered["wanda_sp"]]}
 
 
 def test_audit_prints_lineage_and_verifies(params_file, pruned, registered, tiny_model_dir):
@@ -158,8 +160,12 @@ def test_audit_prints_lineage_and_verifies(params_file, pruned, registered, tiny
     assert any(line.strip().startswith(f"export masked {pruned['exports'][0.2]['masked']} (") and line.endswith("[ok]")
                for line in lines)
     assert lines[-2] == f"parent {v['parent']}"
+    digest = Mask.load(pruned["masks"][0.2])[0].digest()
+    assert f"          metrics made from mask {digest[:16]} [ok]" in lines
+    assert f"          export masked made from mask {digest[:16]} [ok]" in lines
     # 3 trace sets + 3 manifests + mask + manifest + summary + 7 export files + metrics + params + base model
-    assert lines[-1] == "audit passed: 19 checks verify"
+    # + 2 joins (the metrics and the export were computed from this version's mask)
+    assert lines[-1] == "audit passed: 21 checks verify"
 
 
 def test_reverse_query_finds_every_version_that_used_a_trace_set(params, params_file, pruned, registered):
@@ -170,10 +176,10 @@ def test_reverse_query_finds_every_version_that_used_a_trace_set(params, params_
     assert all(v["trace_tags"][0] == "initial" for v in by_file["versions"])
     by_prefix = registry.versions_with_traces(params, file_digest(pruned["dense"])[:16])
     assert [(v["name"], v["version"]) for v in by_prefix["versions"]] == resp_versions
-    calibration = pruned["root"] / "magnitude" / "traces" / "calibration.jsonl"   # prose text, not the dense traces
+    calibration = pruned["root"] / "wanda_sp" / "traces" / "calibration.jsonl"   # gold rationales, not the dense traces
     by_other = registry.versions_with_traces(params, str(calibration))
-    magnitude_versions = [(v["name"], v["version"]) for v in registered["magnitude"]]
-    assert [(v["name"], v["version"]) for v in by_other["versions"]] == magnitude_versions
+    wanda_sp_versions = [(v["name"], v["version"]) for v in registered["wanda_sp"]]
+    assert [(v["name"], v["version"]) for v in by_other["versions"]] == wanda_sp_versions
     result = runner.invoke(app, ["audit", "--traces", str(pruned["dense"]), "--params", str(params_file)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
@@ -194,7 +200,7 @@ def test_audit_and_registration_detect_an_edited_trace_file(params, params_file,
         assert (f"MISMATCH trace set {path}: local file does not match the recorded sha256 {recorded[:12]} "
                 "(edited after registration)") in result.output.splitlines()
         # the 0.10 mask used 2 trace sets: 19 checks of the 0.20 version less one trace set and its manifest
-        assert result.output.splitlines()[-1] == "audit failed: 1 of 17 checks do not verify"
+        assert result.output.splitlines()[-1] == "audit failed: 1 of 19 checks do not verify"
         with pytest.raises(RegistryError, match=rf"^trace set {path} was edited after pruning \(sha256 [0-9a-f]{{12}} != "
                                                 rf"recorded {recorded[:12]} in sparsity-0.10.safetensors.json\): restore it"):
             registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks")
@@ -318,3 +324,110 @@ def test_changed_files_make_a_new_version_that_replaces_the_old(params, pruned, 
         assert registry.audit(params, v["name"], v["version"])["problems"] == []
     again = registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks", pruned["exports"], metrics)
     assert [(v["version"], v["created"]) for v in again] == [(v["version"], False) for v in new]
+
+
+# ---------------------------------------------------------------- issue 13: lineage joins and concurrency
+
+def test_metrics_and_exports_of_another_mask_are_refused(params, pruned, registered):
+    """Worst case 2: metrics or exports computed from other masks were attached to a version."""
+    other = pruned["root"] / "wanda_sp" / "masks"
+    digest = Mask.load(other / "sparsity-0.10.safetensors")[0].digest()
+    resp_digest = Mask.load(pruned["masks"][0.1])[0].digest()
+    with pytest.raises(RegistryError, match=rf"^metrics file {pruned['metrics']} \(sparsity 0.10\) was computed from mask "
+                                            rf"{resp_digest[:12]}, not {other / 'sparsity-0.10.safetensors'} \({digest[:12]}\): "
+                                            rf"evaluate this run \(`resp evaluate --masks-dir {other}`\) and pass that --metrics$"):
+        registry.register_method(params, "arith", "wanda_sp", other, None, pruned["metrics"])
+    with pytest.raises(RegistryError, match=rf"^masked export {pruned['exports'][0.1]['masked']} was made from mask "
+                                            rf"{resp_digest[:12]}, not .*sparsity-0.10.safetensors \({digest[:12]}\): "
+                                            r"re-export this run"):
+        registry.register_method(params, "arith", "wanda_sp", other, pruned["exports"])
+
+
+def test_register_takes_default_metrics_only_from_the_run_it_registers(params, params_file, pruned, registered, tmp_path):
+    """`resp register --run-dir` took <data_dir>/metrics/TASK/METHOD.json even when it belonged to another run."""
+    data = tmp_path / "data"
+    (data / "metrics" / "arith").mkdir(parents=True)
+    (data / "metrics" / "arith" / "wanda_sp.json").write_bytes(Path(pruned["metrics"]).read_bytes())  # another run's
+    exports = data / "checkpoints" / "arith" / "wanda_sp"
+    for target, dirs in pruned["exports"].items():          # another mask's exports where the layout looks
+        shutil.copytree(dirs["masked"], exports / f"sparsity-{target:.2f}" / "masked")
+    result = runner.invoke(app, ["register", "--task", "arith", "--method", "wanda_sp", "--run-dir",
+                                 str(pruned["root"] / "wanda_sp"), "--params", str(params_file),
+                                 "--set", f"flow.data_dir={data}"])
+    assert result.exit_code == 0, result.output
+    # neither was attached: the versions are the ones registered without metrics and exports
+    assert [line.endswith("(already registered)") for line in result.output.splitlines()] == [True, True]
+    result = runner.invoke(app, ["register", "--task", "arith", "--method", "wanda_sp", "--run-dir",
+                                 str(pruned["root"] / "wanda_sp"), "--params", str(params_file),
+                                 "--metrics", str(data / "metrics" / "arith" / "wanda_sp.json")])
+    assert result.exit_code == 2 and result.output.startswith("error: metrics file ") and "was computed from mask" in result.output
+
+
+def test_audit_fails_a_version_whose_metrics_came_from_another_mask(params, params_file, pruned, registered, monkeypatch):
+    """A version registered before the join checks (simulated) with another mask's metrics and exports fails audit."""
+    monkeypatch.setattr(registry, "_check_joins", lambda *a, **k: None)
+    other = pruned["root"] / "wanda_sp" / "masks"
+    [_, v] = registry.register_method(params, "arith", "wanda_sp", other, pruned["exports"], pruned["metrics"])
+    result = runner.invoke(app, ["audit", "--model", v["name"], "--version", v["version"], "--params", str(params_file)])
+    digest = Mask.load(other / "sparsity-0.20.safetensors")[0].digest()
+    resp_digest = Mask.load(pruned["masks"][0.2])[0].digest()
+    assert result.exit_code == 1
+    assert (f"MISMATCH metrics {pruned['metrics']} (sparsity 0.20) were computed from mask {resp_digest[:12]}, not this "
+            f"version's mask {digest[:12]}") in result.output.splitlines()
+    assert (f"MISMATCH masked export {pruned['exports'][0.2]['masked']} was made from mask {resp_digest[:12]}, not this "
+            f"version's mask {digest[:12]}") in result.output.splitlines()
+    assert result.output.splitlines()[-1].startswith("audit failed: 2 of ")
+
+
+def test_concurrent_registrations_make_one_version_per_mask(params, pruned, tmp_path):
+    """Worst case 3: two `resp register` of one run on one (fresh) sqlite store both created versions, or
+    one failed with a migration message. Now the store is initialised once and each mask registered once."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    fresh = params.model_copy(update={"registry": params.registry.model_copy(
+        update={"tracking_uri": uri, "artifact_location": str(tmp_path / "artifacts")})})
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(fresh.model_dump(mode="json")))
+    cmd = [str(Path(sys.executable).parent / "resp"), "register", "--task", "arith", "--method", "wanda_sp", "--run-dir",
+           str(pruned["root"] / "wanda_sp"), "--params", str(params_path)]
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": ""}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for _ in range(2)]
+    outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    lines = sorted(line for _, out, _ in outs for line in out.splitlines())
+    created = [line for line in lines if not line.endswith("(already registered)")]
+    assert len(lines) == 4 and len(created) == 2 and {line.split(": target")[0] for line in created} == {
+        line.split(": target")[0] for line in lines}
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = created[0].split(" version ")[0]
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'")) == [1, 2]
+    assert len(client.search_model_versions(f"name = '{name.rsplit('-', 2)[0]}-dense'")) == 1
+
+
+def test_a_racing_duplicate_is_withdrawn_and_killed_runs_are_cleaned(params, pruned, registered, client, monkeypatch):
+    """Without a store lock (a shared server), a duplicate created by a racing caller is withdrawn:
+    one version per artifacts digest. A run left RUNNING by a killed registration is marked failed."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    experiment = client.get_experiment_by_name(params.registry.experiment).experiment_id
+    stale = client.create_run(experiment, tags={"resp.pid": str(dead.pid), "resp.host": socket.gethostname()})
+    name = registered["wanda_sp"][0]["name"]
+    before = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    real = registry._versions
+    monkeypatch.setattr(registry, "_store_lock", lambda uri: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(registry, "_versions", lambda c, f: [] if "artifacts_digest" in f and "mask_digest" in f
+                        and not hasattr(registry, "_raced") and not setattr(registry, "_raced", f) else real(c, f))
+    try:
+        again = registry.register_method(params, "arith", "wanda_sp", pruned["root"] / "wanda_sp" / "masks")
+    finally:
+        del registry._raced
+    assert [(v["version"], v["created"]) for v in again][0] == (registered["wanda_sp"][0]["version"], False)
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'")) == before
+    run = client.get_run(stale.info.run_id)
+    assert (run.info.status, run.info.lifecycle_stage) == ("FAILED", "deleted")

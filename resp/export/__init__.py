@@ -59,11 +59,35 @@ def check_format(fmt: str) -> None:
         raise ExportError(f"export format {fmt!r} is not one of {sorted(FORMATS)}")
 
 
+def check_export_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an export directory this tool must not replace: a file, a path
+    that cannot be written, or a non-empty directory that is not a resp export (no
+    `resp_manifest.json`) unless `overwrite`. A previous export is replaced (after the new one is
+    complete); nothing else is ever deleted."""
+    from resp.outputs import check_output
+
+    out = Path(out)
+    check_output(out, "dir")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out} is not empty and holds no {MANIFEST} (it is not a resp export): "
+                          "choose a new or empty directory, or pass --overwrite to replace its contents")
+    return out
+
+
+def _stale_tmp_dirs(out: Path) -> None:
+    """Remove temp directories of earlier exports to `out` whose process is gone (killed mid-export)."""
+    from resp.locking import pid_alive
+
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)) and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` is replaced only after `tmp` is complete."""
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    """Move the finished `tmp` to `out`; an existing `out` (checked by `check_export_dir`) is moved
+    aside under a name of this process only, and removed once `tmp` is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
@@ -73,21 +97,24 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def export_model(model, tokenizer, mask: Mask, s: Structures, fmt: str, out_dir: str | Path,
                  channel_multiple: int, manifest_extra: dict | None = None,
-                 mask_meta: dict | None = None, model_key: str | None = None) -> Path:
-    """Write `model` pruned by `mask` in format `fmt` to `out_dir` (via `<out_dir>.tmp`); return the path.
+                 mask_meta: dict | None = None, model_key: str | None = None, overwrite: bool = False) -> Path:
+    """Write `model` pruned by `mask` in format `fmt` to `out_dir` (via a hidden temp directory
+    beside it); return the path. `out_dir` must pass `check_export_dir` (`overwrite`: replace a
+    non-empty directory that is not an export).
 
     `model` holds the base (unmasked) weights and is not modified. `mask_meta`/`model_key` let
     `check_mask_fits` refuse a mask made for another model; `manifest_extra` (e.g. the base model
     identity) is merged into the manifest. `tokenizer` may be None (nothing to save).
     """
     check_format(fmt)
+    out = check_export_dir(out_dir, overwrite)
     check_mask_fits(mask, s, mask_meta, model_key)
     exported, report = FORMATS[fmt](model, mask, s, channel_multiple)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _stale_tmp_dirs(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     exported.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -109,7 +136,7 @@ def export_model(model, tokenizer, mask: Mask, s: Structures, fmt: str, out_dir:
 
 
 def export_mask_file(model, tokenizer, identity, mask_path: str | Path, fmt: str, out_dir: str | Path,
-                     channel_multiple: int, attention_unit: str, protected_layers) -> Path:
+                     channel_multiple: int, attention_unit: str, protected_layers, overwrite: bool = False) -> Path:
     """`export_model` for a mask file written by pruning: the mask is checked against the base
     model `identity` (a `resp.models.ModelIdentity`), its structures follow the mask's manifest
     (`attention_unit`/`protected_layers` are the fallbacks), and the manifest names both."""
@@ -118,4 +145,4 @@ def export_mask_file(model, tokenizer, identity, mask_path: str | Path, fmt: str
     return export_model(model, tokenizer, mask, s, fmt, out_dir, channel_multiple,
                         manifest_extra={"base_model": {**identity.to_dict(), "key": identity.key},
                                         "mask_file": str(mask_path)},
-                        mask_meta=meta, model_key=identity.key)
+                        mask_meta=meta, model_key=identity.key, overwrite=overwrite)
