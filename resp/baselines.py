@@ -1,43 +1,47 @@
-"""Non-gradient structured-pruning baselines (method.md, "Baselines to run in the same harness").
+"""Activation and weight baselines, each as its paper and reference code define it (method.md, "Baselines").
 
 Every baseline produces `Mask`s over the same units as RESP (query heads or KV groups, MLP
 channels), never touches protected layers, and reaches the same parameter-sparsity targets as
-measured by `Mask.sparsity`. Scores are computed once on the model as given (dense), then:
+measured by `Mask.sparsity`. Calibration batches come from `decode_only_batches`: activation
+statistics are taken on the tokens that carry a label (the completion of a self-generated or
+gold trace after its masked prompt; every token of generic text), the same tokens the Taylor
+loss sees.
 
-- **wanda_sp**: per-layer score |W| * ||X||_2 on the inputs of o_proj / down_proj (L2 norm
-  over all non-padding calibration tokens, per input column), averaged over output rows and
-  summed over a unit's columns. Uniform ratio per layer: with k = channels pruned in every
-  prunable layer, each prunable layer also loses round(k * A / I) attention units (A units and
-  I channels per layer, so heads and channels lose the same fraction r = k / I up to rounding,
-  halves rounded up). k is the smallest value on the grid 0..I whose mask reaches the target
-  (binary search; sparsity grows with k). Per-layer rankings are fixed, so masks are nested.
-- **flap**: fluctuation = sample variance of each input column over calibration tokens times
-  the squared norm of the weight column; a head sums its columns. Scores are standardised per
-  layer and block type (minus mean, over the unbiased std of that layer's units; a layer whose
-  scores do not vary gets zeros), then ranked globally by `prune_step`.
-  Bias compensation (`flap_bias_compensation`) gives, per layer, W[:, removed] @ mean(X[removed])
-  for o_proj and down_proj: adding it to the output bias makes the pruned layer exact whenever
-  the removed inputs sit at their calibration mean. Qwen3/Qwen2/Llama/Mistral o_proj and
-  down_proj have no bias by default, and a Linear given a new bias no longer matches the stock
-  config, so `apply_bias_compensation` adds to existing biases only unless `add_bias=True`, and
-  says in its info dict when it did not apply (our FLAP masks are then FLAP without its
-  compensation).
-- **magnitude**: element score |w|, unit score = sum over its weights (q rows + o columns of a
-  head; plus k/v rows for a KV group; gate/up rows + down column of a channel; biases are not
-  scored), divided by `Structures.normalizer(normalize)` exactly like the Taylor scores,
-  ranked globally.
-- **random**: uniform scores from `torch.Generator().manual_seed(seed)`, ranked globally, so
-  the sparsity accounting is the same as every other method.
+Activation statistics are gathered by walking the decoder one layer at a time over cached
+hidden states, as the reference code does (`layer_by_layer`):
 
-Global methods prune progressively over ascending targets starting from the previous mask, so
-all returned masks are nested. `normalize` matters for magnitude only; `seed` for random only
-(the others break ties by position and are deterministic).
+- **wanda_sp** (FLAP's `prune_wanda_sp`): per layer, column score mean_r |W[r, c]| * ||X_c||_2 on
+  the inputs of o_proj / down_proj, summed over a unit's columns; the same pruned fraction in
+  every prunable layer. Layer l's statistics come from the model whose layers < l are already
+  pruned (Wanda's order: the pruned output feeds the next layer).
+- **owl_sp** (OWL, Yin et al. 2024, paper settings M=5, lambda=0.08): Wanda-sp with non-uniform
+  layer ratios. From the dense model, the outlier ratio D_l of a layer is the share of its
+  Wanda scores |W| * ||X|| (all seven projections) above M times their mean; ratios are scaled to
+  [0, 2 lambda] over the prunable layers and centred, and a layer with more outliers is pruned
+  less (sparsity_l = s - offset_l). Pruning then proceeds layer by layer like Wanda-sp.
+- **flap** (FLAP, An et al. 2024, WIFV metric, adaptive structure over all prunable layers): per
+  input column, fluctuation = variance of the input over calibration tokens times the squared
+  norm of the weight column (squared again for attention, as FLAP's code does), standardised
+  over the columns of each layer and module type; a head scores the mean of its standardised
+  columns, a channel its own value; one global ranking (`prune_step`). FLAP scores every layer
+  before pruning any (its global threshold needs them all), so its statistics come from the
+  dense model, as in its code. Bias compensation (`flap_bias_compensation`): W[:, removed] @
+  mean(X[removed]) is carried by the mask (`Mask.biases`) and added to the output biases when the
+  mask is applied or exported, for the projections that have a bias. The supported families have
+  no o_proj/down_proj bias by default, so there the method is reported as `flap (no bias)`.
+- **magnitude**: element score |w|, unit score = sum over its weights, divided by
+  `Structures.normalizer(normalize)` exactly like the Taylor scores, ranked globally.
+- **random**: uniform scores from `torch.Generator().manual_seed(seed)`, ranked globally.
+
+Global methods prune progressively over ascending targets from the previous mask, so their masks
+are nested. Wanda-sp and OWL-sp masks are computed per target (statistics depend on what is
+already pruned), so they need not be nested.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +51,15 @@ from tqdm.auto import tqdm
 from resp.adapters import adapter_for
 from resp.masks import Mask, MaskError, prune_step, unit_mask_to_heads
 from resp.structures import Structures
+from resp.traces import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 NORMALIZE_MODES = ("none", "params", "paper")
 NO_BIAS_MESSAGE = "bias compensation not applied: architecture has no o_proj/down_proj bias"
+# Inputs whose statistics a scorer reads: q_proj's input is k/v's too, gate_proj's is up_proj's.
+PROJECTIONS = ("q_proj", "o_proj", "gate_proj", "down_proj")
+CALIBRATED = ("wanda_sp", "owl_sp", "flap")   # scorers that read activations
 
 
 class BaselineError(ValueError):
@@ -60,134 +68,225 @@ class BaselineError(ValueError):
 
 @dataclass
 class InputStats:
-    """First and second moments of the inputs of o_proj and down_proj over calibration tokens."""
+    """Per input column of each projection: sum and sum of squares over calibration tokens (float64 [L, width])."""
 
-    o_sum: torch.Tensor        # float64 [L, H*head_dim]: sum over tokens of each o_proj input column
-    o_sumsq: torch.Tensor      # float64 [L, H*head_dim]: sum of squares
-    down_sum: torch.Tensor     # float64 [L, I]
-    down_sumsq: torch.Tensor   # float64 [L, I]
-    tokens: int                # non-padding tokens seen (the same for every layer)
+    sums: dict[str, torch.Tensor]
+    sumsqs: dict[str, torch.Tensor]
+    tokens: int
 
     def l2(self, proj: str) -> torch.Tensor:
         """||X[:, c]||_2 over all tokens, per input column."""
-        return self._sumsq(proj).sqrt()
+        return self.sumsqs[proj].sqrt()
 
     def mean(self, proj: str) -> torch.Tensor:
-        return self._sum(proj) / self.tokens
+        return self.sums[proj] / self.tokens
 
     def variance(self, proj: str) -> torch.Tensor:
         """Unbiased sample variance per input column (clamped at 0 against cancellation)."""
         n = self.tokens
-        return ((self._sumsq(proj) - self._sum(proj) ** 2 / n) / (n - 1)).clamp_min(0)
+        return ((self.sumsqs[proj] - self.sums[proj] ** 2 / n) / (n - 1)).clamp_min(0)
 
-    def _sum(self, proj: str) -> torch.Tensor:
-        return {"o_proj": self.o_sum, "down_proj": self.down_sum}[proj]
 
-    def _sumsq(self, proj: str) -> torch.Tensor:
-        return {"o_proj": self.o_sumsq, "down_proj": self.down_sumsq}[proj]
+def _input_width(s: Structures, proj: str) -> int:
+    return {"q_proj": s.hidden_size, "o_proj": s.num_heads * s.head_dim,
+            "gate_proj": s.hidden_size, "down_proj": s.intermediate_size}[proj]
+
+
+def _layer0_inputs(model, batches, device) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
+    """(hidden states, keyword arguments, tokens to count) entering decoder layer 0, per batch."""
+    adapter = adapter_for(model.config)
+
+    class Captured(Exception):
+        pass
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        raise Captured(hidden, kwargs)
+
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if len(set(layer_types)) > 1:
+        raise BaselineError(f"layers of types {sorted(set(layer_types))} take different attention masks; "
+                            "layer-by-layer statistics support models whose layers are all alike")
+    states = []
+    handle = adapter.layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            missing = [k for k in ("input_ids", "attention_mask") if k not in batch]
+            if missing:
+                raise BaselineError(f"calibration batch lacks {missing}: pass dicts with input_ids and attention_mask tensors")
+            input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            keep = attention_mask.bool()
+            if "labels" in batch:   # decode-only: count the tokens that carry a label
+                keep &= batch["labels"].to(device) != IGNORE_INDEX
+            # Positions count real tokens only, as generation does, so a left-padded row sees its unpadded positions.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            try:
+                model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            except Captured as caught:
+                hidden, kwargs = caught.args
+                states.append((hidden, kwargs, keep))
+    finally:
+        handle.remove()
+    return states
+
+
+def _removal_hooks(adapter, layer: nn.Module, heads: torch.Tensor, channels: torch.Tensor, head_dim: int) -> list:
+    """Pre-hooks that zero the o_proj input columns of pruned heads and the down_proj inputs of
+    pruned channels: the layer's output then equals the masked layer's (`apply_mask`)."""
+    def scale(keep: torch.Tensor):
+        def hook(module, args):
+            return (args[0] * keep.to(args[0].dtype),) + tuple(args[1:])
+        return hook
+
+    return [adapter.o_proj(layer).register_forward_pre_hook(scale(heads.repeat_interleave(head_dim))),
+            adapter.down_proj(layer).register_forward_pre_hook(scale(channels))]
+
+
+Decide = Callable[[int, InputStats], tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.inference_mode()
-def collect_input_stats(model, batches: Iterable[dict], structures: Structures) -> InputStats:
-    """Run the model over `batches` ({input_ids, attention_mask} tensors, any padding side) and
-    accumulate, in float64 with forward pre-hooks, the per-column sum and sum of squares of
-    every layer's o_proj and down_proj inputs over non-padding tokens."""
-    s = structures
+def layer_by_layer(model, batches: list[dict], s: Structures, projections: tuple[str, ...] = ("o_proj", "down_proj"),
+                   decide: Decide | None = None, desc: str = "input stats") -> tuple[InputStats, Mask]:
+    """Walk the decoder one layer at a time over cached hidden states (the Wanda/FLAP/OWL loop).
+
+    At layer l, accumulate (float64) per-column sums and sums of squares of the inputs of
+    `projections` over the counted tokens. If `decide(l, stats)` is given and l is prunable, it
+    returns the (heads [H], channels [I]) kept in layer l, and the layer's output is recomputed
+    with those units removed, so layer l+1 sees the pruned model. Without `decide` the
+    statistics are the dense model's. Returns the statistics and the mask decided."""
     adapter = adapter_for(model.config)
     device = next(model.parameters()).device
-    width = {"o_proj": s.num_heads * s.head_dim, "down_proj": s.intermediate_size}
-    sums = {p: torch.zeros(s.num_layers, w, dtype=torch.float64, device=device) for p, w in width.items()}
-    sumsqs = {p: torch.zeros(s.num_layers, w, dtype=torch.float64, device=device) for p, w in width.items()}
+    states = _layer0_inputs(model, batches, device)
+    tokens = sum(int(keep.sum()) for _, _, keep in states)
+    if tokens == 0:
+        raise BaselineError("calibration batches hold no labelled non-padding tokens: pass at least one non-empty sequence")
+    sums = {p: torch.zeros(s.num_layers, _input_width(s, p), dtype=torch.float64, device=device) for p in projections}
+    sumsqs = {p: torch.zeros_like(sums[p]) for p in projections}
+    stats = InputStats(sums, sumsqs, tokens)
+    mask = Mask.dense(s)
     current: dict[str, torch.Tensor] = {}
 
-    def accumulate(proj: str, layer: int):
+    def accumulate(proj: str, index: int):
         def hook(module, args):
-            rows = args[0][current["keep"]].to(torch.float64)  # [tokens, width], padding dropped
-            sums[proj][layer] += rows.sum(0)
-            sumsqs[proj][layer] += rows.pow(2).sum(0)
+            rows = args[0][current["keep"]].to(torch.float64)   # [tokens, width], padding and prompt dropped
+            sums[proj][index] += rows.sum(0)
+            sumsqs[proj][index] += rows.pow(2).sum(0)
         return hook
 
-    handles = []
-    for i, layer in enumerate(adapter.layers(model)):
-        handles.append(adapter.o_proj(layer).register_forward_pre_hook(accumulate("o_proj", i)))
-        handles.append(adapter.down_proj(layer).register_forward_pre_hook(accumulate("down_proj", i)))
-    tokens = 0
-    try:
-        for batch in tqdm(batches, desc="input stats", unit="batch"):
-            missing = [k for k in ("input_ids", "attention_mask") if k not in batch]
-            if missing:
-                raise BaselineError(f"calibration batch lacks {missing}: "
-                                    "pass dicts with input_ids and attention_mask tensors")
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch["attention_mask"].to(device)
-            current["keep"] = attention_mask.bool()
-            # Positions count real tokens only, as generation does, so a left-padded row sees its unpadded positions.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False, logits_to_keep=1)
-            tokens += int(current["keep"].sum())
-    finally:
-        for handle in handles:
-            handle.remove()
-    if tokens == 0:
-        raise BaselineError("calibration batches hold no non-padding tokens: pass at least one non-empty sequence")
-    return InputStats(sums["o_proj"].cpu(), sumsqs["o_proj"].cpu(), sums["down_proj"].cpu(),
-                      sumsqs["down_proj"].cpu(), tokens)
+    def run(layer, hooks: list) -> list[torch.Tensor]:
+        outputs = []
+        try:
+            for hidden, kwargs, keep in states:
+                current["keep"] = keep
+                out = layer(hidden, **kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        return outputs
+
+    for index, layer in enumerate(tqdm(adapter.layers(model), desc=desc, unit="layer")):
+        outputs = run(layer, [getattr(adapter, p)(layer).register_forward_pre_hook(accumulate(p, index))
+                              for p in projections])
+        if decide is not None and index in s.prunable_layers:
+            heads, channels = decide(index, stats)
+            mask.heads[index], mask.channels[index] = heads, channels
+            if not (heads.all() and channels.all()):
+                outputs = run(layer, _removal_hooks(adapter, layer, heads.to(device), channels.to(device), s.head_dim))
+        states = [(out, kwargs, keep) for out, (_, kwargs, keep) in zip(outputs, states)]
+    stats = InputStats({p: v.cpu() for p, v in sums.items()}, {p: v.cpu() for p, v in sumsqs.items()}, tokens)
+    return stats, mask
 
 
 def _f64(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().to(torch.float64)
+    return weight.detach().to(torch.float64).cpu()
 
 
-def _units_from_columns(columns: torch.Tensor, s: Structures) -> torch.Tensor:
-    """Sum o_proj column scores [L, H*hd] into attention units [L, A] (heads of a KV group are contiguous)."""
-    return columns.view(s.num_layers, s.attention_units, -1).sum(-1)
+def _units_from_columns(columns: torch.Tensor, s: Structures, reduce: str = "sum") -> torch.Tensor:
+    """Reduce o_proj column scores [..., H*hd] to attention units [..., A] (heads of a KV group are contiguous)."""
+    grouped = columns.reshape(*columns.shape[:-1], s.attention_units, -1)
+    return grouped.sum(-1) if reduce == "sum" else grouped.mean(-1)
 
 
-def _check_stats(stats: InputStats | None, s: Structures, method: str, min_tokens: int) -> InputStats:
-    if stats is None:
-        raise BaselineError(f"method {method!r} needs input statistics: call collect_input_stats(model, batches, structures) first")
-    want = [s.num_layers, s.num_heads * s.head_dim], [s.num_layers, s.intermediate_size]
-    got = list(stats.o_sum.shape), list(stats.down_sum.shape)
-    if got[0] != want[0] or got[1] != want[1]:
-        raise BaselineError(f"input statistics of shapes o_proj{got[0]}/down_proj{got[1]} do not fit this model "
-                            f"(o_proj{want[0]}/down_proj{want[1]}): collect them on the model being pruned")
+def _check_stats(stats: InputStats, s: Structures, method: str, min_tokens: int) -> InputStats:
+    for proj, value in stats.sums.items():
+        want = [s.num_layers, _input_width(s, proj)]
+        if list(value.shape) != want:
+            raise BaselineError(f"input statistics of {proj} have shape {list(value.shape)}, not {want} for this model: "
+                                "collect them on the model being pruned")
     if stats.tokens < min_tokens:
         raise BaselineError(f"method {method!r} needs at least {min_tokens} calibration tokens, got {stats.tokens}: pass more text")
     return stats
 
 
+def wanda_sp_layer_scores(model, s: Structures, stats: InputStats, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention [A], channels [I]) of layer `index`: sum over a unit's input columns of mean_r |W[r, c]| * ||X_c||_2."""
+    adapter = adapter_for(model.config)
+    layer = adapter.layers(model)[index]
+    o_cols = _f64(adapter.o_proj(layer).weight).abs().mean(0) * stats.l2("o_proj")[index]
+    down_cols = _f64(adapter.down_proj(layer).weight).abs().mean(0) * stats.l2("down_proj")[index]
+    return _units_from_columns(o_cols, s), down_cols
+
+
 def wanda_sp_scores(model, s: Structures, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention [L, A], channels [L, I]): sum over a unit's input columns of mean_r |W[r, c]| * ||X_c||_2."""
-    stats = _check_stats(stats, s, "wanda_sp", 1)
-    adapter = adapter_for(model.config)
-    o_cols, down_cols = [], []
-    for i, layer in enumerate(adapter.layers(model)):
-        o_weight, down_weight = _f64(adapter.o_proj(layer).weight), _f64(adapter.down_proj(layer).weight)
-        o_cols.append(o_weight.abs().mean(0).cpu() * stats.l2("o_proj")[i])
-        down_cols.append(down_weight.abs().mean(0).cpu() * stats.l2("down_proj")[i])
-    return _units_from_columns(torch.stack(o_cols), s), torch.stack(down_cols)
-
-
-def flap_scores(model, s: Structures, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw fluctuation (attention [L, A], channels [L, I]): sum over a unit's columns of var(X_c) * ||W[:, c]||^2."""
-    stats = _check_stats(stats, s, "flap", 2)
-    adapter = adapter_for(model.config)
-    o_cols, down_cols = [], []
-    for i, layer in enumerate(adapter.layers(model)):
-        o_weight, down_weight = _f64(adapter.o_proj(layer).weight), _f64(adapter.down_proj(layer).weight)
-        o_cols.append(o_weight.pow(2).sum(0).cpu() * stats.variance("o_proj")[i])
-        down_cols.append(down_weight.pow(2).sum(0).cpu() * stats.variance("down_proj")[i])
-    return _units_from_columns(torch.stack(o_cols), s), torch.stack(down_cols)
+    """Wanda-sp scores of every layer: (attention [L, A], channels [L, I])."""
+    _check_stats(stats, s, "wanda_sp", 1)
+    per_layer = [wanda_sp_layer_scores(model, s, stats, i) for i in range(s.num_layers)]
+    return torch.stack([a for a, _ in per_layer]), torch.stack([c for _, c in per_layer])
 
 
 def standardize(scores: torch.Tensor) -> torch.Tensor:
-    """Per row (layer): (x - mean) / std (unbiased); a row with no spread (or one unit) becomes zeros."""
+    """Per row (layer): (x - mean) / std (unbiased); a row with no spread (or one entry) becomes zeros."""
     centered = scores - scores.mean(-1, keepdim=True)
     if scores.shape[-1] < 2:
         return torch.zeros_like(scores)
     std = scores.std(-1, keepdim=True)
     return torch.where(std > 0, centered / torch.where(std > 0, std, 1), torch.zeros_like(centered))
+
+
+def flap_column_metrics(model, s: Structures, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP's WIFV per input column: (o_proj [L, H*hd], down_proj [L, I]) = var(X_c) * ||W[:, c]||^2,
+    squared for o_proj as in FLAP's code."""
+    _check_stats(stats, s, "flap", 2)
+    adapter = adapter_for(model.config)
+    o_cols, down_cols = [], []
+    for i, layer in enumerate(adapter.layers(model)):
+        o_cols.append((_f64(adapter.o_proj(layer).weight).pow(2).sum(0) * stats.variance("o_proj")[i]) ** 2)
+        down_cols.append(_f64(adapter.down_proj(layer).weight).pow(2).sum(0) * stats.variance("down_proj")[i])
+    return torch.stack(o_cols), torch.stack(down_cols)
+
+
+def flap_scores(model, s: Structures, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP ranking scores: columns standardised per layer and module, heads by the mean of their columns."""
+    o_cols, down_cols = flap_column_metrics(model, s, stats)
+    return _units_from_columns(standardize(o_cols), s, reduce="mean"), standardize(down_cols)
+
+
+def owl_outlier_ratios(model, s: Structures, stats: InputStats, outlier_m: float) -> torch.Tensor:
+    """OWL's layerwise outlier distribution: per layer, the share of Wanda scores |W| * ||X|| over all
+    seven projections that exceed `outlier_m` times their mean (float64 [L])."""
+    _check_stats(stats, s, "owl_sp", 1)
+    adapter = adapter_for(model.config)
+    inputs = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+              "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+    ratios = []
+    for i, layer in enumerate(adapter.layers(model)):
+        scores = torch.cat([(_f64(getattr(adapter, proj)(layer).weight).abs() * stats.l2(source)[i]).flatten()
+                            for proj, source in inputs.items()])
+        ratios.append((scores > outlier_m * scores.mean()).double().mean())
+    return torch.stack(ratios)
+
+
+def owl_offsets(ratios: torch.Tensor, s: Structures, lam: float) -> torch.Tensor:
+    """Per-layer sparsity offsets (float64 [L], 0 on protected layers): OWL's outlier ratios of the
+    prunable layers scaled to [0, 2*lam] and centred; a layer's sparsity is s - offset."""
+    offsets = torch.zeros(s.num_layers, dtype=torch.float64)
+    d = ratios[s.prunable_layers]
+    spread = d.max() - d.min()
+    scaled = (d - d.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(d)
+    offsets[s.prunable_layers] = scaled - scaled.mean()
+    return offsets
 
 
 def magnitude_scores(model, s: Structures, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,15 +295,15 @@ def magnitude_scores(model, s: Structures, normalize: str) -> tuple[torch.Tensor
     hd = s.head_dim
     attention, channels = [], []
     for layer in adapter.layers(model):
-        q_rows = _f64(adapter.q_proj(layer).weight).abs().sum(1).cpu()       # [H*hd]
-        o_cols = _f64(adapter.o_proj(layer).weight).abs().sum(0).cpu()       # [H*hd]
+        q_rows = _f64(adapter.q_proj(layer).weight).abs().sum(1)       # [H*hd]
+        o_cols = _f64(adapter.o_proj(layer).weight).abs().sum(0)       # [H*hd]
         units = (q_rows + o_cols).view(s.attention_units, -1).sum(-1)
         if s.attention_unit == "kv_group":
             kv_rows = _f64(adapter.k_proj(layer).weight).abs().sum(1) + _f64(adapter.v_proj(layer).weight).abs().sum(1)
-            units = units + kv_rows.cpu().view(s.num_kv_heads, hd).sum(-1)
+            units = units + kv_rows.view(s.num_kv_heads, hd).sum(-1)
         attention.append(units)
         rows = _f64(adapter.gate_proj(layer).weight).abs().sum(1) + _f64(adapter.up_proj(layer).weight).abs().sum(1)
-        channels.append((rows + _f64(adapter.down_proj(layer).weight).abs().sum(0)).cpu())
+        channels.append(rows + _f64(adapter.down_proj(layer).weight).abs().sum(0))
     norm_attention, norm_channels = s.normalizer(normalize)
     return torch.stack(attention) / norm_attention, torch.stack(channels) / norm_channels
 
@@ -235,76 +334,159 @@ def global_masks(method: str, attention_scores: torch.Tensor, channel_scores: to
     return masks
 
 
+def layer_counts(s: Structures, k: int, offsets: torch.Tensor | None = None) -> dict[int, tuple[int, int]]:
+    """(attention units, channels) to prune per prunable layer at grid step k: channels
+    round(k - offset_l * I) clamped to [0, I]; units round(channels * A / I), halves up."""
+    I, A = s.intermediate_size, s.attention_units
+    counts = {}
+    for layer in s.prunable_layers:
+        shift = float(offsets[layer]) * I if offsets is not None else 0.0
+        channels = min(max(int(torch.tensor(k - shift).round()), 0), I)
+        counts[layer] = ((2 * channels * A + I) // (2 * I), channels)
+    return counts
+
+
+def _count_sparsity(s: Structures, counts: dict[int, tuple[int, int]]) -> float:
+    """Sparsity of `counts` ignoring dead KV groups: a lower bound of the mask's sparsity."""
+    pruned = sum(u * s.attention_unit_params + c * s.channel_params for u, c in counts.values())
+    return pruned / s.decoder_params
+
+
+def _keep_lowest_out(scores: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.ones(scores.shape[0], dtype=torch.bool)
+    keep[torch.argsort(scores, stable=True)[:n]] = False   # ties: lower index pruned first
+    return keep
+
+
 def uniform_mask(attention_scores: torch.Tensor, channel_scores: torch.Tensor, s: Structures,
-                 pruned_channels: int) -> Mask:
-    """Prune the `pruned_channels` lowest channels and the round(pruned_channels * A / I) lowest
-    attention units of every prunable layer (ties: lower index first)."""
-    pruned_units = (2 * pruned_channels * s.attention_units + s.intermediate_size) // (2 * s.intermediate_size)
+                 counts: dict[int, tuple[int, int]]) -> Mask:
+    """Prune, per prunable layer, its count of lowest-scoring attention units and channels (fixed scores)."""
     units = torch.ones(s.num_layers, s.attention_units, dtype=torch.bool)
     mask = Mask.dense(s)
-    for layer in s.prunable_layers:
-        units[layer, torch.argsort(attention_scores[layer], stable=True)[:pruned_units]] = False
-        mask.channels[layer, torch.argsort(channel_scores[layer], stable=True)[:pruned_channels]] = False
+    for layer, (n_units, n_channels) in counts.items():
+        units[layer] = _keep_lowest_out(attention_scores[layer], n_units)
+        mask.channels[layer] = _keep_lowest_out(channel_scores[layer], n_channels)
     mask.heads = unit_mask_to_heads(units, s).clone()
     return mask
 
 
-def uniform_masks(method: str, attention_scores: torch.Tensor, channel_scores: torch.Tensor,
-                  s: Structures, targets: list[float]) -> dict[float, Mask]:
-    """Per target, the smallest uniform per-layer ratio (grid k = 0..I channels) reaching it."""
-    full = uniform_mask(attention_scores, channel_scores, s, s.intermediate_size)
+def sequential_wanda_mask(model, batches: list[dict], s: Structures, counts: dict[int, tuple[int, int]],
+                          desc: str) -> Mask:
+    """Wanda-sp's loop: per layer, score on the inputs the already-pruned model gives it, prune its count."""
+    def decide(index: int, stats: InputStats):
+        attention, channels = wanda_sp_layer_scores(model, s, stats, index)
+        n_units, n_channels = counts[index]
+        units = _keep_lowest_out(attention, n_units)
+        return unit_mask_to_heads(units.unsqueeze(0), s)[0], _keep_lowest_out(channels, n_channels)
+
+    return layer_by_layer(model, batches, s, decide=decide, desc=desc)[1]
+
+
+def layerwise_masks(method: str, model, batches: list[dict], s: Structures, targets: list[float],
+                    offsets: torch.Tensor | None = None, dense_stats: InputStats | None = None) -> dict[float, Mask]:
+    """Per target, the smallest grid step k whose layer-by-layer mask reaches it.
+
+    A layer-by-layer pass costs about two forward passes, so k is first predicted from masks on
+    the dense model's statistics (no forward), then the layer-by-layer mask at k decides: k steps
+    up until the target is reached, then down while it still is (dead KV groups make sparsity
+    depend on which heads go, not only on how many)."""
+    if dense_stats is None:
+        dense_stats = layer_by_layer(model, batches, s, desc=f"{method} dense stats")[0]
+    attention, channels = wanda_sp_scores(model, s, dense_stats)
+    top = s.intermediate_size + (int(torch.ceil(offsets.abs().max() * s.intermediate_size)) if offsets is not None else 0)
+    cache: dict[int, Mask] = {}
+
+    def layerwise(k: int) -> Mask:
+        if k not in cache:
+            cache[k] = sequential_wanda_mask(model, batches, s, layer_counts(s, k, offsets), f"{method} k={k}")
+        return cache[k]
+
     masks: dict[float, Mask] = {}
-    low = 0
     for target in sorted(set(targets)):
-        if full.sparsity(s) < target:
-            raise MaskError(f"target sparsity {target} cannot be reached with protected layers {list(s.protected)} "
-                            f"(max {full.sparsity(s):.3f}); lower the target or protect fewer layers")
-        high = s.intermediate_size
-        while low < high:  # smallest k with sparsity(k) >= target; sparsity grows with k
+        if uniform_mask(attention, channels, s, layer_counts(s, top, offsets)).sparsity(s) < target:
+            raise MaskError(f"target sparsity {target} cannot be reached with protected layers {list(s.protected)}; "
+                            "lower the target or protect fewer layers")
+        low, high = 0, top   # predicted: smallest k whose dense-statistics mask reaches the target
+        while low < high:
             mid = (low + high) // 2
-            if uniform_mask(attention_scores, channel_scores, s, mid).sparsity(s) >= target:
+            if uniform_mask(attention, channels, s, layer_counts(s, mid, offsets)).sparsity(s) >= target:
                 high = mid
             else:
                 low = mid + 1
-        masks[target] = uniform_mask(attention_scores, channel_scores, s, low)
+        k = low
+        while layerwise(k).sparsity(s) < target and k < top:
+            k += 1
+        if layerwise(k).sparsity(s) < target:
+            raise MaskError(f"target sparsity {target} cannot be reached by {method} with protected layers "
+                            f"{list(s.protected)}; lower the target or protect fewer layers")
+        while k > 0 and layerwise(k - 1).sparsity(s) >= target:
+            k -= 1
+        masks[target] = layerwise(k)
         _log_mask(method, target, masks[target], s)
     return masks
 
 
-def _wanda_sp(model, s, targets, stats, seed, normalize):
-    return uniform_masks("wanda_sp", *wanda_sp_scores(model, s, stats), s, targets)
+def _wanda_sp(model, s, targets, batches, options):
+    return layerwise_masks("wanda_sp", model, batches, s, targets)
 
 
-def _flap(model, s, targets, stats, seed, normalize):
-    attention, channels = flap_scores(model, s, stats)
-    return global_masks("flap", standardize(attention), standardize(channels), s, targets)
+def _owl_sp(model, s, targets, batches, options):
+    stats, _ = layer_by_layer(model, batches, s, projections=PROJECTIONS, desc="owl outliers")
+    ratios = owl_outlier_ratios(model, s, stats, options["owl_outlier_m"])
+    offsets = owl_offsets(ratios, s, options["owl_lambda"])
+    logger.info("owl_sp: outlier ratios %s -> sparsity offsets %s", [round(float(r), 4) for r in ratios],
+                [round(float(o), 4) for o in offsets])
+    return layerwise_masks("owl_sp", model, batches, s, targets, offsets, dense_stats=stats)
 
 
-def _magnitude(model, s, targets, stats, seed, normalize):
-    return global_masks("magnitude", *magnitude_scores(model, s, normalize), s, targets)
+def _flap(model, s, targets, batches, options):
+    stats, _ = layer_by_layer(model, batches, s, desc="flap stats")
+    masks = global_masks("flap", *flap_scores(model, s, stats), s, targets)
+    if has_output_bias(s):   # FLAP's compensation rides with each mask into evaluation and exports
+        for mask in masks.values():
+            mask.biases = compensation_tensors(flap_bias_compensation(model, mask, stats, s), s)
+    return masks
 
 
-def _random(model, s, targets, stats, seed, normalize):
-    return global_masks("random", *random_scores(s, seed), s, targets)
+def _magnitude(model, s, targets, batches, options):
+    return global_masks("magnitude", *magnitude_scores(model, s, options["normalize"]), s, targets)
+
+
+def _random(model, s, targets, batches, options):
+    return global_masks("random", *random_scores(s, options["seed"]), s, targets)
 
 
 BaselineFn = Callable[..., dict[float, Mask]]
 BASELINES: dict[str, BaselineFn] = {
     "wanda_sp": _wanda_sp,
+    "owl_sp": _owl_sp,
     "flap": _flap,
     "magnitude": _magnitude,
     "random": _random,
 }
 
 
-def baseline_masks(method: str, model, structures: Structures, targets: list[float],
-                   stats: InputStats | None, seed: int, normalize: str) -> dict[float, Mask]:
-    """Masks of baseline `method` for every target (keys: the targets), nested in target order."""
-    if method not in BASELINES:
-        raise BaselineError(f"baseline method {method!r} is unknown; valid: {', '.join(sorted(BASELINES))}")
+def baseline_masks(scorer: str, model, structures: Structures, targets: list[float], batches: list[dict] | None,
+                   seed: int = 0, normalize: str = "paper", owl_outlier_m: float = 5.0,
+                   owl_lambda: float = 0.08) -> dict[float, Mask]:
+    """Masks of baseline `scorer` for every target (keys: the targets). `batches` (from
+    `decode_only_batches`, as a list) calibrate wanda_sp, owl_sp and flap; magnitude and random
+    take none."""
+    if scorer not in BASELINES:
+        raise BaselineError(f"baseline scorer {scorer!r} is unknown; valid: {', '.join(sorted(BASELINES))}")
     if normalize not in NORMALIZE_MODES:
         raise BaselineError(f"normalize {normalize!r} must be one of {sorted(NORMALIZE_MODES)}")
-    return BASELINES[method](model, structures, targets, stats, seed, normalize)
+    if scorer in CALIBRATED and not batches:
+        raise BaselineError(f"scorer {scorer!r} needs calibration batches: declare calibration self, gold or generic for it")
+    if scorer not in CALIBRATED and batches:
+        raise BaselineError(f"scorer {scorer!r} reads no calibration data: declare calibration none for it")
+    options = {"seed": seed, "normalize": normalize, "owl_outlier_m": owl_outlier_m, "owl_lambda": owl_lambda}
+    return BASELINES[scorer](model, structures, targets, batches, options)
+
+
+def has_output_bias(s: Structures) -> bool:
+    """Whether FLAP's compensation has a bias to go into (o_proj or down_proj biases)."""
+    return s.o_bias or s.mlp_bias
 
 
 def flap_bias_compensation(model, mask: Mask, stats: InputStats, s: Structures) -> dict[int, dict[str, torch.Tensor]]:
@@ -319,9 +501,20 @@ def flap_bias_compensation(model, mask: Mask, stats: InputStats, s: Structures) 
         if not any(r.any() for r in removed.values()):
             continue
         projections = {"o_proj": adapter.o_proj(layers[i]), "down_proj": adapter.down_proj(layers[i])}
-        biases[i] = {name: _f64(projections[name].weight).cpu()[:, cols] @ stats.mean(name)[i][cols]
+        biases[i] = {name: _f64(projections[name].weight)[:, cols] @ stats.mean(name)[i][cols]
                      for name, cols in removed.items()}
     return biases
+
+
+def compensation_tensors(biases: dict[int, dict[str, torch.Tensor]], s: Structures) -> dict[str, torch.Tensor]:
+    """`flap_bias_compensation`'s per-layer vectors as a mask's bias tensors (float32 [L, hidden]),
+    for the projections that have a bias to add them to."""
+    present = [name for name, has in (("o_proj", s.o_bias), ("down_proj", s.mlp_bias)) if has]
+    tensors = {name: torch.zeros(s.num_layers, s.hidden_size, dtype=torch.float32) for name in present}
+    for layer, per_proj in biases.items():
+        for name in present:
+            tensors[name][layer] = per_proj[name].to(torch.float32)
+    return tensors
 
 
 @torch.no_grad()

@@ -62,6 +62,7 @@ class ModelParams(Strict):
     revision: str | None       # hub revision (branch, tag or sha); None = default branch
     dtype: Literal["float32", "bfloat16", "float16"]
     device: str                # cpu, cuda, cuda:0, ...
+    trust_remote_code: bool = False   # run modeling code shipped in a model directory (never implied by its files)
 
 
 class TaskParams(Strict):
@@ -110,8 +111,10 @@ class PruneParams(Strict):
     @classmethod
     def _fractions(cls, values: list[float]) -> list[float]:
         for v in values:
-            if not 0 <= v < 1:
-                raise ValueError(f"sparsity {v} is outside [0, 1): use a fraction such as 0.4")
+            if not 0 < v < 1:
+                raise ValueError(f"sparsity {v} is outside (0, 1): use a fraction such as 0.4")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{values} repeats a value: list each sparsity once")
         if values != sorted(values):
             raise ValueError(f"{values} must be sorted ascending")
         return values
@@ -120,6 +123,10 @@ class PruneParams(Strict):
     def _targets(self):
         if not self.targets:
             raise ValueError("targets is empty: give at least one parameter sparsity, e.g. [0.4]")
+        late = [m for m in self.milestones if m >= self.targets[-1]]
+        if late:
+            raise ValueError(f"milestones {late} are not below the last target {self.targets[-1]}: a milestone "
+                             "there never triggers (no scoring step follows the last prune); drop them")
         return self
 
 
@@ -136,12 +143,37 @@ class EvaluationParams(Strict):
     nll_batch_size: int = Field(gt=0)
 
 
-METHODS = ("resp", "resp_noregen", "gisp", "generic", "wanda_sp", "flap", "magnitude", "random")
+SCORERS = ("taylor", "wanda_sp", "owl_sp", "flap", "magnitude", "random")
+CALIBRATION_SOURCES = ("self", "gold", "generic", "none")
+
+
+class MethodParams(Strict):
+    """One pruning method: a scorer, the calibration it reads, and whether traces are regenerated."""
+    scorer: Literal[SCORERS]                   # type: ignore[valid-type]
+    calibration: Literal[CALIBRATION_SOURCES]  # type: ignore[valid-type]
+    regenerate: bool = False                   # progressive regeneration at prune.milestones (taylor on self only)
+
+    @model_validator(mode="after")
+    def _combination(self):
+        reads_data = self.scorer not in ("magnitude", "random")
+        if reads_data and self.calibration == "none":
+            raise ValueError(f"scorer {self.scorer} needs calibration data: set calibration to self, gold or generic")
+        if not reads_data and self.calibration != "none":
+            raise ValueError(f"scorer {self.scorer} reads no calibration data: set calibration: none")
+        if self.regenerate and (self.scorer != "taylor" or self.calibration != "self"):
+            raise ValueError("regenerate needs the iterative taylor scorer on self-generated traces "
+                             "(scorer: taylor, calibration: self)")
+        return self
+
+
+class BaselineParams(Strict):
+    owl_outlier_m: float = Field(gt=0)     # OWL's M: a score is an outlier above M times the layer mean
+    owl_lambda: float = Field(ge=0, lt=1)  # OWL's lambda: layer sparsities within +-lambda of the target
 
 
 class RunParams(Strict):
     tasks: list[str]
-    methods: list[Literal[METHODS]]  # type: ignore[valid-type]
+    methods: list[str]   # names declared under `methods`
 
 
 class ExportParams(Strict):
@@ -154,6 +186,7 @@ class RegistryParams(Strict):
     experiment: str = Field(min_length=1)
     artifact_location: str     # artifact folder (path or URI) of a newly created experiment
     log_exports: bool          # copy export directories into the artifact store
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=10)   # reachability check of an http(s) tracking server
 
 
 class ScheduleParams(Strict):
@@ -186,6 +219,8 @@ class Params(Strict):
     generation: GenerationParams
     importance: ImportanceParams
     prune: PruneParams
+    methods: dict[str, MethodParams]
+    baselines: BaselineParams
     evaluation: EvaluationParams
     run: RunParams
     export: ExportParams
@@ -199,6 +234,10 @@ class Params(Strict):
         unknown = [t for t in [*self.run.tasks, self.prose_task] if t not in self.tasks]
         if unknown:
             raise ValueError(f"run.tasks/prose_task name unknown tasks {unknown}; defined: {sorted(self.tasks)}")
+        undeclared = [m for m in self.run.methods if m not in self.methods]
+        if undeclared:
+            raise ValueError(f"run.methods names undeclared methods {undeclared}; declare them under `methods` "
+                             f"(declared: {', '.join(self.methods)})")
         return self
 
 
@@ -221,16 +260,28 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {path} not found: run from the project root or pass --params PATH")
+    body = path.read_bytes()
     try:
-        tree = yaml.safe_load(path.read_text())
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path} is not UTF-8 text (byte 0x{body[e.start]:02x} at offset {e.start}): "
+                          "save it as UTF-8") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise ParamsError(f"{path} is not valid YAML ({where}{getattr(e, 'problem', None) or 'parse error'}); fix the file") from None
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{path} does not hold a mapping of sections (world:, model:, ...): fix the file or pass "
+                          "--params PATH to the project's params.yaml")
     for item in overrides or []:
         if "=" not in item:
             raise ParamsError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
+        if not key.strip() or any(not part.strip() for part in key.split(".")):
+            raise ParamsError(f"override {item!r} has an empty key part before '=': write section.key=value, "
+                              "e.g. prune.steps=10")
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:

@@ -30,6 +30,9 @@ class MaskError(ValueError):
 class Mask:
     heads: torch.Tensor      # bool [L, H], True = kept
     channels: torch.Tensor   # bool [L, I], True = kept
+    # FLAP's bias compensation, added to existing output biases when the mask is applied:
+    # {"o_proj": float32 [L, hidden], "down_proj": float32 [L, hidden]}; None for every other method.
+    biases: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def dense(cls, s: Structures) -> "Mask":
@@ -37,7 +40,8 @@ class Mask:
                    torch.ones(s.num_layers, s.intermediate_size, dtype=torch.bool))
 
     def clone(self) -> "Mask":
-        return Mask(self.heads.clone(), self.channels.clone())
+        biases = {k: v.clone() for k, v in self.biases.items()} if self.biases else None
+        return Mask(self.heads.clone(), self.channels.clone(), biases)
 
     def kv_alive(self, s: Structures) -> torch.Tensor:
         """bool [L, KV]: a KV group is alive while any of its query heads is kept."""
@@ -76,6 +80,9 @@ class Mask:
         for t in (self.heads, self.channels):
             h.update(str(tuple(t.shape)).encode())
             h.update(t.to(torch.uint8).numpy().tobytes())
+        for name, t in sorted((self.biases or {}).items()):   # absent for masks without compensation: digests unchanged
+            h.update(name.encode())
+            h.update(t.to(torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def save(self, path: str | Path, manifest: dict) -> Path:
@@ -83,7 +90,9 @@ class Mask:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"heads": self.heads.to(torch.uint8), "channels": self.channels.to(torch.uint8)}, str(tmp))
+        tensors = {"heads": self.heads.to(torch.uint8), "channels": self.channels.to(torch.uint8)}
+        tensors.update({f"bias.{name}": t.to(torch.float32).contiguous() for name, t in (self.biases or {}).items()})
+        save_file(tensors, str(tmp))
         meta = {**manifest, "digest": self.digest(), "heads_shape": list(self.heads.shape),
                 "channels_shape": list(self.channels.shape)}
         meta_path = path.with_name(path.name + ".json")
@@ -100,7 +109,8 @@ class Mask:
         if not path.is_file() or not meta_path.is_file():
             raise MaskError(f"mask {path} (or its manifest {meta_path.name}) not found: run `resp prune` first")
         tensors = load_file(str(path))
-        mask = cls(tensors["heads"].bool(), tensors["channels"].bool())
+        biases = {k.removeprefix("bias."): v for k, v in tensors.items() if k.startswith("bias.")} or None
+        mask = cls(tensors["heads"].bool(), tensors["channels"].bool(), biases)
         meta = json.loads(meta_path.read_text())
         if meta.get("digest") != mask.digest():
             raise MaskError(f"mask {path} does not match the digest in its manifest: the file was changed; re-run `resp prune`")
@@ -122,7 +132,8 @@ def check_mask_fits(mask: Mask, s: Structures, meta: dict | None = None, model_k
 
 @torch.no_grad()
 def apply_mask(model, mask: Mask, s: Structures) -> None:
-    """Zero the weights of pruned units in place (the masked model keeps stock shapes)."""
+    """Zero the weights of pruned units in place (the masked model keeps stock shapes) and add the
+    mask's bias compensation, if it has one, to the output biases (apply such a mask to dense weights once)."""
     adapter = adapter_for(model.config)
     hd = s.head_dim
     kv_alive = mask.kv_alive(s)
@@ -147,6 +158,12 @@ def apply_mask(model, mask: Mask, s: Structures) -> None:
                 if proj.bias is not None:
                     proj.bias[dead] = 0
             adapter.down_proj(layer).weight[:, dead] = 0
+        for name, deltas in (mask.biases or {}).items():
+            proj = getattr(adapter, name)(layer)
+            if proj.bias is None:
+                raise MaskError(f"the mask carries bias compensation for {name}, but this model's {name} has no bias: "
+                                "it was made for a model with output biases")
+            proj.bias += deltas[i].to(proj.bias.dtype).to(proj.bias.device)
 
 
 def unit_mask_to_heads(units: torch.Tensor, s: Structures) -> torch.Tensor:

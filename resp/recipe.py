@@ -18,6 +18,8 @@ from pathlib import Path
 from resp.config import Params
 from resp.generation import SamplingSpec
 from resp.importance import taylor_scores
+from resp.lineage import check_dense_traces
+from resp.locking import run_dir_lock
 from resp.masks import Mask
 from resp.models import load_model, model_identity
 from resp.schedule import Checkpointer, MaskedModel, PruneState, ScheduleConfig, iterative_prune
@@ -27,9 +29,6 @@ from resp.traces import (TraceSet, check_usable, decode_only_batches, filter_tra
                          self_generated_traces, text_traces)
 
 log = logging.getLogger(__name__)
-
-TAYLOR_METHODS = ("resp", "resp_noregen", "gisp", "generic")
-ONE_SHOT_METHODS = ("wanda_sp", "flap", "magnitude", "random")
 
 
 class RecipeError(ValueError):
@@ -52,6 +51,7 @@ def code_version() -> dict:
 def params_hash(params: Params, task: str) -> str:
     """Digest of every params section that shapes a pruning run of `task`."""
     used = {"model": params.model.model_dump(), "task": params.tasks[task].model_dump(),
+            "methods": {k: v.model_dump() for k, v in params.methods.items()}, "baselines": params.baselines.model_dump(),
             "calibration": params.calibration.model_dump(), "generation": params.generation.model_dump(),
             "importance": params.importance.model_dump(), "prune": params.prune.model_dump(),
             "prose": params.tasks[params.prose_task].model_dump()}
@@ -91,27 +91,46 @@ def make_traces(params: Params, task: str, split: str, limit: int | None, out: s
     return Path(out)
 
 
-def _initial_traces(params: Params, task: str, method: str, tokenizer, dense_traces: str | None, base: dict) -> tuple[TraceSet, str]:
-    t = params.tasks[task]
-    if method in ("resp", "resp_noregen"):
+def method_label(method: str, scorer: str, mask: Mask) -> str:
+    """The name a results table shows: FLAP without its bias compensation says so."""
+    return f"{method} (no bias)" if scorer == "flap" and not mask.biases else method
+
+
+def calibration_traces(params: Params, task: str, source: str, tokenizer, dense_traces: str | None,
+                       base: dict) -> tuple[TraceSet | None, str]:
+    """The calibration a method declares: (traces, path of the dense traces or "" when built here).
+
+    self: the dense model's own traces (`resp traces`); gold: the task's human-written solutions
+    after the same 0-shot prompt; generic: prose_task text (full-sequence loss); none: nothing."""
+    if source == "none":
+        return None, ""
+    if source == "self":
         if dense_traces is None:
-            raise RecipeError(f"method {method} needs the dense model's traces: pass --traces (made by `resp traces`)")
+            raise RecipeError("this method calibrates on the dense model's own traces: pass --traces (made by `resp traces`)")
         return TraceSet.load(dense_traces), str(dense_traces)
-    if method == "gisp":
-        items = calibration_items(t, params.calibration.num_prompts, params.calibration.seed)
-        traces = gold_traces(tokenizer, items, {**base, "prompt_ids": [i.id for i in items]})
-    else:  # generic text (and the activation baselines' calibration)
-        prose = params.tasks[params.prose_task]
-        items = calibration_items(prose, params.calibration.num_prompts, params.calibration.seed)
-        traces = text_traces(tokenizer, items, {**base, "prompt_ids": [i.id for i in items]})
-    return traces, ""
+    if source == "gold":
+        items = calibration_items(params.tasks[task], params.calibration.num_prompts, params.calibration.seed)
+        return gold_traces(tokenizer, items, {**base, "prompt_ids": [i.id for i in items]}), ""
+    items = calibration_items(params.tasks[params.prose_task], params.calibration.num_prompts, params.calibration.seed)
+    return text_traces(tokenizer, items, {**base, "prompt_ids": [i.id for i in items]}), ""
 
 
 def prune(params: Params, task: str, method: str, out_dir: str | Path,
           dense_traces: str | None = None) -> dict[float, Path]:
-    """Run `method` on `task` and write `<out_dir>/masks/sparsity-<t>.safetensors` for every target."""
-    if method not in TAYLOR_METHODS + ONE_SHOT_METHODS:
-        raise RecipeError(f"method {method!r} is unknown; choose one of {', '.join(TAYLOR_METHODS + ONE_SHOT_METHODS)}")
+    """Run `method` on `task` and write `<out_dir>/masks/sparsity-<t>.safetensors` for every target.
+
+    The dense traces must be this task's, made by this model; one writer per run directory."""
+    check_dense_traces(params, task, method, dense_traces)
+    with run_dir_lock(out_dir):
+        return _prune(params, task, method, out_dir, dense_traces)
+
+
+def _prune(params: Params, task: str, method: str, out_dir: str | Path,
+           dense_traces: str | None = None) -> dict[float, Path]:
+    if method not in params.methods:
+        raise RecipeError(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
+                          f"(declared: {', '.join(params.methods)})")
+    declared = params.methods[method]
     out_dir = Path(out_dir)
     p = params.prune
     model, tokenizer = load_model(params.model.name_or_path, params.model.revision, params.model.dtype, params.model.device)
@@ -119,28 +138,35 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
     s = structures_for(model, p.attention_unit, p.protected_layers)
     t = params.tasks[task]
     base = {"model": {**identity.to_dict(), "key": identity.key}, "task": task, "method": method,
-            "params_hash": params_hash(params, task), "code": code_version()}
-    traces, traces_path = _initial_traces(params, task, method, tokenizer, dense_traces, base)
-    if not traces_path:
-        traces_path = str(out_dir / "traces" / "calibration.jsonl")
-        traces.save(traces_path)
-    check_usable(traces, f"{method} calibration traces")
+            "declaration": declared.model_dump(), "params_hash": params_hash(params, task), "code": code_version()}
+    traces, traces_path = calibration_traces(params, task, declared.calibration, tokenizer, dense_traces, base)
+    history: list[dict] = []
+    if traces is not None:
+        if not traces_path:
+            traces_path = str(out_dir / "traces" / "calibration.jsonl")
+            traces.save(traces_path)
+        check_usable(traces, f"{method} calibration traces")
+        history = [{"path": traces_path, "digest": traces.manifest["digest"], "at_step": 0,
+                    "tag": "initial" if declared.scorer == "taylor" else "calibration", **traces.stats()}]
     start = time.time()
 
-    if method in ONE_SHOT_METHODS:
-        from resp.baselines import baseline_masks, collect_input_stats
+    if declared.scorer != "taylor":
+        from resp.baselines import baseline_masks, has_output_bias
 
-        stats = None
-        if method in ("wanda_sp", "flap"):
-            batches = decode_only_batches(traces.traces, params.importance.batch_size, tokenizer.pad_token_id)
-            stats = collect_input_stats(model, batches, s)
-        masks = baseline_masks(method, model, s, p.targets, stats, p.seed, params.importance.normalize)
-        history = [{"path": traces_path, "digest": traces.manifest["digest"], "at_step": 0, "tag": "calibration", **traces.stats()}]
+        batches = None
+        if traces is not None:
+            batches = list(decode_only_batches(traces.traces, params.importance.batch_size, tokenizer.pad_token_id))
+        b = params.baselines
+        masks = baseline_masks(declared.scorer, model, s, p.targets, batches, p.seed, params.importance.normalize,
+                               b.owl_outlier_m, b.owl_lambda)
+        if declared.scorer == "flap" and not has_output_bias(s):
+            log.info("flap: the model has no o_proj/down_proj bias, so FLAP's bias compensation has nowhere to go: "
+                     "reported as flap (no bias)")
         used_by = {t: history for t in p.targets}
         run_log: list[dict] = []
     else:
         dense_answers = {tr.prompt_id: tr.answer for tr in traces.traces}
-        keep_rule = p.trace_filter if method in ("resp", "resp_noregen") else "none"
+        keep_rule = p.trace_filter if declared.calibration == "self" else "none"
         masked = MaskedModel(model, s, keep_dense=p.verify_select)
         imp = params.importance
 
@@ -167,7 +193,7 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
                                          "regeneration": tag}, desc=f"regenerate {tag}",
                                         backend=params.generation.backend, model_dir=model_dir,
                                         gpu_memory_utilization=params.scale.vllm_gpu_memory_utilization)
-            check_usable(new, f"regenerated traces ({tag})")
+            check_usable(new, f"regenerated traces ({tag})", allow_truncated=True)
             path = out_dir / "traces" / f"{tag}.jsonl"
             new.save(path)
             st = new.stats()
@@ -175,12 +201,10 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
                      tag, st["mean_completion_tokens"], st["truncation_rate"], st["answer_accuracy"])
             return new, str(path)
 
-        cfg = ScheduleConfig(p.targets, p.steps, p.milestones if method == "resp" else [], imp.normalize, p.verify_select)
-        initial = PruneState(0, Mask.dense(s), traces, traces_path,
-                             trace_history=[{"path": traces_path, "digest": traces.manifest["digest"], "at_step": 0,
-                                             "tag": "initial", **traces.stats()}])
+        cfg = ScheduleConfig(p.targets, p.steps, p.milestones if declared.regenerate else [], imp.normalize, p.verify_select)
+        initial = PruneState(0, Mask.dense(s), traces, traces_path, trace_history=history)
         fingerprint = hashlib.sha256(json.dumps([base["params_hash"], base["model"], traces.manifest["digest"], method]).encode()).hexdigest()
-        state = iterative_prune(s, cfg, initial, score, regenerate if method == "resp" else None,
+        state = iterative_prune(s, cfg, initial, score, regenerate if declared.regenerate else None,
                                 Checkpointer(out_dir / "state", fingerprint))
         masks, history, run_log = state.saved, state.trace_history, state.log
         used_by = {t: history[:state.saved_after[t]] for t in p.targets}
@@ -191,7 +215,8 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
         manifest = {**base, "target": target, "sparsity": mask.sparsity(s), "structure_ratio": mask.structure_ratio(s),
                     "attention_unit": s.attention_unit, "protected_layers": list(s.protected),
                     "kept_per_layer": mask.kept_per_layer(), "trace_sets": used_by[target],
-                    "prompt_ids_digest": traces.prompt_ids_digest()}
+                    "prompt_ids_digest": traces.prompt_ids_digest() if traces is not None else None,
+                    "label": method_label(method, declared.scorer, mask)}
         written[target] = mask.save(out_dir / "masks" / f"sparsity-{target:.2f}.safetensors", manifest)
         log.info("%s %s: mask at target %.2f has parameter sparsity %.4f, structure ratio %.4f -> %s",
                  method, task, target, manifest["sparsity"], manifest["structure_ratio"], written[target])

@@ -206,6 +206,8 @@ class MaskedModel:
                        if n.endswith("proj.weight") or n.endswith("proj.bias")} if keep_dense else None)
 
     def set(self, mask: Mask):
+        if mask.biases and self.dense is None:
+            raise ValueError("a mask with bias compensation adds to biases: build MaskedModel with keep_dense=True")
         if self.dense is not None:
             with torch.no_grad():
                 for name, p in self.model.named_parameters():

@@ -55,21 +55,41 @@ def test_same_params_same_masks(tiny_params, dense_traces, tmp_path):
     assert summaries[0] == summaries[1] and "seconds" not in summaries[0]
 
 
-@pytest.mark.parametrize("method", ["resp_noregen", "gisp", "generic", "wanda_sp", "flap", "magnitude", "random"])
+@pytest.mark.parametrize("method", ["resp_noregen", "gisp", "generic", "wanda_sp", "owl_sp", "flap", "magnitude",
+                                    "random", "wanda_sp_self"])
 def test_every_method_writes_masks_at_targets(tiny_params, dense_traces, tmp_path, method):
-    written = prune(tiny_params, "choice" if method == "gisp" else "arith", method, tmp_path / method,
-                    str(dense_traces) if method == "resp_noregen" else None)
+    declared = tiny_params.methods[method]
+    written = prune(tiny_params, "arith", method, tmp_path / method,
+                    str(dense_traces) if declared.calibration == "self" else None)
     summary = json.loads((tmp_path / method / "summary.json").read_text())
-    assert [t["tag"] for t in summary["trace_sets"]] in (["initial"], ["calibration"])
+    expected_tags = {"none": [], "self": ["initial"] if declared.scorer == "taylor" else ["calibration"]}
+    tags = [t["tag"] for t in summary["trace_sets"]]
+    assert tags == expected_tags.get(declared.calibration, ["initial"] if declared.scorer == "taylor" else ["calibration"])
     for target, path in written.items():
         mask, meta = Mask.load(path)
         assert meta["method"] == method and meta["sparsity"] >= target
+        assert meta["declaration"] == declared.model_dump()
+        assert meta["label"] == ("flap (no bias)" if method == "flap" else method)
+    if declared.calibration == "self":   # calibrated on the dense traces themselves, not a copy
+        assert summary["trace_sets"][0]["digest"] == TraceSet.load(dense_traces).manifest["digest"]
+    elif declared.calibration != "none":
+        calibration = TraceSet.load(tmp_path / method / "traces" / "calibration.jsonl")
+        assert calibration.manifest["kind"] == {"gold": "gold", "generic": "text"}[declared.calibration]
+
+
+def test_calibration_source_is_an_axis_of_its_own(tiny_params, dense_traces, tmp_path):
+    """The same scorer on self-generated and gold calibration gives different masks, and the
+    self-calibrated Wanda-sp reads exactly the dense traces RESP reads."""
+    gold = prune(tiny_params, "arith", "wanda_sp", tmp_path / "gold")
+    own = prune(tiny_params, "arith", "wanda_sp_self", tmp_path / "self", str(dense_traces))
+    assert any(Mask.load(gold[t])[0].digest() != Mask.load(own[t])[0].digest() for t in gold)
+    assert Mask.load(own[0.2])[1]["trace_sets"][0]["path"] == str(dense_traces)
 
 
 def test_bad_inputs(tiny_params, tmp_path, dense_traces):
-    with pytest.raises(RecipeError, match="needs the dense model's traces"):
+    with pytest.raises(RecipeError, match="this method calibrates on the dense model's own traces: pass --traces"):
         prune(tiny_params, "arith", "resp", tmp_path / "x")
-    with pytest.raises(RecipeError, match="method 'obs' is unknown"):
+    with pytest.raises(RecipeError, match="method 'obs' is not declared; declare it under `methods` in params.yaml"):
         prune(tiny_params, "arith", "obs", tmp_path / "x")
     bad = tiny_params.model_copy(update={"prune": tiny_params.prune.model_copy(update={"protected_layers": [0, 1, 2, 3]})})
     with pytest.raises(StructureError, match="nothing is left to prune"):
@@ -81,7 +101,7 @@ def test_bad_inputs(tiny_params, tmp_path, dense_traces):
     with pytest.raises(TraceError, match="all 6 traces are truncated"):
         prune(tiny_params, "arith", "resp", tmp_path / "y", str(tmp_path / "trunc.jsonl"))
     assert not (tmp_path / "y" / "masks").exists()                  # nothing half-written
-    TraceSet([], {}).save(tmp_path / "empty.jsonl")
+    TraceSet([], TraceSet.load(dense_traces).manifest).save(tmp_path / "empty.jsonl")   # same lineage, no traces
     with pytest.raises(TraceError, match="the trace set is empty"):
         prune(tiny_params, "arith", "resp", tmp_path / "z", str(tmp_path / "empty.jsonl"))
 

@@ -70,5 +70,5 @@ def compact_model(model, mask: Mask, s: Structures) -> tuple[RespCompactForCausa
     if not any(p.query_heads for p in plans):
         raise ExportError("the mask prunes every attention head of every layer: a compact model needs one layer "
                           "with attention; protect a layer or lower the sparsity")
-    state = sliced_state_dict(model, plans, s)
+    state = sliced_state_dict(model, plans, s, mask.biases)
     return build_from_state_dict(RespCompactForCausalLM, compact_config(model.config, plans, s), state, model), plans

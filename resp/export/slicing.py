@@ -44,13 +44,15 @@ def _head_rows(heads: list[int], head_dim: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sliced_state_dict(model, plans: list[LayerPlan], s: Structures) -> dict[str, torch.Tensor]:
-    """The model's state dict with q/k/v/o and MLP tensors of every layer cut to `plans`."""
+def sliced_state_dict(model, plans: list[LayerPlan], s: Structures,
+                      biases: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict with q/k/v/o and MLP tensors of every layer cut to `plans`, plus a
+    mask's bias compensation ({"o_proj"|"down_proj": [L, hidden]}) added to those output biases."""
     adapter = adapter_for(model.config)
     names = {module: name for name, module in model.named_modules()}
     state = dict(model.state_dict())
     hd = s.head_dim
-    for layer, plan in zip(adapter.layers(model), plans):
+    for i, (layer, plan) in enumerate(zip(adapter.layers(model), plans)):
         device = adapter.q_proj(layer).weight.device
         q_rows = _head_rows(plan.query_heads, hd, device)
         kv_rows = _head_rows(plan.kv_heads, hd, device)
@@ -68,6 +70,11 @@ def sliced_state_dict(model, plans: list[LayerPlan], s: Structures) -> dict[str,
             state[f"{names[module]}.weight"] = module.weight.index_select(dim, index)
             if module.bias is not None and dim == 0:  # an output bias follows the rows; o/down biases stay whole
                 state[f"{names[module]}.bias"] = module.bias.index_select(0, index)
+        for name, deltas in (biases or {}).items():
+            module = getattr(adapter, name)(layer)
+            if module.bias is None:
+                raise ExportError(f"the mask carries bias compensation for {name}, but the model's {name} has no bias")
+            state[f"{names[module]}.bias"] = module.bias + deltas[i].to(module.bias.dtype).to(device)
     return state
 
 

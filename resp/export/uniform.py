@@ -28,7 +28,7 @@ import math
 import torch
 
 from resp.adapters import adapter_for
-from resp.export.slicing import LayerPlan, build_from_state_dict, sliced_state_dict
+from resp.export.slicing import ExportError, LayerPlan, build_from_state_dict, sliced_state_dict
 from resp.masks import Mask
 from resp.structures import Structures
 
@@ -114,6 +114,9 @@ def layer_changes(plans: list[LayerPlan], mask: Mask, s: Structures) -> list[dic
 
 def uniform_model(model, mask: Mask, s: Structures, channel_multiple: int):
     """A stock-family model (a new module; `model` is unchanged), its plan and its shape."""
+    if mask.biases:
+        raise ExportError("a uniform export changes which units are removed, so the mask's FLAP bias compensation "
+                          "no longer matches: export it as masked or compact")
     shape = uniform_shape(mask, s, channel_multiple)
     plans = uniform_plan(model, mask, s, shape)
     config = copy.deepcopy(model.config)
