@@ -1,0 +1,141 @@
+"""What a real Llama-family instruct model (SmolLM2-135M-Instruct, `benchmarks/real_model.py`) needs from the
+library, on a tiny random model of that shape: tied input/output embeddings, 3 query heads per KV head, a ChatML
+chat template without thinking mode, a directory converted from GGUF. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from conftest import make_llama
+from resp import tasks
+from resp.config import load_params
+from resp.evaluate import evaluate_masks, masks_in_dir
+from resp.export import export_model
+from resp.masks import Mask
+from resp.models import ModelLoadError, load_model
+from resp.recipe import make_traces, prune
+from resp.structures import structures_for
+from resp.tasks import render_prompt
+
+# SmolLM2-135M-Instruct's chat template, verbatim: ChatML, a default system turn, no enable_thinking.
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                 "<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                 "{% endif %}")
+SMOL_SHAPE = dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)  # 3 query heads per KV head
+
+
+@pytest.fixture
+def smol_tokenizer(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = SMOL_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(tasks, "_WARNED_NO_THINKING", set())
+
+
+@pytest.fixture
+def smol_dir(tmp_path, smol_tokenizer):
+    """A tiny random Llama with tied embeddings and the SmolLM2 chat template, saved like `prepare` saves one."""
+    path = tmp_path / "smol"
+    model = make_llama(**SMOL_SHAPE)
+    eos = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.config.eos_token_id = model.config.pad_token_id = eos
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos)
+    with torch.no_grad():  # tied: this scales the <|im_end|> input embedding too; ends some traces early
+        model.lm_head.weight[eos] *= 30
+    model.save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+def warnings_from_tasks(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "resp.tasks" and r.levelno == logging.WARNING]
+
+
+def test_template_without_thinking_mode_warns_once_and_renders(smol_tokenizer, caplog):
+    caplog.set_level(logging.WARNING)
+    prompts = [render_prompt(smol_tokenizer, f"What is {n} + 1?") for n in range(3)]
+    assert prompts[0] == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                          "<|im_end|>\n<|im_start|>user\nWhat is 0 + 1?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[2].endswith("What is 2 + 1?<|im_end|>\n<|im_start|>assistant\n")
+    (warning,) = warnings_from_tasks(caplog)  # exactly one over three calls
+    assert warning.startswith("the model's chat template has no thinking mode (no enable_thinking)")
+    assert render_prompt(smol_tokenizer, "x", enable_thinking=False).endswith("x<|im_end|>\n<|im_start|>assistant\n")
+    assert len(warnings_from_tasks(caplog)) == 1
+
+
+def test_template_with_thinking_mode_is_passed_the_switch(tiny_tokenizer, caplog):
+    caplog.set_level(logging.WARNING)
+    on, off = (render_prompt(tiny_tokenizer, "Tom", enable_thinking=flag) for flag in (True, False))
+    assert on != off and "<think>" in off  # the Qwen3-style template writes an empty think block when off
+    assert warnings_from_tasks(caplog) == []
+
+
+def test_tied_llama_loads_with_its_structures(smol_dir):
+    model, tokenizer = load_model(str(smol_dir))
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    s = structures_for(model, "query_head", None)
+    assert (s.num_heads, s.num_kv_heads, s.n_rep, s.head_dim) == (6, 2, 3, 8)
+    # decoder parameters only: the tied embedding matrix is neither counted nor pruned
+    assert s.decoder_params == sum(p.numel() for p in model.model.layers.parameters())
+
+
+def test_recipe_on_tied_llama_without_thinking_mode(smol_dir, smol_tokenizer, tiny_world_dir, tmp_path, caplog):
+    """Traces, RESP and a one-shot baseline, evaluation and exports: the pipeline's own functions."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    params = load_params(root / "params.yaml", [
+        f"model.name_or_path={smol_dir}", f"tasks.arith.source={tiny_world_dir / 'arith'}",
+        f"tasks.prose.source={tiny_world_dir / 'prose'}", "calibration.num_prompts=6", "generation.max_new_tokens=12",
+        "generation.batch_size=4", "importance.batch_size=4", "prune.steps=3", "prune.targets=[0.1,0.2]",
+        "prune.milestones=[0.1]", "evaluation.num_items=4", "evaluation.max_new_tokens=8", "evaluation.nll_traces=4"])
+    caplog.set_level(logging.WARNING)
+    dense = make_traces(params, "arith", "train", None, tmp_path / "dense.jsonl")
+    heldout = make_traces(params, "arith", "test", 4, tmp_path / "heldout.jsonl")
+    masks = {m: prune(params, "arith", m, tmp_path / m, str(dense)) for m in ("resp", "wanda_sp")}
+    # RESP regenerated at 0.1 through the same template: still one warning for the whole run
+    assert (tmp_path / "resp" / "traces" / "milestone-0.10.jsonl").is_file()
+    assert len(warnings_from_tasks(caplog)) == 1
+    out = evaluate_masks(params, "arith", "resp", masks_in_dir(tmp_path / "resp" / "masks"), heldout,
+                         tmp_path / "resp.json", include_dense=True)
+    results = json.loads(out.read_text())["results"]
+    assert sorted(results) == ["0.10", "0.20", "dense"]
+    assert results["0.20"]["sparsity"] >= 0.2 and results["dense"]["nll"]["n_tokens"] > 0
+    assert results["0.20"]["nll"]["nll"] != results["dense"]["nll"]["nll"]
+
+    model, tokenizer = load_model(str(smol_dir))
+    s = structures_for(model, "query_head", None)
+    mask, _ = Mask.load(masks["resp"][0.2])
+    ids = torch.tensor([[1, 5, 9, 11, 40]])
+    exported = {fmt: export_model(model, tokenizer, mask, s, fmt, tmp_path / fmt, 8) for fmt in ("masked", "compact")}
+    reloaded = {fmt: load_model(str(path))[0] for fmt, path in exported.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded["compact"](ids).logits, reloaded["masked"](ids).logits, atol=1e-5, rtol=1e-5)
+    for m in reloaded.values():  # the export keeps the head tied to the (unpruned) embedding
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+        torch.testing.assert_close(m.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_converted_dir_without_tokenizer_is_one_clear_line(tmp_path):
+    """A directory saved from a GGUF file with the model's save_pretrained only."""
+    path = tmp_path / "from-gguf"
+    make_llama(**SMOL_SHAPE).save_pretrained(path)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(str(path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path} has no tokenizer: none of tokenizer.json, tokenizer_config.json, "
+                              "tokenizer.model, vocab.json; save it beside the weights")
+    assert f"gguf_file=name).save_pretrained('{path}')" in message
