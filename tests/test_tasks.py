@@ -84,15 +84,18 @@ def test_text_items_and_single_file_source(tmp_path):
                                                      Item("test-1", "A grey cat sleeps.", "", "", None)]
 
 
+TWO_SHOT_TEST_MESSAGE = (   # the first test item after the first two train items as exemplars
+    "Question: Tom has 3 apples. He buys 2 more. How many apples does Tom have?\n"
+    "Answer: He has 3 + 2 = 5 apples. The answer is 5.\n\n"
+    "Question: Ana has 10 pens. She loses 4. How many pens are left?\n"
+    "Answer: Losing 4 left 10 - 4 = 6 pens. The answer is 6.\n\n"
+    "Question: Mia has 1,200 coins and spends 200. How many are left?\n"
+    "Answer:")
+
+
 def test_few_shot_message_exact(gsm8k_dir):
     items = load_items(task(gsm8k_dir, few_shot=2), "test")
-    assert items[0].message == (
-        "Question: Tom has 3 apples. He buys 2 more. How many apples does Tom have?\n"
-        "Answer: He has 3 + 2 = 5 apples. The answer is 5.\n\n"
-        "Question: Ana has 10 pens. She loses 4. How many pens are left?\n"
-        "Answer: Losing 4 left 10 - 4 = 6 pens. The answer is 6.\n\n"
-        "Question: Mia has 1,200 coins and spends 200. How many are left?\n"
-        "Answer:")
+    assert items[0].message == TWO_SHOT_TEST_MESSAGE
     assert (items[0].id, items[0].gold) == ("test-0", "1,000")
 
 
@@ -135,13 +138,7 @@ def test_calibration_is_zero_shot_while_evaluation_keeps_few_shot(gsm8k_dir):
     zero_shot = load_items(task(gsm8k_dir), "train")
     assert calibration == [zero_shot[k] for k in order]
     [evaluation] = load_items(fs, "test")
-    assert evaluation.message == (
-        "Question: Tom has 3 apples. He buys 2 more. How many apples does Tom have?\n"
-        "Answer: He has 3 + 2 = 5 apples. The answer is 5.\n\n"
-        "Question: Ana has 10 pens. She loses 4. How many pens are left?\n"
-        "Answer: Losing 4 left 10 - 4 = 6 pens. The answer is 6.\n\n"
-        "Question: Mia has 1,200 coins and spends 200. How many are left?\n"
-        "Answer:")
+    assert evaluation.message == TWO_SHOT_TEST_MESSAGE
     assert fs.few_shot == 2  # the task params are not changed by calibration_items
 
 
