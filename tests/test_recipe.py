@@ -128,3 +128,17 @@ def test_vllm_backend_generates_from_model_dirs(tiny_params, tmp_path, monkeypat
     assert calls[1:] == [str(tmp_path / "run" / "masked" / tag) for tag in ("milestone-0.05", "milestone-0.10")]
     regenerated = TraceSet.load(tmp_path / "run" / "traces" / "milestone-0.10.jsonl")
     assert regenerated.manifest["sampling"]["backend"] == "vllm"
+
+
+@pytest.mark.parametrize("scorer", ["taylor", "wanda_sp", "owl_sp", "flap"])
+@pytest.mark.parametrize("calibration", ["self", "gold", "generic"])
+def test_every_scorer_runs_on_every_calibration_source(tiny_params, dense_traces, tmp_path, scorer, calibration):
+    from resp.config import MethodParams
+
+    methods = {**tiny_params.methods, "probe": MethodParams(scorer=scorer, calibration=calibration)}
+    params = tiny_params.model_copy(update={"methods": methods})
+    written = prune(params, "arith", "probe", tmp_path / "probe", str(dense_traces) if calibration == "self" else None)
+    meta = Mask.load(written[0.2])[1]
+    used = TraceSet.load(meta["trace_sets"][0]["path"]).manifest
+    assert used["kind"] == {"self": "self_generated", "gold": "gold", "generic": "text"}[calibration]
+    assert meta["declaration"] == {"scorer": scorer, "calibration": calibration, "regenerate": False}
