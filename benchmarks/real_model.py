@@ -44,8 +44,8 @@ its own dry run). Costs on those shared cores: loading the model ~12 s per phase
 generation ~0.5 s per decode step at batch 16 (so ~110 s per 16 prompts x 192 tokens); Taylor
 scoring ~11 s per calibration trace per pruning step (forward + backward, 49,152-token head);
 NLL ~2.4 s per held-out trace per evaluated model. The full run evaluates 19 models (dense +
-9 methods x 2 targets), each with a greedy pass (no sampled pass: evaluation.sample_seeds is
-empty) and 64-trace NLL. The measured total is in the results file; the full protocol does not
+9 methods x 2 targets), each with a greedy pass (no sampled pass: evaluation.samples is
+0) and 64-trace NLL. The measured total is in the results file; the full protocol does not
 fit 35 minutes on 2 cores.
 `--set evaluation.num_items=8` and `--methods` (a subset) shorten it; see the results file.
 
@@ -167,7 +167,7 @@ def prepare(model_dir: Path = MODEL_DIR, gguf: Path | None = None) -> Path:
 FULL = {"calibration.num_prompts": 16, "generation.max_new_tokens": 192, "generation.batch_size": 16,
         "importance.batch_size": 4, "prune.steps": 3, "prune.targets": [0.2, 0.3], "prune.milestones": [0.1, 0.2],
         "evaluation.num_items": 16, "evaluation.max_new_tokens": 192, "evaluation.batch_size": 16,
-        "evaluation.sample_seeds": [], "evaluation.nll_traces": 64, "evaluation.nll_batch_size": 8}
+        "evaluation.samples": 0, "evaluation.nll_traces": 64, "evaluation.nll_batch_size": 8}
 # --dry-run: the same code paths in minutes.
 DRY = {**FULL, "calibration.num_prompts": 4, "generation.max_new_tokens": 256, "generation.batch_size": 8,
        "prune.steps": 3, "evaluation.num_items": 8, "evaluation.max_new_tokens": 32, "evaluation.batch_size": 8,
@@ -251,7 +251,8 @@ def run(work: Path, sizes: dict, methods: list[str] | None, extra: list[str], mo
         from resp.report import write_report
 
         reported = [m for m in methods if m not in failures and (metrics / f"{m}.json").is_file()]
-        write_report(work / "metrics", work / "report", [task], reported, list(params.prune.targets))
+        write_report(work / "metrics", work / "report", [task], reported, list(params.prune.targets),
+                     runs_dir=work / "runs", params=params.report)
     except Exception as e:  # noqa: BLE001 - the results file below does not depend on it
         log.warning("the pipeline report was not written (%s)", e)
     text = results_markdown(work, task, methods, list(params.prune.targets), phases.times, params, command, failures)

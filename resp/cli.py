@@ -110,7 +110,7 @@ def eval_command(
     split: Annotated[str | None, typer.Option(help="split to evaluate (default: the task's eval_split)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N items (default: evaluation.num_items)")] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature; 0 = greedy")] = 0.0,
-    seed: Annotated[int | None, typer.Option(help="sampling seed (default: first of evaluation.sample_seeds)")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (default: evaluation.sample_seed)")] = None,
     out: Annotated[Path | None, typer.Option(help="write metrics and per-item records to this JSON file")] = None,
     trust_remote_code: TrustRemoteCode = False,
     params: ParamsPath = Path("params.yaml"),
@@ -127,9 +127,7 @@ def eval_command(
         p = load_params(params, overrides)
         label, task_params, split = _eval_task(p, task, task_file, task_format, split)
         _early_checks(p, [(out, "file")])
-        if seed is None and not p.evaluation.sample_seeds:
-            raise ValueError("evaluation.sample_seeds is empty: pass --seed")
-        seed = p.evaluation.sample_seeds[0] if seed is None else seed
+        seed = p.evaluation.sample_seed if seed is None else seed
         items = load_items(task_params, split)[: limit or p.evaluation.num_items]
         name, revision = _model_ref(p, model, revision)
         backend = p.evaluation.backend
@@ -145,13 +143,15 @@ def eval_command(
             spec = SamplingSpec(temperature=temperature, top_p=p.evaluation.top_p, top_k=p.evaluation.top_k,
                                 max_new_tokens=p.evaluation.max_new_tokens)
             started = time.perf_counter()
-            result = evaluate_task(lm, tokenizer, items, task_params.format, spec, p.evaluation.batch_size, seed, engine)
+            result = evaluate_task(lm, tokenizer, items, task_params.format, spec, p.evaluation.batch_size, seed, engine,
+                                   p.evaluation.reflection_markers)
         seconds = time.perf_counter() - started
     correct = sum(r["correct_strict"] for r in result["records"])
     typer.echo(f"{label} [{split}] {name}: accuracy strict {result['accuracy_strict']:.4f} ({correct}/{result['n']}), "
                f"flexible {result['accuracy_flexible']:.4f}, "
                f"mean completion {result['mean_completion_tokens']:.1f} tokens, "
-               f"truncation rate {result['truncation_rate']:.4f}, {seconds:.1f} s")
+               f"truncation rate {result['truncation_rate']:.4f}, self-check rate {result['reflection_rate']:.4f}, "
+               f"{seconds:.1f} s")
     if out is not None:
         report = {"model": name, "revision": revision, "task": label, "format": task_params.format, "split": split,
                   "sampling": {**asdict(spec), "seed": seed, "batch_size": p.evaluation.batch_size, "backend": backend},
@@ -235,6 +235,24 @@ def world_train_command(params: ParamsPath = Path("params.yaml"), overrides: Ove
         p = load_params(params, overrides)
     path = train_embedded_model(p.embedded_model, p.embedded_model.dir, n_test=p.world.test_items, world_seed=p.world.seed)
     typer.echo(f"wrote the embedded model to {path}")
+
+
+@world_app.command("check")
+def world_check_command(
+    out: Annotated[Path | None, typer.Option(help="also write the measurements as JSON here")] = None,
+    params: ParamsPath = Path("params.yaml"), overrides: Overrides = None,
+) -> None:
+    """Measure the committed model against the world's targets (accuracy, entropy, length, self-checks)."""
+    from resp.evaluate import write_json
+    from resp.world.check import format_measurements, measure_world
+
+    with user_errors():
+        p = load_params(params, overrides)
+        _early_checks(p, [(out, "file")] if out else [])
+        results = measure_world(p)
+    typer.echo(format_measurements(results))
+    if out is not None:
+        typer.echo(f"wrote {write_json(out, results)}")
 
 
 @app.command("traces")
@@ -337,10 +355,12 @@ def evaluate_command(
 def report_command(
     metrics_dir: Annotated[Path, typer.Option(help="directory holding {task}/{method}.json and {task}/dense.json")],
     out: Annotated[Path, typer.Option(help="report directory: results.md, metrics.json, plots/")],
+    runs_dir: Annotated[Path, typer.Option(help="directory holding {task}/{method}/summary.json (trace drift, regenerations)")] = Path("data/runs"),
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
-    """Write the results table, flat metrics and plots for run.tasks x run.methods x prune.targets."""
+    """Write the results table (intervals, paired differences), flat metrics and plots for
+    run.tasks x run.methods x prune.targets, as params `report` says."""
     from resp.report import write_report
 
     with user_errors():
@@ -348,7 +368,8 @@ def report_command(
         from resp.outputs import check_output
 
         check_output(out, "dir")
-        written = write_report(metrics_dir, out, p.run.tasks, list(p.run.methods), p.prune.targets)
+        written = write_report(metrics_dir, out, p.run.tasks, list(p.run.methods), p.prune.targets,
+                               runs_dir=runs_dir, params=p.report)
     typer.echo(f"wrote {len(written)} files to {out} (table: {out / 'results.md'})")
 
 

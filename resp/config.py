@@ -24,6 +24,26 @@ class WorldParams(Strict):
     test_items: int = Field(ge=500)
     prose_items: int = Field(gt=0)
     dir: str
+    check_items: int = Field(gt=0)     # `resp world check`: held-out items per task
+    check_samples: int = Field(ge=2)   # sampled completions per item (distinct completions, self-check rate)
+
+    @model_validator(mode="after")
+    def _splits(self):
+        if self.check_items > self.test_items:
+            raise ValueError(f"check_items ({self.check_items}) exceeds test_items ({self.test_items}): "
+                             "measure at most the test split")
+        if self.train_items < self.test_items:
+            raise ValueError(f"train_items ({self.train_items}) is below test_items ({self.test_items}): the calibration "
+                             "and few-shot pool would be smaller than the test split; raise train_items")
+        return self
+
+
+class WorldStyle(Strict):
+    check_hard: float = Field(ge=0, le=1)
+    check_easy: float = Field(ge=0, le=1)
+    error: float = Field(ge=0, le=1)
+    opening: float = Field(ge=0, le=1)
+    closing: float = Field(ge=0, le=1)
 
 
 class EmbeddedModelParams(Strict):
@@ -44,10 +64,10 @@ class EmbeddedModelParams(Strict):
     warmup_steps: int = Field(ge=0)
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
-    focus_steps: int = Field(ge=0)
-    focus_lr: float = Field(gt=0)
-    focus_other_fraction: float = Field(ge=0)
-    focus_choice_answer: Literal["letter", "value"]
+    checkpoint_every: int = Field(ge=0)      # keep a checkpoint + validation accuracy every N steps (0: never)
+    validation_items: int = Field(gt=0)       # fresh problems per task for that accuracy
+    validation_max_new_tokens: int = Field(gt=0)
+    style: WorldStyle
     dir: str
 
     @model_validator(mode="after")
@@ -77,6 +97,22 @@ class TaskParams(Strict):
 class CalibrationParams(Strict):
     num_prompts: int = Field(gt=0)
     seed: int
+    # Selective self-generated calibration (calibration: self_selected; Xiang et al. 2025): sample
+    # `select_candidates` prompts `select_samples` times each, keep traces whose length lies within
+    # the candidates' `select_length_quantiles`, most challenging first (the dense model's answers disagree most).
+    select_candidates: int = Field(gt=0)
+    select_samples: int = Field(ge=2)
+    select_length_quantiles: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _selection(self):
+        lo, hi = self.select_length_quantiles
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"select_length_quantiles {[lo, hi]} must satisfy 0 <= low < high <= 1, e.g. [0.25, 0.9]")
+        if self.select_candidates < self.num_prompts:
+            raise ValueError(f"select_candidates ({self.select_candidates}) is below num_prompts ({self.num_prompts}): "
+                             "selection needs at least as many candidates as it keeps")
+        return self
 
 
 class GenerationParams(Strict):
@@ -103,8 +139,7 @@ class PruneParams(Strict):
     targets: list[float]
     milestones: list[float]
     protected_layers: list[int] | None   # None: first floor(0.1*L) layers and the last
-    verify_select: bool
-    trace_filter: Literal["none", "correct", "correct_or_agree"]
+    drift_threshold: float = Field(gt=0)  # regenerate: drift -> regenerate when the traces' loss rose this much (nats/token)
     seed: int
 
     @field_validator("targets", "milestones")
@@ -138,20 +173,26 @@ class EvaluationParams(Strict):
     temperature: float = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     top_k: int = Field(ge=0)
-    sample_seeds: list[int]
+    samples: int = Field(ge=0)   # sampled completions per item (0: no sampled pass), drawn in one pass
+    sample_seed: int
+    reflection_markers: list[str]   # a completion containing one of these checks or corrects itself
     nll_traces: int = Field(ge=0)
     nll_batch_size: int = Field(gt=0)
 
 
 SCORERS = ("taylor", "wanda_sp", "owl_sp", "flap", "magnitude", "random")
-CALIBRATION_SOURCES = ("self", "gold", "generic", "none")
+CALIBRATION_SOURCES = ("self", "self_selected", "gold", "generic", "none")
+SELF_SOURCES = ("self", "self_selected")   # the dense model's own traces
 
 
 class MethodParams(Strict):
-    """One pruning method: a scorer, the calibration it reads, and whether traces are regenerated."""
+    """One pruning method: a scorer, the calibration it reads, when traces are regenerated, and
+    the reflection options (method.md): branch-and-verify at milestones, trace filtering."""
     scorer: Literal[SCORERS]                   # type: ignore[valid-type]
     calibration: Literal[CALIBRATION_SOURCES]  # type: ignore[valid-type]
-    regenerate: bool = False                   # progressive regeneration at prune.milestones (taylor on self only)
+    regenerate: Literal["none", "milestones", "drift"] = "none"   # milestones: at prune.milestones; drift: past prune.drift_threshold
+    verify_select: bool = False                # at each regeneration, branch refresh vs keep and keep the better
+    trace_filter: Literal["none", "correct", "correct_or_agree"] = "none"
 
     @model_validator(mode="after")
     def _combination(self):
@@ -160,15 +201,31 @@ class MethodParams(Strict):
             raise ValueError(f"scorer {self.scorer} needs calibration data: set calibration to self, gold or generic")
         if not reads_data and self.calibration != "none":
             raise ValueError(f"scorer {self.scorer} reads no calibration data: set calibration: none")
-        if self.regenerate and (self.scorer != "taylor" or self.calibration != "self"):
+        iterative_self = self.scorer == "taylor" and self.calibration in SELF_SOURCES
+        if self.regenerate != "none" and not iterative_self:
             raise ValueError("regenerate needs the iterative taylor scorer on self-generated traces "
-                             "(scorer: taylor, calibration: self)")
+                             "(scorer: taylor, calibration: self or self_selected)")
+        if self.verify_select and self.regenerate != "milestones":
+            raise ValueError("verify_select branches at regeneration milestones: set regenerate: milestones")
+        if self.trace_filter != "none" and not iterative_self:
+            raise ValueError("trace_filter keeps self-generated traces by their answers: it needs scorer: taylor "
+                             "with calibration: self or self_selected")
         return self
 
 
 class BaselineParams(Strict):
     owl_outlier_m: float = Field(gt=0)     # OWL's M: a score is an outlier above M times the layer mean
     owl_lambda: float = Field(ge=0, lt=1)  # OWL's lambda: layer sparsities within +-lambda of the target
+
+
+class ReportParams(Strict):
+    reference: str                 # the method every comparison is made against (resp)
+    no_regeneration: str           # its ablation without regeneration (the regeneration effect)
+    ablations: list[str]           # variants of the reference reported as ablation rows (not baselines)
+    drift_triggered: str           # the ablation regenerating on drift: its regenerations counted, its drift plotted
+    bootstrap_samples: int = Field(ge=100)
+    confidence: float = Field(gt=0, lt=1)
+    seed: int
 
 
 class RunParams(Strict):
@@ -222,6 +279,7 @@ class Params(Strict):
     methods: dict[str, MethodParams]
     baselines: BaselineParams
     evaluation: EvaluationParams
+    report: ReportParams
     run: RunParams
     export: ExportParams
     registry: RegistryParams
@@ -238,6 +296,10 @@ class Params(Strict):
         if undeclared:
             raise ValueError(f"run.methods names undeclared methods {undeclared}; declare them under `methods` "
                              f"(declared: {', '.join(self.methods)})")
+        named = [self.report.reference, self.report.no_regeneration, *self.report.ablations, self.report.drift_triggered]
+        undeclared = [m for m in named if m not in self.methods]
+        if undeclared:
+            raise ValueError(f"report names undeclared methods {undeclared}; declare them under `methods`")
         return self
 
 

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 DENSE = "dense"
 MASK_FILE = re.compile(r"^sparsity-(\d+\.\d+)\.safetensors$")
 ACCURACY_KEYS = tuple(f"accuracy_{extractor}" for extractor in EXTRACTORS)  # accuracy_strict, accuracy_flexible
-SUMMARY_KEYS = ("n", *ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate")
+SUMMARY_KEYS = ("n", *ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate", "reflection_rate", "per_item")
+PER_ITEM_KEYS = (*(f"correct_{e}" for e in EXTRACTORS), "completion_tokens", "truncated", "reflection")
 BACKEND_KNOB = "evaluation.backend"
 
 
@@ -56,9 +57,10 @@ class EvaluationError(ValueError):
 
 
 def evaluate_task(model, tokenizer, items: list[Item], fmt: str, spec: SamplingSpec, batch_size: int,
-                  seed: int, engine: VllmEngine | None = None) -> dict:
-    """Strict and flexible accuracy, mean completion tokens, truncation rate and per-item records
-    over `items`.
+                  seed: int, engine: VllmEngine | None = None, markers: list[str] | tuple[str, ...] = ()) -> dict:
+    """Strict and flexible accuracy, mean completion tokens, truncation rate, the share of
+    completions that check or correct themselves (contain one of `markers`), per-item records
+    and per-item vectors (`per_item`, for paired comparisons) over `items`: one completion each.
 
     With a vLLM `engine`, it generates (`model` is not used and may be None); otherwise `generate`.
     """
@@ -69,26 +71,39 @@ def evaluate_task(model, tokenizer, items: list[Item], fmt: str, spec: SamplingS
         completions = engine.generate(prompts, spec, seed)
     else:
         completions = generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=f"evaluate {fmt}")
+    result = score_completions(items, completions, fmt, markers)
+    log.info("%s: accuracy strict %.4f / flexible %.4f over %d completions, mean completion %.1f tokens, "
+             "truncation rate %.4f, self-check rate %.4f", fmt, result["accuracy_strict"], result["accuracy_flexible"],
+             result["n"], result["mean_completion_tokens"], result["truncation_rate"], result["reflection_rate"])
+    return result
+
+
+def score_completions(items: list[Item], completions, fmt: str, markers: list[str] | tuple[str, ...]) -> dict:
+    """The metrics of `evaluate_task` for given completions (completion i answers items[i])."""
     records = []
-    for item, completion in zip(items, completions):
+    for item, completion in zip(items, completions, strict=True):
         record = {"id": item.id, "gold": item.gold}
         for extractor in EXTRACTORS:
             record[f"answer_{extractor}"] = extract_answer(fmt, completion.text, item.options, extractor=extractor)
             record[f"correct_{extractor}"] = is_correct(fmt, completion.text, item.gold, item.options, extractor=extractor)
-        record.update({"completion_tokens": len(completion.completion_ids), "truncated": completion.truncated})
+        record.update({"completion_tokens": len(completion.completion_ids), "truncated": completion.truncated,
+                       "reflection": any(m in completion.text for m in markers)})
         records.append(record)
+    return summarize(records)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracy, length, truncation and self-check rate of scored records, plus per-item vectors."""
     n = len(records)
-    result = {
+    return {
         "n": n,
         **{f"accuracy_{e}": sum(r[f"correct_{e}"] for r in records) / n for e in EXTRACTORS},
         "mean_completion_tokens": sum(r["completion_tokens"] for r in records) / n,
         "truncation_rate": sum(r["truncated"] for r in records) / n,
+        "reflection_rate": sum(r["reflection"] for r in records) / n,
+        "per_item": {key: [int(r[key]) for r in records] for key in PER_ITEM_KEYS},
         "records": records,
     }
-    log.info("%s: accuracy strict %.4f / flexible %.4f over %d items, mean completion %.1f tokens, truncation rate %.4f",
-             fmt, result["accuracy_strict"], result["accuracy_flexible"], n, result["mean_completion_tokens"],
-             result["truncation_rate"])
-    return result
 
 
 def write_json(path: str | Path, obj) -> Path:
@@ -179,16 +194,21 @@ def _evaluate_current(model, tokenizer, items: list[Item], fmt: str, ev: Evaluat
     greedy_spec = SamplingSpec(temperature=0.0, top_p=ev.top_p, top_k=ev.top_k, max_new_tokens=ev.max_new_tokens)
     sampled_spec = SamplingSpec(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k, max_new_tokens=ev.max_new_tokens)
     # Greedy decoding ignores the seed.
-    greedy = _summary(evaluate_task(model, tokenizer, items, fmt, greedy_spec, ev.batch_size,
-                                    ev.sample_seeds[0] if ev.sample_seeds else 0, engine))
-    per_seed = [{"seed": seed, **_summary(evaluate_task(model, tokenizer, items, fmt, sampled_spec, ev.batch_size, seed,
-                                                        engine))}
-                for seed in ev.sample_seeds]
-    sampled = None   # evaluation.sample_seeds: [] skips the sampled pass
-    if per_seed:
-        sampled = {**{key: sum(r[key] for r in per_seed) / len(per_seed)
-                      for key in (*ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate")},
-                   "per_seed": per_seed}
+    markers = ev.reflection_markers
+    greedy = _summary(evaluate_task(model, tokenizer, items, fmt, greedy_spec, ev.batch_size, ev.sample_seed, engine,
+                                    markers))
+    sampled = None   # evaluation.samples: 0 skips the sampled pass
+    if ev.samples:
+        # all samples of all items in one call (row k*n + i is sample k of item i), in batches of
+        # evaluation.batch_size: on CPU a wider batch costs more per row (the KV cache is re-copied each step)
+        rows = [item for _ in range(ev.samples) for item in items]
+        every = evaluate_task(model, tokenizer, rows, fmt, sampled_spec, ev.batch_size, ev.sample_seed, engine, markers)
+        n = len(items)
+        per_sample = [{"sample": k, **_summary(summarize(every["records"][k * n:(k + 1) * n]))}
+                      for k in range(ev.samples)]
+        sampled = {**{key: sum(r[key] for r in per_sample) / len(per_sample)
+                      for key in (*ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate", "reflection_rate")},
+                   "per_sample": per_sample}
     nll = None
     if heldout is not None:
         nll = decode_only_nll(model, heldout, ev.nll_batch_size, tokenizer.pad_token_id, desc=f"nll {label}")
@@ -256,6 +276,7 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
         "split": task_params.eval_split,
         "few_shot": task_params.few_shot,
         "evaluation": ev.model_dump(),
+        "item_ids": [item.id for item in items],   # per_item vectors follow this order (paired comparisons)
         "heldout": ({"path": str(heldout_traces_path), "digest": heldout.manifest["digest"],
                      "n_traces": len(heldout.traces)} if heldout else None),
         "results": results,

@@ -26,7 +26,7 @@ from resp.schedule import Checkpointer, MaskedModel, PruneState, ScheduleConfig,
 from resp.structures import structures_for
 from resp.tasks import calibration_items, load_items
 from resp.traces import (TraceSet, check_usable, decode_only_batches, filter_traces, gold_traces,
-                         self_generated_traces, text_traces)
+                         select_challenging, self_generated_traces, text_traces)
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,38 @@ def method_label(method: str, scorer: str, mask: Mask) -> str:
     return f"{method} (no bias)" if scorer == "flap" and not mask.biases else method
 
 
-def calibration_traces(params: Params, task: str, source: str, tokenizer, dense_traces: str | None,
+def selected_self_traces(params: Params, task: str, model, tokenizer, base: dict) -> TraceSet:
+    """calibration: self_selected: sample `select_candidates` calibration prompts `select_samples`
+    times each from the dense model and keep `num_prompts` challenging, moderately long traces."""
+    c, t = params.calibration, params.tasks[task]
+    candidates = calibration_items(t, c.select_candidates, c.seed)
+    repeated = [item for item in candidates for _ in range(c.select_samples)]
+    identity = base["model"]
+    sampled = self_generated_traces(model, tokenizer, repeated, t.format, sampling_spec(params),
+                                    params.generation.batch_size, params.generation.seed,
+                                    {**base, "model": identity, "mask_digest": None,
+                                     "prompt_ids": [i.id for i in repeated]}, desc=f"candidates {task}",
+                                    backend=params.generation.backend, model_dir=params.model.name_or_path,
+                                    gpu_memory_utilization=params.scale.vllm_gpu_memory_utilization)
+    chosen = select_challenging(sampled, c.select_samples, c.num_prompts, c.select_length_quantiles)
+    chosen.manifest["prompt_ids"] = [tr.prompt_id for tr in chosen.traces]
+    log.info("selected %d of %d candidate prompts (length range %s, mean difficulty %.3f)", len(chosen.traces),
+             len(candidates), chosen.manifest["selection"]["length_range"],
+             sum(chosen.manifest["selection"]["difficulty"]) / len(chosen.traces))
+    return chosen
+
+
+def calibration_traces(params: Params, task: str, source: str, model, tokenizer, dense_traces: str | None,
                        base: dict) -> tuple[TraceSet | None, str]:
     """The calibration a method declares: (traces, path of the dense traces or "" when built here).
 
-    self: the dense model's own traces (`resp traces`); gold: the task's human-written solutions
+    self: the dense model's own traces (`resp traces`); self_selected: challenging, moderately
+    long traces of the dense model, sampled here; gold: the task's human-written solutions
     after the same 0-shot prompt; generic: prose_task text (full-sequence loss); none: nothing."""
     if source == "none":
         return None, ""
+    if source == "self_selected":
+        return selected_self_traces(params, task, model, tokenizer, base), ""
     if source == "self":
         if dense_traces is None:
             raise RecipeError("this method calibrates on the dense model's own traces: pass --traces (made by `resp traces`)")
@@ -139,7 +163,7 @@ def _prune(params: Params, task: str, method: str, out_dir: str | Path,
     t = params.tasks[task]
     base = {"model": {**identity.to_dict(), "key": identity.key}, "task": task, "method": method,
             "declaration": declared.model_dump(), "params_hash": params_hash(params, task), "code": code_version()}
-    traces, traces_path = calibration_traces(params, task, declared.calibration, tokenizer, dense_traces, base)
+    traces, traces_path = calibration_traces(params, task, declared.calibration, model, tokenizer, dense_traces, base)
     history: list[dict] = []
     if traces is not None:
         if not traces_path:
@@ -166,8 +190,8 @@ def _prune(params: Params, task: str, method: str, out_dir: str | Path,
         run_log: list[dict] = []
     else:
         dense_answers = {tr.prompt_id: tr.answer for tr in traces.traces}
-        keep_rule = p.trace_filter if declared.calibration == "self" else "none"
-        masked = MaskedModel(model, s, keep_dense=p.verify_select)
+        keep_rule = declared.trace_filter
+        masked = MaskedModel(model, s, keep_dense=declared.verify_select)
         imp = params.importance
 
         def score(mask: Mask, current: TraceSet):
@@ -177,7 +201,9 @@ def _prune(params: Params, task: str, method: str, out_dir: str | Path,
                                  imp.per_sample_abs, imp.grads_only_scored, imp.grad_checkpointing,
                                  desc=f"{method} scores")
 
-        items = calibration_items(t, params.calibration.num_prompts, params.calibration.seed)
+        # regeneration re-asks the prompts the calibration traces answer (the selected ones for self_selected)
+        by_id = {i.id: i for i in load_items(t, t.calibration_split)}
+        items = [by_id[tr.prompt_id] for tr in traces.traces]
 
         def regenerate(mask: Mask, tag: str):
             masked.set(mask)
@@ -201,10 +227,12 @@ def _prune(params: Params, task: str, method: str, out_dir: str | Path,
                      tag, st["mean_completion_tokens"], st["truncation_rate"], st["answer_accuracy"])
             return new, str(path)
 
-        cfg = ScheduleConfig(p.targets, p.steps, p.milestones if declared.regenerate else [], imp.normalize, p.verify_select)
+        cfg = ScheduleConfig(p.targets, p.steps, p.milestones if declared.regenerate == "milestones" else [],
+                             imp.normalize, declared.verify_select,
+                             p.drift_threshold if declared.regenerate == "drift" else None)
         initial = PruneState(0, Mask.dense(s), traces, traces_path, trace_history=history)
         fingerprint = hashlib.sha256(json.dumps([base["params_hash"], base["model"], traces.manifest["digest"], method]).encode()).hexdigest()
-        state = iterative_prune(s, cfg, initial, score, regenerate if declared.regenerate else None,
+        state = iterative_prune(s, cfg, initial, score, regenerate if declared.regenerate != "none" else None,
                                 Checkpointer(out_dir / "state", fingerprint))
         masks, history, run_log = state.saved, state.trace_history, state.log
         used_by = {t: history[:state.saved_after[t]] for t in p.targets}

@@ -2,10 +2,14 @@
 
 `iterative_prune` runs K linear steps in parameter sparsity up to max(targets). At each step
 it scores every unit on the current traces with already-pruned units at zero, ranks them
-globally and prunes the lowest (`prune_step`), so masks are nested. Before scoring, if the
-measured sparsity has crossed a milestone, all traces are regenerated with the current pruned
-model (once per milestone). Masks are kept at each target sparsity. The state is saved after
-every step and a rerun resumes from it.
+globally and prunes the lowest (`prune_step`), so masks are nested. Traces are regenerated
+with the current pruned model either before scoring once the measured sparsity has crossed a
+milestone (`regenerate: milestones`, once per milestone), or when the trace drift exceeds a
+threshold (`regenerate: drift`): drift is the rise of the decode-only loss of the current
+traces under the current pruned model (the loss the scoring pass computes anyway) over its
+value right after the traces were made; the step is then scored again on the fresh traces.
+Every step logs that loss, so drift is measured for every method. Masks are kept at each
+target sparsity. The state is saved after every step and a rerun resumes from it.
 
 Options (reflection): `verify_select` branches at each milestone (refresh vs keep traces),
 prunes both to the next milestone and keeps the branch whose regenerated answers on the
@@ -54,15 +58,18 @@ class PruneState:
     trace_history: list[dict] = field(default_factory=list)   # every trace set used, in order
     log: list[dict] = field(default_factory=list)
     regenerations: int = 0
+    reference_loss: float | None = None   # loss of the current traces when they were made (drift baseline)
+    regenerated: bool = False             # traces were regenerated since the last step
 
 
 @dataclass
 class ScheduleConfig:
     targets: list[float]
     steps: int
-    milestones: list[float]      # empty: never regenerate (resp_noregen, gisp, generic)
+    milestones: list[float]      # regenerate: milestones (empty: never at milestones)
     normalize: str
     verify_select: bool
+    drift_threshold: float | None = None   # regenerate: drift (None: never on drift)
 
 
 class Checkpointer:
@@ -83,7 +90,8 @@ class Checkpointer:
         body = {"fingerprint": self.fingerprint, "step": st.step, "traces_path": st.traces_path,
                 "milestones_done": st.milestones_done, "saved": {k: v for k, v in files.items() if k != "mask"},
                 "saved_after": {f"{t:.4f}": n for t, n in st.saved_after.items()}, "mask": files["mask"],
-                "trace_history": st.trace_history, "log": st.log, "regenerations": st.regenerations}
+                "trace_history": st.trace_history, "log": st.log, "regenerations": st.regenerations,
+                "reference_loss": st.reference_loss, "regenerated": st.regenerated}
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(body, indent=2))
         os.replace(tmp, self.dir / "state.json")
@@ -106,7 +114,7 @@ class Checkpointer:
         log.info("resuming from step %d (saved state in %s)", body["step"], self.dir)
         return PruneState(body["step"], mask, TraceSet.load(body["traces_path"]), body["traces_path"],
                           body["milestones_done"], saved, saved_after, body["trace_history"], body["log"],
-                          body["regenerations"])
+                          body["regenerations"], body["reference_loss"], body["regenerated"])
 
 
 def _crossed(st: PruneState, milestones: list[float], s: Structures) -> list[float]:
@@ -114,9 +122,20 @@ def _crossed(st: PruneState, milestones: list[float], s: Structures) -> list[flo
     return [m for m in milestones if m not in st.milestones_done and current >= m - 1e-9]
 
 
-def _step(st: PruneState, k: int, points: list[float], cfg: ScheduleConfig, s: Structures, score: ScoreFn) -> None:
-    """Score on the current traces, keep masks at targets passed, prune to the next point."""
+def _step(st: PruneState, k: int, points: list[float], cfg: ScheduleConfig, s: Structures, score: ScoreFn,
+          regenerate: RegenerateFn | None = None) -> None:
+    """Score on the current traces (regenerating first if they drifted past the threshold), keep
+    masks at targets passed, prune to the next point."""
     scores = score(st.mask, st.traces)
+    if st.reference_loss is None or st.regenerated:
+        st.reference_loss = scores.mean_loss
+    drift = scores.mean_loss - st.reference_loss
+    drifted = None
+    if cfg.drift_threshold is not None and regenerate is not None and drift > cfg.drift_threshold:
+        drifted = drift
+        _regenerate(st, regenerate, f"drift-step{st.step:04d}", s)
+        scores = score(st.mask, st.traces)
+        st.reference_loss, drift = scores.mean_loss, 0.0
     att, ch = scores.normalized(s, cfg.normalize)
     previous = st.mask.sparsity(s)
     for t in cfg.targets:
@@ -125,17 +144,23 @@ def _step(st: PruneState, k: int, points: list[float], cfg: ScheduleConfig, s: S
             st.saved_after[t] = len(st.trace_history)
     st.mask = prune_step(att, ch, st.mask, s, points[k])
     st.step = k + 1
-    entry = {"step": st.step, "target": points[k], "sparsity": st.mask.sparsity(s),
-             "structure_ratio": st.mask.structure_ratio(s), "loss": scores.mean_loss,
-             "traces": st.traces_path, "kept": st.mask.kept_per_layer()}
+    entry = {"step": st.step, "target": points[k], "scored_sparsity": previous, "sparsity": st.mask.sparsity(s),
+             "structure_ratio": st.mask.structure_ratio(s), "loss": scores.mean_loss, "drift": drift,
+             "regenerated": st.regenerated or drifted is not None, "traces": st.traces_path,
+             "kept": st.mask.kept_per_layer()}
+    if drifted is not None:
+        entry["drift_before_regeneration"] = drifted
+    st.regenerated = False
     st.log.append(entry)
-    log.info("step %d/%d: sparsity %.4f (target %.4f), structures %.4f, loss %.4f",
-             st.step, len(points), entry["sparsity"], points[k], entry["structure_ratio"], entry["loss"])
+    log.info("step %d/%d: sparsity %.4f (target %.4f), structures %.4f, loss %.4f (drift %+.4f)%s",
+             st.step, len(points), entry["sparsity"], points[k], entry["structure_ratio"], entry["loss"], drift,
+             " after regenerating" if entry["regenerated"] else "")
 
 
 def _regenerate(st: PruneState, regenerate: RegenerateFn, tag: str, s: Structures) -> None:
     st.traces, st.traces_path = regenerate(st.mask, tag)
     st.regenerations += 1
+    st.regenerated = True
     st.trace_history.append({"path": st.traces_path, "digest": st.traces.manifest["digest"],
                              "at_step": st.step, "sparsity": st.mask.sparsity(s), "tag": tag,
                              **st.traces.stats()})
@@ -144,7 +169,7 @@ def _regenerate(st: PruneState, regenerate: RegenerateFn, tag: str, s: Structure
 def _copy(st: PruneState) -> PruneState:
     return PruneState(st.step, st.mask.clone(), st.traces, st.traces_path, list(st.milestones_done),
                       {t: m.clone() for t, m in st.saved.items()}, dict(st.saved_after), list(st.trace_history),
-                      list(st.log), st.regenerations)
+                      list(st.log), st.regenerations, st.reference_loss, st.regenerated)
 
 
 def iterative_prune(s: Structures, cfg: ScheduleConfig, initial: PruneState, score: ScoreFn,
@@ -166,7 +191,7 @@ def iterative_prune(s: Structures, cfg: ScheduleConfig, initial: PruneState, sco
                 _regenerate(st, regenerate, f"milestone-{crossed[-1]:.2f}", s)
                 if checkpoint:  # a crash while scoring must not redo the regeneration
                     checkpoint.save(st)
-            _step(st, st.step, points, cfg, s, score)
+            _step(st, st.step, points, cfg, s, score, regenerate)
         if checkpoint:
             checkpoint.save(st)
     return st

@@ -184,8 +184,43 @@ def filter_traces(traces: TraceSet, rule: str, dense_answers: dict[str, str | No
         if t.correct or (rule == "correct_or_agree" and agree):
             kept.append(t)
     if not kept:
-        raise TraceError(f"trace filter {rule!r} removed all {len(traces.traces)} traces; use prune.trace_filter=none")
+        raise TraceError(f"trace filter {rule!r} removed all {len(traces.traces)} traces; declare the method with "
+                         "trace_filter: none")
     return TraceSet(kept, {**traces.manifest, "filter": rule, "filtered_from": len(traces.traces)})
+
+
+def select_challenging(candidates: TraceSet, samples: int, keep: int, length_quantiles: tuple[float, float]) -> TraceSet:
+    """Selective self-generated calibration (Xiang et al. 2025: challenging, moderately long traces).
+
+    `candidates` holds `samples` consecutive traces per prompt (as generated from a repeated
+    prompt list). A prompt's difficulty is 1 - (share of its samples giving the most common
+    answer; no stated answer counts as an answer of its own): the model is unsure of it. Its
+    trace is the first sample whose completion length lies within `length_quantiles` of all
+    candidate lengths (neither the shortest nor the longest). Prompts with such a trace come
+    first, the most difficult first (ties: candidate order); the first `keep` are returned."""
+    from collections import Counter
+
+    traces = candidates.traces
+    if len(traces) % samples:
+        raise TraceError(f"{len(traces)} candidate traces are not {samples} samples per prompt")
+    lengths = sorted(len(t.completion_ids) for t in traces)
+    lo = lengths[int(length_quantiles[0] * (len(lengths) - 1))]
+    hi = lengths[int(length_quantiles[1] * (len(lengths) - 1))]
+    ranked = []
+    for index in range(0, len(traces), samples):
+        group = traces[index:index + samples]
+        if len({t.prompt_id for t in group}) != 1:
+            raise TraceError(f"candidate traces {index}..{index + samples - 1} mix prompts: expected {samples} samples per prompt")
+        counts = Counter(t.answer for t in group)
+        difficulty = 1 - max(counts.values()) / samples
+        in_range = [t for t in group if lo <= len(t.completion_ids) <= hi]
+        ranked.append((not in_range, -difficulty, index, (in_range or group)[0], difficulty))
+    ranked.sort(key=lambda r: r[:3])
+    chosen = ranked[:keep]
+    manifest = {**candidates.manifest, "selection": {
+        "rule": "challenging_moderate_length", "candidates": len(traces) // samples, "samples": samples,
+        "length_range": [lo, hi], "difficulty": [round(r[4], 6) for r in chosen]}}
+    return TraceSet([r[3] for r in chosen], manifest)
 
 
 def decode_only_batches(traces: list[Trace], batch_size: int, pad_id: int):

@@ -17,7 +17,8 @@ from transformers import GenerationConfig
 from typer.testing import CliRunner
 
 from resp.cli import app
-from resp.evaluate import EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, masks_in_dir, write_json
+from resp.evaluate import (EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, masks_in_dir, summarize,
+                           write_json)
 from resp.generation import GenerationError, SamplingSpec, VllmEngine, generate
 from resp.masks import Mask, MaskError, apply_mask, prune_step
 from resp.models import load_model, model_identity
@@ -63,10 +64,10 @@ CUT = Item("test-3", "Cal has 2 cups. He buys 3 more. How many?", "5", "", None)
 REPLIES[CUT.message] = "<think>\n" + "Cal now has 5 cups.\n" * 20 + "</think>\n\nThe answer is 5."
 
 
-def record(id, gold, strict, flexible, tokens, truncated) -> dict:
+def record(id, gold, strict, flexible, tokens, truncated, reflection=False) -> dict:
     return {"id": id, "gold": gold, "answer_strict": strict, "correct_strict": strict == gold,
             "answer_flexible": flexible, "correct_flexible": flexible == gold, "completion_tokens": tokens,
-            "truncated": truncated}
+            "truncated": truncated, "reflection": reflection}
 
 
 def test_metrics_from_scripted_completions(tiny_tokenizer):
@@ -87,6 +88,20 @@ def test_metrics_from_scripted_completions(tiny_tokenizer):
     assert "accuracy" not in result
     assert result["mean_completion_tokens"] == pytest.approx((lengths[0] + lengths[1] + 60 + 60) / 4)
     assert result["truncation_rate"] == 0.5
+    assert result["reflection_rate"] == 0.0   # no markers given
+    assert result["per_item"] == {"correct_strict": [1, 0, 0, 0], "correct_flexible": [1, 0, 0, 1],
+                                  "completion_tokens": [lengths[0], lengths[1], 60, 60], "truncated": [0, 0, 1, 1],
+                                  "reflection": [0, 0, 0, 0]}
+
+
+def test_reflection_rate_counts_completions_with_a_marker(tiny_tokenizer):
+    model = ScriptedModel(tiny_tokenizer, {**REPLIES, ARITH[1].message: "<think>\n5+2=8, wait, 5+2=7\n</think>\n\n"
+                                                                         "The answer is 7."})
+    result = evaluate_task(model, tiny_tokenizer, ARITH + [CUT], "gsm8k", SPEC, batch_size=2, seed=0,
+                           markers=["wait,", "Tom has apples"])
+    assert [r["reflection"] for r in result["records"]] == [False, True, True, False]
+    assert result["reflection_rate"] == 0.5 and result["per_item"]["reflection"] == [0, 1, 1, 0]
+    assert result["records"][1]["correct_strict"]     # the corrected answer counts
 
 
 def test_mathqa_letters(tiny_tokenizer):
@@ -172,13 +187,13 @@ def test_decode_only_nll_needs_completion_tokens(tiny_qwen3):
         decode_only_nll(tiny_qwen3, [Trace("t-0", [5, 6], [], "", True)], 2, pad_id=0)
 
 
-SEEDS = [0, 1]
+SAMPLES = 2
 
 
 @pytest.fixture
 def eval_params(tiny_params):
-    """tiny_params with two sampling seeds and NLL batches that split the 4 held-out traces."""
-    ev = tiny_params.evaluation.model_copy(update={"sample_seeds": SEEDS, "nll_batch_size": 3})
+    """tiny_params with two samples per item and NLL batches that split the 4 held-out traces."""
+    ev = tiny_params.evaluation.model_copy(update={"samples": SAMPLES, "sample_seed": 0, "nll_batch_size": 3})
     return tiny_params.model_copy(update={"evaluation": ev})
 
 
@@ -233,9 +248,12 @@ def test_evaluate_masks(eval_params, evaluation_inputs, tmp_path):
 
     # Reference numbers from a freshly loaded model, masked directly (no restore involved).
     items = load_items(eval_params.tasks["arith"], "test")[: ev.num_items]
+    assert report["item_ids"] == [item.id for item in items]
     greedy_spec = SamplingSpec(0.0, ev.top_p, ev.top_k, ev.max_new_tokens)
     sampled_spec = SamplingSpec(ev.temperature, ev.top_p, ev.top_k, ev.max_new_tokens)
-    summary = ("n", "accuracy_strict", "accuracy_flexible", "mean_completion_tokens", "truncation_rate")
+    summary = ("n", "accuracy_strict", "accuracy_flexible", "mean_completion_tokens", "truncation_rate",
+               "reflection_rate", "per_item")
+    markers = ev.reflection_markers
     for label in results:
         model, tokenizer = load_model(eval_params.model.name_or_path)
         r = results[label]
@@ -247,16 +265,21 @@ def test_evaluate_masks(eval_params, evaluation_inputs, tmp_path):
             assert r["sparsity"] == mask.sparsity(inputs["s"])
             assert r["structure_ratio"] == mask.structure_ratio(inputs["s"])
             assert (r["target"], r["mask_digest"]) == (float(label), mask.digest())
-        greedy = evaluate_task(model, tokenizer, items, "gsm8k", greedy_spec, ev.batch_size, seed=0)
+        greedy = evaluate_task(model, tokenizer, items, "gsm8k", greedy_spec, ev.batch_size, seed=0, markers=markers)
         assert list(r["greedy"]) == list(summary) and r["greedy"] == {k: greedy[k] for k in summary}
-        per_seed = [{"seed": seed, **{k: v for k, v in evaluate_task(model, tokenizer, items, "gsm8k", sampled_spec,
-                                                                     ev.batch_size, seed).items() if k in summary}}
-                    for seed in SEEDS]
-        assert r["sampled"]["per_seed"] == per_seed
+        assert r["greedy"]["per_item"]["correct_strict"] == [int(x["correct_strict"]) for x in greedy["records"]]
+        # all samples in one pass: rows are sample-major (row k*n + i is sample k of item i)
+        every = evaluate_task(model, tokenizer, items * SAMPLES, "gsm8k", sampled_spec, ev.batch_size,
+                              seed=ev.sample_seed, markers=markers)["records"]
+        n = len(items)
+        per_sample = [{"sample": k, **{key: v for key, v in summarize(every[k * n:(k + 1) * n]).items() if key in summary}}
+                      for k in range(SAMPLES)]
+        assert r["sampled"]["per_sample"] == per_sample
+        assert [x["id"] for x in every[n:]] == [item.id for item in items]
         assert list(r["sampled"]) == ["accuracy_strict", "accuracy_flexible", "mean_completion_tokens",
-                                      "truncation_rate", "per_seed"]
-        for key in ("accuracy_strict", "accuracy_flexible", "mean_completion_tokens", "truncation_rate"):
-            assert r["sampled"][key] == pytest.approx((per_seed[0][key] + per_seed[1][key]) / 2)
+                                      "truncation_rate", "reflection_rate", "per_sample"]
+        for key in ("accuracy_strict", "accuracy_flexible", "mean_completion_tokens", "truncation_rate", "reflection_rate"):
+            assert r["sampled"][key] == pytest.approx((per_sample[0][key] + per_sample[1][key]) / 2)
         assert r["nll"] == decode_only_nll(model, heldout.traces[:4], 3, tokenizer.pad_token_id)
     assert results["dense"]["nll"]["n_tokens"] == sum(len(t.completion_ids) for t in heldout.traces)
     nlls = [results[label]["nll"]["nll"] for label in results]
@@ -364,13 +387,18 @@ def scripted_reply(tokenizer, call: int, index: int, gold: str) -> list[int]:
     return ids if (index + call) % 4 == 3 else ids + [tokenizer.convert_tokens_to_ids(IM_END)]
 
 
-def scripted_summary(tokenizer, call: int, golds: list[str]) -> dict:
-    replies = [scripted_reply(tokenizer, call, i, gold) for i, gold in enumerate(golds)]
+def scripted_summary(tokenizer, call: int, golds: list[str], offset: int = 0) -> dict:
+    """The metrics of replies offset..offset+n-1 of a call (row offset + i answers item i)."""
     n = len(golds)
-    accuracy = sum((i + call) % 5 == 0 for i in range(n)) / n  # every reply states its answer after </think>
-    return {"n": n, "accuracy_strict": accuracy, "accuracy_flexible": accuracy,
-            "mean_completion_tokens": sum(len(r) for r in replies) / n,
-            "truncation_rate": sum((i + call) % 4 == 3 for i in range(n)) / n}
+    rows = range(offset, offset + n)
+    replies = [scripted_reply(tokenizer, call, row, gold) for row, gold in zip(rows, golds)]
+    correct = [int((row + call) % 5 == 0) for row in rows]   # every reply states its answer after </think>
+    truncated = [int((row + call) % 4 == 3) for row in rows]
+    return {"n": n, "accuracy_strict": sum(correct) / n, "accuracy_flexible": sum(correct) / n,
+            "mean_completion_tokens": sum(len(r) for r in replies) / n, "truncation_rate": sum(truncated) / n,
+            "reflection_rate": 0.0,
+            "per_item": {"correct_strict": correct, "correct_flexible": correct,
+                         "completion_tokens": [len(r) for r in replies], "truncated": truncated, "reflection": [0] * n}}
 
 
 def test_evaluate_masks_with_vllm_generates_from_each_masked_export(vllm_params, evaluation_inputs, stand_in_vllm, tmp_path):
@@ -393,7 +421,8 @@ def test_evaluate_masks_with_vllm_generates_from_each_masked_export(vllm_params,
         return {"dir": directory, "heads": heads, "channels": channels, "format": manifest["format"],
                 "mask_digest": manifest["mask_digest"]}
 
-    vllm = stand_in_vllm(lambda call, index, prompt_ids, sampling: scripted_reply(tokenizer, call, index, golds[index]),
+    vllm = stand_in_vllm(lambda call, index, prompt_ids, sampling: scripted_reply(tokenizer, call, index,
+                                                                                  golds[index % len(golds)]),
                          inspect_export)
     out = tmp_path / "resp.json"
     evaluate_masks(vllm_params, "arith", "resp", masks_in_dir(inputs["masks_dir"]), inputs["heldout"], out, include_dense=True)
@@ -403,8 +432,8 @@ def test_evaluate_masks_with_vllm_generates_from_each_masked_export(vllm_params,
     variants = {"dense": Mask.dense(s), **inputs["masks"]}
     assert list(results) == list(variants) == ["dense", "0.10", "0.20"]
 
-    # One LLM per variant, serving all its sampling passes: greedy, then one per seed.
-    n_passes = 1 + len(SEEDS)
+    # One LLM per variant, serving its two passes: greedy, then every sample of every item.
+    n_passes = 2
     assert [len(llm["passes"]) for llm in vllm.llms] == [n_passes] * len(variants)
     prompts = [{"prompt_token_ids": tokenizer(render_prompt(tokenizer, item.message), add_special_tokens=False)["input_ids"]}
                for item in items]
@@ -419,24 +448,25 @@ def test_evaluate_masks_with_vllm_generates_from_each_masked_export(vllm_params,
         assert llm["llm"] == {"model": str(export["dir"]), "tokenizer": str(export["dir"]), "revision": None,
                               "tokenizer_revision": None,
                               "gpu_memory_utilization": vllm_params.scale.vllm_gpu_memory_utilization}
-        for c, (temperature, seed) in zip(llm["passes"], [(0.0, SEEDS[0])] + [(ev.temperature, seed) for seed in SEEDS]):
-            assert c["prompts"] == prompts
+        for c, (temperature, rows) in zip(llm["passes"], [(0.0, prompts), (ev.temperature, prompts * SAMPLES)]):
+            assert c["prompts"] == rows
             assert c["sampling"] == [{"temperature": temperature, "top_p": ev.top_p, "top_k": ev.top_k,
-                                      "max_tokens": ev.max_new_tokens, "seed": seed + i, "stop_token_ids": eos,
-                                      "skip_special_tokens": False} for i in range(len(items))]
+                                      "max_tokens": ev.max_new_tokens, "seed": ev.sample_seed + i, "stop_token_ids": eos,
+                                      "skip_special_tokens": False} for i in range(len(rows))]
         # The metrics are those of the stand-in's completions; NLL is the Hugging Face model's.
         r = results[label]
         first = v * n_passes
         assert r["greedy"] == scripted_summary(tokenizer, first, golds)
-        assert r["sampled"]["per_seed"] == [{"seed": seed, **scripted_summary(tokenizer, first + 1 + k, golds)}
-                                            for k, seed in enumerate(SEEDS)]
+        assert r["sampled"]["per_sample"] == [{"sample": k, **scripted_summary(tokenizer, first + 1, golds, k * len(golds))}
+                                              for k in range(SAMPLES)]
         fresh, _ = load_model(vllm_params.model.name_or_path)
         apply_mask(fresh, mask, s)
         heldout = TraceSet.load(inputs["heldout"]).traces[:ev.nll_traces]
         assert r["nll"] == decode_only_nll(fresh, heldout, ev.nll_batch_size, tokenizer.pad_token_id)
     assert len(set(export_dirs)) == len(variants)
     assert not any(d.exists() or d.parent.exists() for d in export_dirs)  # temporary directories removed
-    assert len({results[label]["greedy"]["accuracy_strict"] for label in results}) > 1  # the script varies per call
+    # the script varies per call
+    assert len({tuple(results[label]["greedy"]["per_item"]["correct_strict"]) for label in results}) > 1
 
 
 def test_evaluate_masks_without_vllm_says_how_to_fix_before_loading(vllm_params, monkeypatch, tmp_path):
@@ -452,8 +482,8 @@ def test_evaluate_masks_without_vllm_says_how_to_fix_before_loading(vllm_params,
     assert not out.exists()
 
 
-def test_no_sample_seeds_skips_the_sampled_pass(eval_params, evaluation_inputs, tmp_path):
-    params = eval_params.model_copy(update={"evaluation": eval_params.evaluation.model_copy(update={"sample_seeds": []})})
+def test_no_samples_skips_the_sampled_pass(eval_params, evaluation_inputs, tmp_path):
+    params = eval_params.model_copy(update={"evaluation": eval_params.evaluation.model_copy(update={"samples": 0})})
     evaluate_masks(params, "arith", "resp", {}, evaluation_inputs["heldout"], tmp_path / "none.json", include_dense=True)
     evaluate_masks(eval_params, "arith", "resp", {}, evaluation_inputs["heldout"], tmp_path / "seeds.json", include_dense=True)
     without = json.loads((tmp_path / "none.json").read_text())["results"]["dense"]

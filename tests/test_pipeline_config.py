@@ -17,6 +17,8 @@ def test_dvc_prune_stages_match_the_declared_calibration():
     other_stage = stages["prune_baseline"]["matrix"]["method"]
     assert set(self_stage) == {m for m in params.run.methods if params.methods[m].calibration == "self"}
     assert set(other_stage) == {m for m in params.run.methods if params.methods[m].calibration != "self"}
+    for name in ("prune_self", "prune_baseline"):   # regeneration samples with generation.*, whatever the stage
+        assert "generation" in stages[name]["params"] and "resp/generation.py" in stages[name]["deps"]
     assert "--traces" in stages["prune_self"]["cmd"] and "--traces" not in stages["prune_baseline"]["cmd"]
     for name in ("prune_self", "prune_baseline"):
         assert "methods.${item.method}" in stages[name]["params"]
@@ -26,8 +28,12 @@ def test_dvc_prune_stages_match_the_declared_calibration():
 @pytest.mark.parametrize("declaration, message", [
     ("{scorer: magnitude, calibration: gold}", "scorer magnitude reads no calibration data: set calibration: none"),
     ("{scorer: flap, calibration: none}", "scorer flap needs calibration data: set calibration to self, gold or generic"),
-    ("{scorer: wanda_sp, calibration: self, regenerate: true}", "regenerate needs the iterative taylor scorer"),
-    ("{scorer: taylor, calibration: gold, regenerate: true}", "regenerate needs the iterative taylor scorer"),
+    ("{scorer: wanda_sp, calibration: self, regenerate: milestones}", "regenerate needs the iterative taylor scorer"),
+    ("{scorer: taylor, calibration: gold, regenerate: drift}", "regenerate needs the iterative taylor scorer"),
+    ("{scorer: taylor, calibration: self, regenerate: true}", "methods.x.regenerate"),
+    ("{scorer: taylor, calibration: self, verify_select: true}", "verify_select branches at regeneration milestones: "
+                                                                  "set regenerate: milestones"),
+    ("{scorer: taylor, calibration: gold, trace_filter: correct}", "trace_filter keeps self-generated traces"),
     ("{scorer: obs, calibration: gold}", "methods.x.scorer"),
     ("{scorer: taylor, calibration: c4}", "methods.x.calibration"),
 ])
@@ -40,3 +46,16 @@ def test_a_method_declaration_a_scorer_cannot_use_is_one_line(declaration, messa
 def test_run_methods_must_be_declared():
     with pytest.raises(ParamsError, match=r"run.methods names undeclared methods \['sparsegpt'\]"):
         load_params(ROOT / "params.yaml", ["run.methods=[resp, sparsegpt]"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("world.train_items=100", r"train_items \(100\) is below test_items \(500\)"),
+    ("world.check_items=600", r"check_items \(600\) exceeds test_items \(500\)"),
+    ("calibration.select_candidates=8", r"select_candidates \(8\) is below num_prompts \(32\)"),
+    ("calibration.select_length_quantiles=[0.9, 0.2]", r"select_length_quantiles \[0.9, 0.2\] must satisfy"),
+    ("report.ablations=[resp_magic]", r"report names undeclared methods \['resp_magic'\]"),
+])
+def test_world_calibration_and_report_params_that_cannot_work_are_one_line(override, message):
+    with pytest.raises(ParamsError, match=message) as info:
+        load_params(ROOT / "params.yaml", [override])
+    assert "\n" not in str(info.value)

@@ -141,4 +141,51 @@ def test_every_scorer_runs_on_every_calibration_source(tiny_params, dense_traces
     meta = Mask.load(written[0.2])[1]
     used = TraceSet.load(meta["trace_sets"][0]["path"]).manifest
     assert used["kind"] == {"self": "self_generated", "gold": "gold", "generic": "text"}[calibration]
-    assert meta["declaration"] == {"scorer": scorer, "calibration": calibration, "regenerate": False}
+    assert meta["declaration"] == {"scorer": scorer, "calibration": calibration, "regenerate": "none",
+                                   "verify_select": False, "trace_filter": "none"}
+
+
+def test_selective_calibration_keeps_challenging_traces_and_regenerates_their_prompts(tiny_params, tmp_path):
+    params = tiny_params.model_copy(update={"calibration": tiny_params.calibration.model_copy(
+        update={"num_prompts": 4, "select_candidates": 8, "select_samples": 2})})
+    written = prune(params, "arith", "resp_selective", tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    chosen = TraceSet.load(summary["trace_sets"][0]["path"])
+    selection = chosen.manifest["selection"]
+    assert len(chosen.traces) == 4 and selection["candidates"] == 8 and selection["samples"] == 2
+    from resp.tasks import calibration_items
+    candidates = [i.id for i in calibration_items(params.tasks["arith"], 8, params.calibration.seed)]
+    assert set(chosen.manifest["prompt_ids"]) <= set(candidates) and len(set(chosen.manifest["prompt_ids"])) == 4
+    assert chosen.manifest["prompt_ids"] == [t.prompt_id for t in chosen.traces]
+    regenerated = TraceSet.load(tmp_path / "run" / "traces" / "milestone-0.10.jsonl")
+    assert [t.prompt_id for t in regenerated.traces] == [t.prompt_id for t in chosen.traces]
+    assert Mask.load(written[0.2])[1]["declaration"]["calibration"] == "self_selected"
+
+
+@pytest.mark.parametrize("method, rule", [("resp_filter_correct", "correct"), ("resp_filter_agree", "correct_or_agree")])
+def test_trace_filter_is_a_method_option(tiny_params, dense_traces, tmp_path, method, rule, monkeypatch):
+    import resp.recipe as recipe
+
+    seen = []
+    real = recipe.filter_traces
+
+    def spy(traces, keep_rule, dense_answers=None):
+        seen.append(keep_rule)
+        return real(traces, "none", dense_answers)   # the random tiny model answers nothing right: score on all
+
+    monkeypatch.setattr(recipe, "filter_traces", spy)
+    prune(tiny_params, "arith", method, tmp_path / "run", str(dense_traces))
+    assert seen and set(seen) == {rule}
+    prune(tiny_params, "arith", "resp", tmp_path / "plain", str(dense_traces))
+    assert set(seen[-4:]) == {"none"}
+
+
+def test_drift_method_logs_drift_and_counts_regenerations(tiny_params, dense_traces, tmp_path):
+    params = tiny_params.model_copy(update={"prune": tiny_params.prune.model_copy(update={"drift_threshold": 1e-6})})
+    prune(params, "arith", "resp_drift", tmp_path / "run", str(dense_traces))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    regenerated = [s for s in summary["steps"] if s["regenerated"]]
+    assert len(summary["trace_sets"]) - 1 == len(regenerated) >= 1
+    assert all(s["drift_before_regeneration"] > 1e-6 and s["drift"] == 0.0 for s in regenerated)
+    assert all(t["tag"].startswith("drift-step") for t in summary["trace_sets"][1:])
+    assert summary["steps"][0]["scored_sparsity"] == 0.0 and summary["steps"][0]["drift"] == 0.0

@@ -218,3 +218,48 @@ def test_verify_select_refreshes_when_the_refreshed_branch_answers_better(tmp_pa
     assert _digests(st, [0.2, 0.3]) == _digests(plain, [0.2, 0.3])
     never = Reflect(s, _mk(tmp_path / "never"), judge_layer=1).run(ScheduleConfig([0.2, 0.3], 6, [], "none", False))
     assert _digests(st, [0.2, 0.3]) != _digests(never, [0.2, 0.3])  # the branches really differ
+
+
+class Drifting(Fake):
+    """Loss of a trace set rises with the sparsity gained since it was made (1 nat/token per unit)."""
+
+    def __init__(self, s, tmp_path):
+        super().__init__(s, tmp_path)
+        self.made_at = {"initial": 0.0}
+
+    def score(self, mask, traces):
+        scores = super().score(mask, traces)
+        scores.mean_loss = 0.5 + mask.sparsity(self.s) - self.made_at[traces.manifest["tag"]]
+        return scores
+
+    def regenerate(self, mask, tag):
+        self.made_at[tag] = mask.sparsity(self.s)
+        return super().regenerate(mask, tag)
+
+
+def test_drift_triggered_regeneration_fires_exactly_past_the_threshold(tmp_path):
+    s = structures_for(make_qwen3(), "query_head", None)
+    fake = Drifting(s, tmp_path)
+    cfg = ScheduleConfig([0.2, 0.4], 8, [], "none", False, drift_threshold=0.12)
+    st = run(tmp_path, fake, s, cfg)
+    # drift rises 0.05 per step: past 0.12 at the third step after each regeneration (scored at ~0.15, ~0.30)
+    assert [tag for tag, _ in fake.regens] == ["drift-step0003", "drift-step0006"]
+    assert st.regenerations == 2 and fake.calls == 8 + 2     # a regenerated step is scored again
+    for entry in st.log:
+        assert entry["drift"] == pytest.approx(entry["loss"] - 0.5) and entry["drift"] <= 0.12
+        assert entry["regenerated"] == ("drift_before_regeneration" in entry)
+        if entry["regenerated"]:
+            assert entry["drift_before_regeneration"] > 0.12 and entry["drift"] == 0.0
+    assert [e["scored_sparsity"] for e in st.log] == [0.0] + [e["sparsity"] for e in st.log[:-1]]
+
+
+def test_milestone_regeneration_logs_drift_against_the_fresh_traces(tmp_path):
+    s = structures_for(make_qwen3(), "query_head", None)
+    fake = Drifting(s, tmp_path)
+    st = run(tmp_path, fake, s, CFG)   # milestones, no drift threshold: drift is measured, never acted on
+    regenerated = [e["step"] for e in st.log if e["regenerated"]]
+    assert len(regenerated) == 3 and st.regenerations == 3
+    for entry in st.log:
+        assert entry["drift"] == pytest.approx(entry["loss"] - 0.5)
+        if entry["regenerated"]:
+            assert entry["drift"] == 0.0

@@ -17,7 +17,7 @@ from resp.schedule import MaskedModel
 from resp.structures import structures_for
 from resp.tasks import Item
 from resp.traces import (IGNORE_INDEX, Trace, TraceError, TraceSet, decode_only_batches, filter_traces, gold_traces,
-                         self_generated_traces, text_traces)
+                         select_challenging, self_generated_traces, text_traces)
 
 IM_END = "<|im_end|>"
 
@@ -63,7 +63,7 @@ def test_filter_none_and_no_dense_answers():
 def test_filter_that_removes_everything_says_how_to_fix():
     wrong = TraceSet([TRACES.traces[2], TRACES.traces[3], TRACES.traces[4]])
     with pytest.raises(TraceError, match="^" + re.escape(
-            "trace filter 'correct_or_agree' removed all 3 traces; use prune.trace_filter=none") + "$"):
+            "trace filter 'correct_or_agree' removed all 3 traces; declare the method with trace_filter: none") + "$"):
         filter_traces(wrong, "correct_or_agree", DENSE_ANSWERS)
 
 
@@ -217,3 +217,23 @@ def test_regeneration_samples_from_the_pruned_weights(tiny_tokenizer):
 
     masked.set(Mask.dense(s))  # back to the dense weights (keep_dense): the dense traces again
     assert completions(regenerate(model, tiny_tokenizer)) == completions(dense)
+
+
+def test_select_challenging_prefers_uncertain_prompts_of_moderate_length():
+    def trace(prompt, sample, answer, length):
+        return Trace(prompt, [1], [5] * length, f"{prompt}/{sample}", False, answer, None)
+
+    rows = [("p0", "1", 10), ("p0", "1", 10),          # sure, in range
+            ("p1", "1", 2), ("p1", "2", 11),           # unsure; first sample too short, second in range
+            ("p2", "3", 12), ("p2", "4", 12),          # unsure, in range
+            ("p3", None, 30), ("p3", "5", 30),         # unsure but the longest: out of range
+            ("p4", "7", 11), ("p4", "7", 9)]           # sure, in range
+    candidates = TraceSet([trace(p, i % 2, a, n) for i, (p, a, n) in enumerate(rows)], {"kind": "self_generated"})
+    chosen = select_challenging(candidates, samples=2, keep=3, length_quantiles=(0.2, 0.7))
+    assert [t.text for t in chosen.traces] == ["p1/1", "p2/0", "p0/0"]
+    assert chosen.manifest["selection"] == {"rule": "challenging_moderate_length", "candidates": 5, "samples": 2,
+                                            "length_range": [9, 12], "difficulty": [0.5, 0.5, 0.0]}
+    everything = select_challenging(candidates, samples=2, keep=5, length_quantiles=(0.2, 0.7))
+    assert [t.prompt_id for t in everything.traces] == ["p1", "p2", "p0", "p4", "p3"]   # out of range last
+    with pytest.raises(TraceError, match="mix prompts"):
+        select_challenging(TraceSet(candidates.traces[1:9]), samples=2, keep=1, length_quantiles=(0.2, 0.7))

@@ -47,8 +47,15 @@ PROSE_TAILS = ["every day.", "in the evening.", "without a sound.", "as the sun 
                "while people sleep.", "after the rain.", "in spring.", "once again."]
 
 OP_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+INVERSE = {"add": "-", "sub": "+", "mul": "/", "div": "*"}
 LETTERS = "abcde"
-MAX_VALUE = 99
+MAX_VALUE = 300
+OP_WORDS = {"add": ["plus", "add", "gets"], "sub": ["minus", "take away", "loses"],
+            "mul": ["times", "multiply by"], "div": ["divide by", "split into"]}
+OPENINGS = ["{name} starts with {a} {obj}.", "start: {a}", "We begin with {a} {obj}.", "{a} {obj} at first."]
+CLOSINGS = ["So {name} has {r} {obj}.", "final: {r}", "That leaves {r} {obj}.", "In the end {r}."]
+# Markers of a self-check or self-correction in a completion (the world's own style writes both).
+REFLECTION_MARKERS = ("check:", "wait,")
 
 
 @dataclass(frozen=True)
@@ -75,23 +82,38 @@ class Problem:
         return " ".join(self.sentences)
 
 
+@dataclass(frozen=True)
+class Style:
+    """The distribution the model's own reasoning is drawn from (params.yaml `embedded_model.style`).
+
+    check_hard/check_easy: probability of a `check:` line after a step with/without a carry,
+    borrow, product or quotient; error: probability of a wrong result followed by its correction;
+    opening/closing: probability of a restating first line / a summarising last line."""
+
+    check_hard: float
+    check_easy: float
+    error: float
+    opening: float
+    closing: float
+
+
 def _step(rng: random.Random, value: int) -> tuple[str, int, int]:
     """Pick one operation keeping every intermediate value an integer in [1, MAX_VALUE]."""
-    options = ["add", "sub"] * 3
+    options = ["add", "sub"] * 2
     if value * 2 <= MAX_VALUE:
         options.append("mul")
-    if value >= 4 and any(value % m == 0 for m in (2, 3, 4, 5)):
+    if value >= 6 and any(value % m == 0 for m in (2, 3, 4, 5)):
         options.append("div")
     op = rng.choice(options)
-    if op == "add" and value > MAX_VALUE - 2:
+    if op == "add" and value > MAX_VALUE - 3:
         op = "sub"
-    if op == "sub" and value <= 2:
+    if op == "sub" and value <= 3:
         op = "add"
     if op == "add":
-        b = rng.randint(2, min(30, MAX_VALUE - value))
+        b = rng.randint(3, min(60, MAX_VALUE - value))
         return op, b, value + b
     if op == "sub":
-        b = rng.randint(1, min(30, value - 1))
+        b = rng.randint(2, min(60, value - 1))
         return op, b, value - b
     if op == "mul":
         m = rng.randint(2, min(4, MAX_VALUE // value))
@@ -104,8 +126,8 @@ def make_problem(rng: random.Random) -> Problem:
     name = rng.choice(NAMES)
     other = rng.choice([n for n in NAMES if n != name])
     obj = rng.choice(OBJECTS)
-    start = rng.randint(3, 50)
-    n_steps = rng.randint(2, 5)
+    start = rng.randint(8, 120)
+    n_steps = rng.randint(3, 6)
     steps, sentences, human = [], [rng.choice(START).format(name=name, a=start, obj=obj)], []
     value = start
     for i in range(n_steps):
@@ -123,19 +145,67 @@ def make_problem(rng: random.Random) -> Problem:
     return Problem(name, obj, start, tuple(steps), tuple(sentences), tuple(human))
 
 
-def own_style_thinking(problem: Problem) -> str:
-    """The model's own reasoning: one `a<op>b=c` line per step."""
-    lines, value = [], problem.start
+def is_hard_step(value: int, op: str, b: int) -> bool:
+    """A carry, a borrow, a product or a quotient: the steps a careful reasoner checks."""
+    if op in ("mul", "div"):
+        return True
+    if op == "add":
+        return value % 10 + b % 10 >= 10
+    return value % 10 < b % 10
+
+
+def _wrong_result(rng: random.Random, result: int) -> int:
+    wrong = result + rng.choice([-10, -2, -1, 1, 2, 10])
+    return wrong if wrong > 0 and wrong != result else result + 1
+
+
+def own_style_thinking(problem: Problem, rng: random.Random | None = None, style: Style | None = None) -> str:
+    """The model's own reasoning, one path drawn from its distribution.
+
+    Without `rng` the plainest path: one `a<op>b=c` line per step, no checks. With `rng` and
+    `style`: a phrasing per trace and per step, an optional opening and closing line, checks
+    after steps (more often after hard ones) and occasional wrong results corrected in place
+    (`23+14=36, wait, 23+14=37`)."""
+    value = problem.start
+    if rng is None or style is None:
+        lines = []
+        for op, b, result in problem.steps:
+            lines.append(f"{value}{OP_SYMBOL[op]}{b}={result}")
+            value = result
+        return "\n".join(lines)
+    fmt = dict(name=problem.name, obj=problem.obj, a=problem.start, r=problem.answer)
+    spaced = rng.random() < 0.3      # one spacing convention per trace
+    worded = rng.random() < 0.5      # lead each step with the operation's word
+    lines = [rng.choice(OPENINGS).format(**fmt)] if rng.random() < style.opening else []
     for op, b, result in problem.steps:
-        lines.append(f"{value}{OP_SYMBOL[op]}{b}={result}")
+        sym = OP_SYMBOL[op]
+        eq = (lambda x, y, z, s=sym: f"{x} {s} {y} = {z}") if spaced else (lambda x, y, z, s=sym: f"{x}{s}{y}={z}")
+        lead = f"{rng.choice(OP_WORDS[op])} {b}: " if worded else rng.choice(["", "then ", "now "])
+        if rng.random() < style.error:
+            line = f"{lead}{eq(value, b, _wrong_result(rng, result))}, wait, {eq(value, b, result)}"
+        else:
+            line = f"{lead}{eq(value, b, result)}"
+        p_check = style.check_hard if is_hard_step(value, op, b) else style.check_easy
+        if rng.random() < p_check:
+            inverse = INVERSE[op]
+            line += f"\ncheck: {result}{inverse}{b}={value}, ok"
+        lines.append(line)
         value = result
+    if rng.random() < style.closing:
+        lines.append(rng.choice(CLOSINGS).format(**fmt))
     return "\n".join(lines)
 
 
-def own_style_completion(problem: Problem, letter: str | None = None) -> str:
+def own_style_completion(problem: Problem, letter: str | None = None, rng: random.Random | None = None,
+                         style: Style | None = None) -> str:
     """What the embedded model emits after the chat prompt (without the end-of-turn token)."""
     final = f"({letter})" if letter else str(problem.answer)
-    return f"<think>\n{own_style_thinking(problem)}\n</think>\n\nThe answer is {final}."
+    return f"<think>\n{own_style_thinking(problem, rng, style)}\n</think>\n\nThe answer is {final}."
+
+
+def has_reflection(completion: str, markers=REFLECTION_MARKERS) -> bool:
+    """Whether a completion checks or corrects itself (contains one of `markers`)."""
+    return any(m in completion for m in markers)
 
 
 def gsm8k_record(problem: Problem) -> dict:
