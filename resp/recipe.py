@@ -102,10 +102,9 @@ def selected_self_traces(params: Params, task: str, model, tokenizer, base: dict
     c, t = params.calibration, params.tasks[task]
     candidates = calibration_items(t, c.select_candidates, c.seed)
     repeated = [item for item in candidates for _ in range(c.select_samples)]
-    identity = base["model"]
     sampled = self_generated_traces(model, tokenizer, repeated, t.format, sampling_spec(params),
                                     params.generation.batch_size, params.generation.seed,
-                                    {**base, "model": identity, "mask_digest": None,
+                                    {**base, "mask_digest": None,
                                      "prompt_ids": [i.id for i in repeated]}, desc=f"candidates {task}",
                                     backend=params.generation.backend, model_dir=params.model.name_or_path,
                                     gpu_memory_utilization=params.scale.vllm_gpu_memory_utilization)
@@ -201,9 +200,11 @@ def _prune(params: Params, task: str, method: str, out_dir: str | Path,
                                  imp.per_sample_abs, imp.grads_only_scored, imp.grad_checkpointing,
                                  desc=f"{method} scores")
 
-        # regeneration re-asks the prompts the calibration traces answer (the selected ones for self_selected)
-        by_id = {i.id: i for i in load_items(t, t.calibration_split)}
-        items = [by_id[tr.prompt_id] for tr in traces.traces]
+        items = []
+        if declared.regenerate != "none":   # only self traces regenerate: their prompts are this task's
+            # re-ask the prompts the calibration traces answer (the selected ones for self_selected)
+            by_id = {i.id: i for i in load_items(t, t.calibration_split)}
+            items = [by_id[tr.prompt_id] for tr in traces.traces]
 
         def regenerate(mask: Mask, tag: str):
             masked.set(mask)

@@ -148,17 +148,26 @@ def _flat(result: dict, path: Path, label: str) -> dict:
     }
 
 
-def _read(path: Path, task: str, method: str) -> dict:
+def _read_owned(path: Path, kind: str, task: str, method: str, missing: str, rerun: str,
+                rerun_other: str) -> dict:
+    """A JSON artifact `resp` wrote for `method` on `task`: present, valid, and naming that run
+    (else one line: `missing` says how to make it, `rerun`/`rerun_other` how to rewrite it)."""
     if not path.is_file():
-        raise ReportError(f"metrics file {path} not found: evaluate {method} on {task} first "
-                          f"(`resp evaluate --task {task} ... --out {path}`, or `dvc repro`)")
+        raise ReportError(f"{kind} {path} not found: {missing}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ReportError(f"metrics file {path} is not valid JSON ({e.msg}): re-run `resp evaluate`") from None
+        raise ReportError(f"{kind} {path} is not valid JSON ({e.msg}): re-run {rerun}") from None
     if data.get("task") != task or data.get("method") != method:
-        raise ReportError(f"metrics file {path} holds {data.get('method')!r} on {data.get('task')!r}, not "
-                          f"{method!r} on {task!r}: re-run `resp evaluate` with --out {path}")
+        raise ReportError(f"{kind} {path} holds {data.get('method')!r} on {data.get('task')!r}, not "
+                          f"{method!r} on {task!r}: re-run {rerun_other}")
+    return data
+
+
+def _read(path: Path, task: str, method: str) -> dict:
+    data = _read_owned(path, "metrics file", task, method,
+                       f"evaluate {method} on {task} first (`resp evaluate --task {task} ... --out {path}`, or `dvc repro`)",
+                       "`resp evaluate`", f"`resp evaluate` with --out {path}")
     if not isinstance(data.get("item_ids"), list):
         raise ReportError(f"metrics file {path} has no item_ids (written before per-item scoring): "
                           "re-run `resp evaluate`")
@@ -215,15 +224,7 @@ def load_summary(runs_dir: str | Path, task: str, method: str) -> dict:
     run_dir = Path(runs_dir) / task / method
     path = run_dir / "summary.json"
     rerun = f"`resp prune --task {task} --method {method} --out {run_dir}`, or `dvc repro`"
-    if not path.is_file():
-        raise ReportError(f"run summary {path} not found: prune {method} on {task} first ({rerun})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"run summary {path} is not valid JSON ({e.msg}): re-run {rerun}") from None
-    if data.get("task") != task or data.get("method") != method:
-        raise ReportError(f"run summary {path} holds {data.get('method')!r} on {data.get('task')!r}, not "
-                          f"{method!r} on {task!r}: re-run {rerun}")
+    data = _read_owned(path, "run summary", task, method, f"prune {method} on {task} first ({rerun})", rerun, rerun)
     if not isinstance(data.get("trace_sets"), list) or not data["trace_sets"] or not isinstance(data.get("steps"), list):
         raise ReportError(f"run summary {path} has no trace_sets or steps: re-run {rerun}")
     missing = sorted({key for step in data["steps"] for key in STEP_KEYS if key not in step})
