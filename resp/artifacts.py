@@ -1,0 +1,220 @@
+"""Files the tool writes: atomic writes, sidecar manifests, digests, target names, the run layout.
+
+Every artifact (trace set, scores, mask, metrics, summary, export) is written to a temporary
+name beside its final one and renamed when complete, so a reader never sees half a file. A
+payload file `x` may carry a manifest `x.json` saying what produced it; the manifest is
+renamed into place after the payload is, so a manifest never describes a file that is not
+there yet. A sparsity target is a float in code and `sparsity-0.30` / `"0.30"` on disk; the
+conversions live here only.
+
+    runs/{task}/traces/dense.jsonl           dense calibration traces (+ .json manifest)
+    runs/{task}/traces/heldout.jsonl         dense traces on the eval split (decode-only NLL)
+    runs/{task}/{method}/                    masks/, summary.json, traces/ (regenerations), steps/
+    metrics/{task}/{method}.json, dense.json evaluations
+    checkpoints/{task}/{method}/sparsity-{t:.2f}/{format}/   exports
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_SUFFIX = ".json"
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def tmp_path(path: Path) -> Path:
+    """The temporary name a file is written under before it is renamed to `path`."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path to write; on success rename it to `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj, sort_keys: bool = False) -> Path:
+    """Indented JSON, atomically."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys))
+
+
+def manifest_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def write_with_manifest(path: str | Path, write_payload: Callable[[Path], None], manifest: dict) -> Path:
+    """Write a payload (by `write_payload(tmp)`) and its sidecar manifest `<path>.json`, payload
+    first: a manifest on disk always describes a complete payload."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        write_payload(tmp)
+    write_json(manifest_path(path), manifest, sort_keys=True)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    return json.loads(manifest_path(path).read_text())
+
+
+# ---------------------------------------------------------------- digests
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_digest(path: str | Path) -> str:
+    """sha256 over a directory's files: relative names and contents, in sorted order."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
+        h.update(file_digest(f).encode())
+    return h.hexdigest()
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def json_digest(obj) -> str:
+    """sha256 of a JSON-able value, key order ignored."""
+    return text_digest(json.dumps(obj, sort_keys=True))
+
+
+def content_digest(value):
+    """What a path argument points at, as digests: a file and its manifest, or a directory;
+    recurses through dicts and lists; None, numbers and booleans pass through."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): content_digest(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [content_digest(v) for v in value]
+    path = Path(value)
+    if path.is_dir():
+        return dir_digest(path)
+    if path.is_file():
+        manifest = manifest_path(path)
+        return [file_digest(path), file_digest(manifest) if manifest.is_file() else None]
+    return f"missing:{value}"
+
+
+def is_local(ref: str) -> bool:
+    """A path rather than a hub id: hub ids are `name` or `owner/name`; anything on disk, starting
+    with `.`, `/` or `~`, with more than one `/`, or naming a JSON file is a path."""
+    return (Path(ref).exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1
+            or ref.endswith((".json", ".jsonl")))
+
+
+# ---------------------------------------------------------------- sparsity targets
+
+_TARGET_NAME = re.compile(r"^sparsity-(\d+\.\d+)$")
+
+
+def target_key(target: float) -> str:
+    """`0.3` -> `"0.30"`: how a target is keyed in JSON files."""
+    return f"{target:.2f}"
+
+
+def target_name(target: float) -> str:
+    """`0.3` -> `sparsity-0.30`: the stem of a mask file or export directory."""
+    return f"sparsity-{target_key(target)}"
+
+
+def parse_target(text: str) -> float:
+    """`"0.30"`, `sparsity-0.30` or `sparsity-0.30.safetensors` -> 0.3."""
+    stem = text.removesuffix(".safetensors")
+    match = _TARGET_NAME.match(stem)
+    return round(float(match.group(1) if match else stem), 6)
+
+
+# ---------------------------------------------------------------- run layout
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the workflow's files live under `flow.data_dir` (the layout dvc.yaml's stages write too)."""
+
+    root: Path
+
+    def dense_traces(self, task: str) -> Path:
+        return self.root / "runs" / task / "traces" / "dense.jsonl"
+
+    def heldout_traces(self, task: str) -> Path:
+        return self.root / "runs" / task / "traces" / "heldout.jsonl"
+
+    def run_dir(self, task: str, method: str) -> Path:
+        return self.root / "runs" / task / method
+
+    def masks_dir(self, task: str, method: str) -> Path:
+        return self.run_dir(task, method) / "masks"
+
+    def metrics(self, task: str, method: str) -> Path:
+        return self.root / "metrics" / task / f"{method}.json"
+
+    def dense_metrics(self, task: str) -> Path:
+        return self.metrics(task, "dense")
+
+    def method_exports(self, task: str, method: str) -> Path:
+        """Holds `sparsity-{t:.2f}/{format}/` for every target."""
+        return self.root / "checkpoints" / task / method
+
+    def export_root(self, task: str, method: str, target: float) -> Path:
+        """Holds one directory per export format."""
+        return self.method_exports(task, method) / target_name(target)
+
+
+def mask_file(masks_dir: str | Path, target: float) -> Path:
+    return Path(masks_dir) / f"{target_name(target)}.safetensors"
+
+
+def masks_in_dir(directory: str | Path) -> dict[float, Path]:
+    """The masks `resp prune` wrote to `directory`, by target (`sparsity-0.20.safetensors`)."""
+    directory = Path(directory)
+    found = {parse_target(f.name): f for f in sorted(directory.glob("sparsity-*.safetensors"))
+             if _TARGET_NAME.match(f.name.removesuffix(".safetensors"))}
+    if not found:
+        raise ArtifactError(f"no masks (sparsity-*.safetensors) in {directory}: run `resp prune` first")
+    return found
+
+
+def existing_exports(method_exports: Path, targets: list[float], formats: list[str]) -> dict[float, dict[str, Path]]:
+    """The export directories under `method_exports` that exist, by target and format."""
+    found: dict[float, dict[str, Path]] = {}
+    for target in targets:
+        dirs = {fmt: method_exports / target_name(target) / fmt for fmt in formats}
+        present = {fmt: d for fmt, d in dirs.items() if d.is_dir()}
+        if present:
+            found[target] = present
+    return found
