@@ -1,35 +1,38 @@
 """The RESP workflow as a Prefect flow (method steps 1-10, then registration).
 
-    trace sets (dense calibration, held-out) -> prune per (task, method): Taylor scores, mask
-    steps and regenerations, inside `resp.recipe.prune` -> export per mask -> evaluate per
-    method -> register in MLflow
+    trace sets (dense calibration, held-out) -> per (task, method): calibrate, then per pruning
+    step score -> apply (and regenerate at milestones or on drift), or one baseline step; then
+    write the run -> export per mask -> evaluate per method -> register in MLflow
 
-Tasks are thin wrappers over `resp` entry points and exchange paths, never live models. A
-task's cache key is its inputs, the params sections it reads, the content digests of the files
-it reads (upstream outputs; the base model and task data enter as digests computed once per
-run), its own source, and the source of the `resp` package. Results persist under
-`flow.results_dir`: a second run, or a run started again after a crash, takes every finished
-task from the cache, and a changed input reruns only what depends on it. (`resp.recipe.prune`
-also checkpoints after every pruning step, so a method killed halfway resumes mid-schedule.)
+Every step of `resp.steps` runs as a Prefect task of its own (one task run per scoring step,
+mask application and regeneration), composed by the library's own `resp.recipe.prune`, to
+which the flow passes a `call` that runs a step as a task. Tasks exchange paths, never live
+models; within the process models come from `resp.steps`' per-process cache. A task's cache
+key is the params sections its step declares (`resp.steps.STEPS`), the content digests of the
+files it reads, its other inputs (output paths, sparsity, tags) and the code it runs (the
+step's import closure). Results persist under `flow.results_dir`: a second run, or a run
+started again after it was killed, takes every finished step from the cache (a killed
+pruning run resumes at the step it was in), and a changed input reruns only what depends on
+it. A cached result whose files are gone or were overwritten since is recomputed.
 Registration is never cached: the registry itself returns the existing version of a mask that
 is already registered.
 
-Independent tasks (trace sets of different tasks, methods, exports, evaluations) are submitted
-together to the task runner. Within one process they take turns at building models (see
-one_model_at_a_time); a Dask cluster of worker processes (`flow.task_runner: dask`) runs them
-in parallel.
+Independent tasks (trace sets of different tasks, exports, evaluations) are submitted together
+to the task runner; pruning steps run one after another in the flow's process. Within one
+process tasks take turns at building models (see one_model_at_a_time); a Dask cluster of
+worker processes (`flow.task_runner: dask`) runs exports and evaluations in parallel.
 """
 
 from __future__ import annotations
 
-import hashlib
+import inspect
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.orchestration import get_client
 from prefect.futures import wait
 from prefect.settings import (PREFECT_API_URL, PREFECT_LOGGING_EXTRA_LOGGERS, PREFECT_RESULTS_LOCAL_STORAGE_PATH,
@@ -37,15 +40,10 @@ from prefect.settings import (PREFECT_API_URL, PREFECT_LOGGING_EXTRA_LOGGERS, PR
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.hashing import hash_objects
 
-import resp
-from flows.layout import Layout
-from resp import evaluate, recipe, registry
+from resp import evaluate, recipe, registry, steps
+from resp.artifacts import Layout, content_digest, parse_target, target_key
+from resp.models import ModelIdentity
 from resp.config import FlowParams, Params, load_params
-from resp.models import model_identity
-from resp.traces import file_digest
-
-LIBRARY = Path(resp.__file__).resolve().parent
-
 
 # Results are paths and plain data: stored as JSON, never pickles (a pickle in .prefect/results would
 # run code when a later run reads the cache).
@@ -58,61 +56,25 @@ class FlowError(ValueError):
 
 # ---------------------------------------------------------------- cache keys
 
-def content_digest(value):
-    """sha256 of what a path argument points at (a file and its `.json` manifest, or a directory),
-    recursing through dicts and lists; other values pass through."""
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): content_digest(v) for k, v in sorted(value.items())}
-    if isinstance(value, (list, tuple)):
-        return [content_digest(v) for v in value]
-    path = Path(value)
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f.relative_to(path).as_posix().encode())
-            h.update(file_digest(f).encode())
-        return h.hexdigest()
-    if path.is_file():
-        manifest = path.with_name(path.name + ".json")
-        return [file_digest(path), file_digest(manifest) if manifest.is_file() else None]
-    return f"missing:{value}"
-
-
-def library_digest() -> str:
-    """sha256 of the `resp` package's Python sources: a library change invalidates cached results."""
-    h = hashlib.sha256()
-    for f in sorted(LIBRARY.rglob("*.py")):
-        h.update(f.relative_to(LIBRARY).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 @dataclass
 class ReadsFiles(CachePolicy):
-    """Cache key part for what a task reads: the params `sections` it uses (dotted, `{name}` is
-    filled from the task's inputs), the content of the files its `files` parameters name, and
-    the `resp` sources."""
+    """Cache key of a step: the params sections it declares (`{task}`/`{method}` filled from its
+    inputs), the content of the files its `files` parameters name, its other inputs, and the
+    digest of the code it runs."""
 
-    sections: tuple[str, ...] = ()
+    step: str = ""
     files: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        tree = inputs["params"].model_dump(mode="json")
-        used = {}
-        for dotted in self.sections:
-            node = tree
-            for key in dotted.format(**inputs).split("."):
-                node = node[key]
-            used[dotted] = node
-        return hash_objects({"params": used, "files": {name: content_digest(inputs[name]) for name in self.files},
-                             "library": library_digest()}, raise_on_failure=True)
+        fill = {k: inputs[k] for k in ("task", "method") if k in inputs}
+        other = {k: v for k, v in inputs.items() if k not in self.files and k != "params"}
+        return hash_objects({"step": self.step, "params": steps.step_params(inputs["params"], self.step, **fill),
+                             "files": {name: content_digest(inputs[name]) for name in self.files},
+                             "inputs": other, "code": steps.code_digest(self.step)}, raise_on_failure=True)
 
 
-def cache_policy(sections: tuple[str, ...], files: tuple[str, ...] = ()) -> CachePolicy:
-    # `params` is keyed by the sections the task reads, so an unrelated knob keeps the cache.
-    return (INPUTS - "params") + TASK_SOURCE + ReadsFiles(sections=sections, files=files)
+def cache_policy(step: str, files: tuple[str, ...] = ()) -> CachePolicy:
+    return ReadsFiles(step=step, files=files)
 
 
 def data_key(params: Params, task_name: str) -> dict:
@@ -125,7 +87,7 @@ def data_key(params: Params, task_name: str) -> dict:
 
 
 # ---------------------------------------------------------------- tasks
-# `model_key` (the base model's hub revision or content hash) and `data_key` are not used in
+# `base` (the base model's identity: hub revision or content hash) and `data_key` are not used in
 # the bodies: they are inputs so that a changed base model or task file changes the cache key.
 #
 # transformers and accelerate patch process-wide state while they import and build models
@@ -140,24 +102,102 @@ def one_model_at_a_time() -> threading.Lock:
     # lock cannot be pickled, while a module-level function travels by reference.
     return _MODEL_LOCK
 
-@task(cache_policy=cache_policy(("model", "tasks.{task}", "calibration", "generation")), persist_result=True,
-      result_serializer=RESULTS, task_run_name="traces-{task}-{split}")
-def generate_traces(params: Params, task: str, split: str, limit: int | None, out: str, model_key: str,
-                    data_key: dict) -> str:
-    """Sample the dense model's own reasoning traces (calibration or held-out prompts)."""
-    with one_model_at_a_time():
-        return str(recipe.make_traces(params, task, split, limit, out))
+RESULT = {"persist_result": True, "result_serializer": RESULTS}
 
 
-@task(cache_policy=cache_policy(("model", "tasks", "prose_task", "calibration", "generation", "importance", "prune"),
-                                files=("dense_traces",)), persist_result=True, result_serializer=RESULTS,
-      task_run_name="prune-{task}-{method}")
-def prune_method(params: Params, task: str, method: str, out_dir: str, dense_traces: str | None, model_key: str,
-                 data_key: dict) -> dict[str, str]:
-    """Gradient scoring, mask steps and regenerations of one method: masks by target ("0.20")."""
+@task(cache_policy=cache_policy("calibration_traces"), task_run_name="traces-{task}-calibration", **RESULT)
+def calibration_traces(params: Params, task: str, out: str, base: dict, data_key: dict) -> str:
+    """Sample the dense model's own reasoning traces on the calibration prompts."""
     with one_model_at_a_time():
-        written = recipe.prune(params, task, method, out_dir, dense_traces)
-    return {f"{target:.2f}": str(path) for target, path in written.items()}
+        return str(recipe.make_traces(params, task, params.tasks[task].calibration_split, None, out, base=base))
+
+
+@task(cache_policy=cache_policy("heldout_traces"), task_run_name="traces-{task}-heldout", **RESULT)
+def heldout_traces(params: Params, task: str, out: str, base: dict, data_key: dict) -> str:
+    """Dense traces on the first evaluation.nll_traces items of the eval split (held-out NLL)."""
+    with one_model_at_a_time():
+        return str(recipe.make_traces(params, task, params.tasks[task].eval_split, params.evaluation.nll_traces, out,
+                                      base=base))
+
+
+def _step_run_name() -> str:
+    """`score-arith-resp-step-0003`: the step, the run, and where in the run its output goes."""
+    from prefect.runtime import task_run
+
+    args = task_run.parameters
+    out = Path(args.get("out") or args.get("out_dir"))
+    where = out.parent.name + "-" + out.stem if out.parent.name.startswith("step-") else out.stem
+    return "-".join([task_run.task_name, args["task"], args["method"], where])
+
+
+def stamped(result) -> dict:
+    """A step's result with the digests of the files it names, to tell later whether they changed."""
+    return {"result": result, "digests": content_digest(result)}
+
+
+def _step_task(step: str, files: tuple[str, ...]):
+    return task(name=step, cache_policy=cache_policy(step, files), task_run_name=_step_run_name, **RESULT)
+
+
+@_step_task("calibrate", files=("dense_traces",))
+def calibrate(params: Params, task: str, method: str, base: dict, dense_traces: str | None, out: str,
+              data_key: dict) -> dict:
+    with one_model_at_a_time():
+        return stamped(steps.calibrate(params, task, method, base, dense_traces, out))
+
+
+@_step_task("score", files=("mask", "traces", "reference"))
+def score(params: Params, task: str, method: str, base: dict, mask: str | None, traces: str, reference: str,
+          out: str) -> dict:
+    with one_model_at_a_time():
+        return stamped(steps.score(params, task, method, base, mask, traces, reference, out))
+
+
+@_step_task("apply", files=("scores", "mask"))
+def apply(params: Params, task: str, method: str, base: dict, scores: str, mask: str | None, sparsity: float,
+          out: str) -> dict:
+    with one_model_at_a_time():
+        return stamped(steps.apply(params, base, scores, mask, sparsity, out))
+
+
+@_step_task("regenerate", files=("mask", "prompts"))
+def regenerate(params: Params, task: str, method: str, base: dict, mask: str, prompts: str, tag: str, out: str,
+               data_key: dict) -> dict:
+    with one_model_at_a_time():
+        return stamped(steps.regenerate(params, task, method, base, mask, prompts, tag, out))
+
+
+@_step_task("baseline", files=("calibration",))
+def baseline(params: Params, task: str, method: str, base: dict, calibration: str | None, out_dir: str) -> dict:
+    with one_model_at_a_time():
+        return stamped(steps.baseline(params, task, method, base, calibration, out_dir))
+
+
+@_step_task("write_run", files=("record",))
+def write_run(params: Params, task: str, method: str, base: dict, record: dict, out_dir: str) -> dict:
+    with one_model_at_a_time():
+        return stamped(steps.write_run(params, task, method, base, record, out_dir))
+
+
+STEP_TASKS = {t.name: t for t in (calibrate, score, apply, regenerate, baseline, write_run)}
+
+
+def step_caller(task_name: str, method: str, data: dict, refresh: bool):
+    """The `call` that `resp.recipe.prune` runs its steps through: each step as its Prefect task.
+    A cached result whose files are gone or were rewritten since is recomputed."""
+    def call(step, **kwargs):
+        t = STEP_TASKS[step.__name__]
+        wanted = inspect.signature(t.fn).parameters
+        if "data_key" in wanted:
+            kwargs["data_key"] = data
+        if "task" not in kwargs:  # apply takes no task/method in the library; its task run is named by them
+            kwargs.update(task=task_name, method=method)
+        stamped = t.with_options(refresh_cache=refresh)(**kwargs)
+        if content_digest(stamped["result"]) != stamped["digests"]:
+            get_run_logger().warning("outputs of the cached %s step are gone or changed; recomputing", step.__name__)
+            stamped = t.with_options(refresh_cache=True)(**kwargs)
+        return stamped["result"]
+    return call
 
 
 def _export_run_name() -> str:
@@ -167,15 +207,14 @@ def _export_run_name() -> str:
     return f"export-{root.parent.parent.name}-{root.parent.name}-{root.name}"
 
 
-@task(cache_policy=cache_policy(("model", "prune", "export"), files=("mask",)), persist_result=True,
-      result_serializer=RESULTS, task_run_name=_export_run_name)
-def export_mask(params: Params, mask: str, formats: list[str], out_root: str, model_key: str) -> dict[str, str]:
+@task(cache_policy=cache_policy("export", files=("mask",)), task_run_name=_export_run_name, **RESULT)
+def export_mask(params: Params, mask: str, formats: list[str], out_root: str, base: dict) -> dict[str, str]:
     """Write the base model pruned by `mask` in every format to `<out_root>/<format>/`."""
     from resp.export import export_mask_file
     from resp.models import load_model
 
     m = params.model
-    identity = model_identity(m.name_or_path, m.revision)
+    identity = ModelIdentity(base["name"], base["revision"], base["content_hash"])
     written = {}
     with one_model_at_a_time():
         model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device, m.trust_remote_code)
@@ -186,14 +225,14 @@ def export_mask(params: Params, mask: str, formats: list[str], out_root: str, mo
     return written
 
 
-@task(cache_policy=cache_policy(("model", "tasks.{task}", "evaluation", "prune"), files=("masks", "heldout")),
-      persist_result=True, result_serializer=RESULTS, task_run_name="evaluate-{task}-{method}")
+@task(cache_policy=cache_policy("evaluate", files=("masks", "heldout")), task_run_name="evaluate-{task}-{method}",
+      **RESULT)
 def evaluate_method(params: Params, task: str, method: str, masks: dict[str, str], heldout: str | None, out: str,
-                    include_dense: bool, model_key: str, data_key: dict) -> str:
+                    include_dense: bool, base: dict, data_key: dict) -> str:
     """Accuracy, length, truncation and held-out NLL under every mask (and of the dense model)."""
     with one_model_at_a_time():
-        return str(evaluate.evaluate_masks(params, task, method, {float(t): p for t, p in masks.items()}, heldout,
-                                           out, include_dense))
+        return str(evaluate.evaluate_masks(params, task, method, {parse_target(t): p for t, p in masks.items()},
+                                           heldout, out, include_dense))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="register-{task}-{method}")
@@ -246,61 +285,59 @@ def _run_wave(calls: dict, refresh: bool) -> dict:
 
 @flow(name="resp-pipeline")
 def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
-    """Traces -> prune -> export -> evaluate -> register for every task and method in `run`."""
+    """Traces -> prune (step by step) -> export -> evaluate -> register for every task and method in `run`."""
     logger = get_run_logger()
     p = load_params(params_path, overrides)
-    identity = model_identity(p.model.name_or_path, p.model.revision)
-    logger.info("base model %s (%s); tasks %s; methods %s", identity.name, identity.key[:12], p.run.tasks, p.run.methods)
+    base = steps.base_model(p)   # once per run: hashing a local model's weights is not free
+    logger.info("base model %s (%s); tasks %s; methods %s", base["name"], base["key"][:12], p.run.tasks, p.run.methods)
     layout = Layout(Path(p.flow.data_dir))
     refresh = not p.flow.cache
-    common = {"params": p, "model_key": identity.key}
     keys = {t: data_key(p, t) for t in p.run.tasks}
 
     self_calibrated = {m for m in p.run.methods if p.methods[m].calibration == "self"}
     calls = {}
     for t in p.run.tasks:
-        tp = p.tasks[t]
+        common = {"params": p, "task": t, "base": base, "data_key": keys[t]}
         if self_calibrated:
-            calls["dense", t] = (generate_traces, {**common, "task": t, "split": tp.calibration_split, "limit": None,
-                                                   "out": str(layout.dense_traces(t)), "data_key": keys[t]})
+            calls["dense", t] = (calibration_traces, {**common, "out": str(layout.dense_traces(t))})
         if p.evaluation.nll_traces:
-            calls["heldout", t] = (generate_traces, {**common, "task": t, "split": tp.eval_split,
-                                                     "limit": p.evaluation.nll_traces,
-                                                     "out": str(layout.heldout_traces(t)), "data_key": keys[t]})
+            calls["heldout", t] = (heldout_traces, {**common, "out": str(layout.heldout_traces(t))})
     traces = _run_wave(calls, refresh)
 
-    calls = {(t, m): (prune_method, {**common, "task": t, "method": m, "out_dir": str(layout.run_dir(t, m)),
-                                     "dense_traces": traces["dense", t] if m in self_calibrated else None,
-                                     "data_key": keys[t]})
-             for t in p.run.tasks for m in p.run.methods}
-    masks = _run_wave(calls, refresh)
+    masks = {}
+    for t in p.run.tasks:
+        for m in p.run.methods:
+            written = recipe.prune(p, t, m, layout.run_dir(t, m), traces["dense", t] if m in self_calibrated else None,
+                                   call=step_caller(t, m, keys[t], refresh))
+            masks[t, m] = {target_key(target): str(path) for target, path in written.items()}
 
     calls = {}
     for (t, m), written in masks.items():
         for target, mask in written.items():
-            calls["export", t, m, target] = (export_mask, {**common, "mask": mask, "formats": list(p.export.formats),
-                                                           "out_root": str(layout.export_root(t, m, float(target)))})
-        calls["evaluate", t, m] = (evaluate_method, {**common, "task": t, "method": m, "masks": written,
+            calls["export", t, m, target] = (export_mask, {"params": p, "mask": mask, "formats": list(p.export.formats),
+                                                           "out_root": str(layout.export_root(t, m, parse_target(target))),
+                                                           "base": base})
+        calls["evaluate", t, m] = (evaluate_method, {"params": p, "task": t, "method": m, "masks": written,
                                                      "heldout": traces.get(("heldout", t)),
                                                      "out": str(layout.metrics(t, m)), "include_dense": False,
-                                                     "data_key": keys[t]})
+                                                     "base": base, "data_key": keys[t]})
     for t in p.run.tasks:
-        calls["evaluate", t, "dense"] = (evaluate_method, {**common, "task": t, "method": "dense", "masks": {},
+        calls["evaluate", t, "dense"] = (evaluate_method, {"params": p, "task": t, "method": "dense", "masks": {},
                                                            "heldout": traces.get(("heldout", t)),
                                                            "out": str(layout.dense_metrics(t)), "include_dense": True,
-                                                           "data_key": keys[t]})
+                                                           "base": base, "data_key": keys[t]})
     done = _run_wave(calls, refresh)
 
     registered = []
     if p.flow.register_models:
         # one method at a time: a sqlite store takes one writer
         for (t, m), written in masks.items():
-            exports = {float(target): done["export", t, m, target] for target in written}
+            exports = {parse_target(target): done["export", t, m, target] for target in written}
             registered += register_models(p, t, m, str(layout.masks_dir(t, m)), exports, done["evaluate", t, m])
     for v in registered:
         logger.info("%s version %s (target %s)%s", v["name"], v["version"], v["target"],
                     "" if v["created"] else " was already registered")
-    return {"base_key": identity.key,
+    return {"base_key": base["key"],
             "traces": {f"{kind}/{t}": path for (kind, t), path in traces.items()},
             "masks": {f"{t}/{m}": written for (t, m), written in masks.items()},
             "exports": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in done.items() if k[0] == "export"},

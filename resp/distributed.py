@@ -16,17 +16,15 @@ Without those variables `score_trace_file` runs in one process. Only rank 0 writ
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from resp.config import Params
-from resp.importance import UnitScores, taylor_scores
+from resp.importance import UnitScores, save_scores, taylor_scores
 from resp.models import load_model, model_identity
 from resp.structures import Structures, structures_for
 from resp.traces import Trace, TraceSet, check_usable
@@ -103,32 +101,6 @@ def distributed_taylor_scores(model, traces: list[Trace], s: Structures, batch_s
     log.info("rank %d/%d scores %d of %d traces", rank, world_size, len(mine), len(traces))
     return taylor_scores(model, mine, s, batch_size, pad_id, per_sample_abs, grads_only_scored, grad_checkpointing,
                          desc=f"taylor scores rank {rank}", reduce=all_reduce_sum)
-
-
-def save_scores(scores: UnitScores, path: str | Path, manifest: dict) -> Path:
-    """Write unit scores (safetensors) and `<path>.json` (counts + manifest), each atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"attention": scores.attention.contiguous(), "channels": scores.channels.contiguous()}, str(tmp))
-    meta = path.with_name(path.name + ".json")
-    meta_tmp = meta.with_name(meta.name + ".tmp")
-    counts = {"n_samples": scores.n_samples, "n_tokens": scores.n_tokens, "mean_loss": scores.mean_loss}
-    meta_tmp.write_text(json.dumps({**manifest, **counts}, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    os.replace(meta_tmp, meta)
-    return path
-
-
-def load_scores(path: str | Path) -> tuple[UnitScores, dict]:
-    path = Path(path)
-    meta = path.with_name(path.name + ".json")
-    if not path.is_file() or not meta.is_file():
-        raise DistributedError(f"scores {path} (or its manifest {meta.name}) not found: write them with `resp score`")
-    tensors = load_file(str(path))
-    manifest = json.loads(meta.read_text())
-    return UnitScores(tensors["attention"], tensors["channels"], manifest["n_samples"], manifest["n_tokens"],
-                      manifest["mean_loss"]), manifest
 
 
 def score_trace_file(params: Params, traces_path: str | Path, out: str | Path, model_path: str | None = None) -> Path | None:

@@ -12,15 +12,19 @@ each `.grad` is folded into its accumulator by a post-accumulate-grad hook and f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from resp import artifacts
 from resp.adapters import adapter_for
 from resp.structures import Structures
 from resp.traces import IGNORE_INDEX, Trace, decode_only_batches
@@ -173,3 +177,22 @@ def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pa
     if not math.isfinite(mean_loss):
         raise ImportanceError("non-finite mean loss while scoring")
     return UnitScores(attention, channels, n_samples, n_tokens, mean_loss)
+
+
+def save_scores(scores: UnitScores, path: str | Path, manifest: dict) -> Path:
+    """Write unit scores (safetensors) and `<path>.json` (counts + manifest)."""
+    tensors = {"attention": scores.attention.contiguous(), "channels": scores.channels.contiguous()}
+    counts = {"n_samples": scores.n_samples, "n_tokens": scores.n_tokens, "mean_loss": scores.mean_loss}
+    return artifacts.write_with_manifest(path, lambda tmp: save_file(tensors, str(tmp)), {**manifest, **counts})
+
+
+def load_scores(path: str | Path) -> tuple[UnitScores, dict]:
+    path = Path(path)
+    meta = artifacts.manifest_path(path)
+    if not path.is_file() or not meta.is_file():
+        raise ImportanceError(f"scores {path} (or its manifest {meta.name}) not found: write them with `resp score`")
+    tensors = load_file(str(path))
+    manifest = json.loads(meta.read_text())
+    return UnitScores(tensors["attention"], tensors["channels"], manifest["n_samples"], manifest["n_tokens"],
+                      manifest["mean_loss"]), manifest
+

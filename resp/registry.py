@@ -481,7 +481,7 @@ def register_method(params: Params, task: str, method: str, masks_dir: str | Pat
     JSON of the method (`resp.evaluate.evaluate_masks`). Returns one dict per version
     (name, version, run_id, created, target, sparsity, replaces, parent, base_key).
     """
-    from resp.recipe import params_hash
+    from resp.steps import params_hash
 
     _check_request(params, task, method)
     masks = mask_files(masks_dir)
@@ -489,7 +489,7 @@ def register_method(params: Params, task: str, method: str, masks_dir: str | Pat
     if not summary.is_file():
         raise RegistryError(f"{summary} not found: it is written with the masks by `resp prune`; re-run it")
     report = _read_metrics(metrics) if metrics is not None else None
-    expected_hash = params_hash(params, task)
+    expected_hash = params_hash(params, task, method)
     exports = {round(float(t), 6): v for t, v in (exports or {}).items()}
     with _store_lock(tracking_uri(params)):
         client, uri = _client(params, lock=False)

@@ -138,7 +138,7 @@ def prefect_api(tmp_path_factory):
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         mp.setenv("PREFECT_HOME", str(home))
         with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-            with prefect_test_harness():
+            with prefect_test_harness(server_startup_timeout=180):   # a busy 2-core machine starts it slowly
                 yield
 
 

@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from resp.distributed import (DistributedError, distributed_taylor_scores, init_distributed,
-                              launched_by_torchrun, load_scores, score_trace_file, shard)
+                              launched_by_torchrun, score_trace_file, shard)
+from resp.importance import load_scores
 from resp.importance import taylor_scores
 from resp.models import load_model
 from resp.structures import structures_for

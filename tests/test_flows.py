@@ -3,6 +3,7 @@ and scheduled re-pruning (registers only when the base model's content changes).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections import Counter
@@ -23,7 +24,7 @@ import resp.export
 from flows import pipeline as flow_module
 from flows.pipeline import ReadsFiles, content_digest, run_pipeline
 from flows.schedule import check_once, deployment
-from resp import evaluate, recipe
+from resp import evaluate, recipe, steps
 from resp.cli import app
 from resp.config import load_params
 from resp.masks import Mask
@@ -56,24 +57,26 @@ def calls(monkeypatch):
     counts, workers = Counter(), []
 
     def counting(name, fn):
+        @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             counts[name] += 1
             try:
-                workers.append(get_worker().name)
+                workers.append((name, get_worker().name))
             except ValueError:  # not inside a Dask worker
-                workers.append(None)
+                workers.append((name, None))
             return fn(*args, **kwargs)
         return wrapper
 
-    for module, name in [(recipe, "make_traces"), (recipe, "prune"), (resp.export, "export_model"),
-                         (evaluate, "evaluate_masks")]:
+    targets = [(recipe, "make_traces"), (resp.export, "export_model"), (evaluate, "evaluate_masks")]
+    targets += [(steps, name) for name in ("calibrate", "score", "apply", "regenerate", "baseline", "write_run")]
+    for module, name in targets:
         monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
     counts.workers = workers
     return counts
 
 
-def test_cache_key_reads_sections_and_file_contents(tiny_params, tmp_path):
-    policy = ReadsFiles(sections=("model", "tasks.{task}"), files=("traces",))
+def test_cache_key_reads_sections_and_file_contents(tiny_params, tmp_path, monkeypatch):
+    policy = ReadsFiles(step="calibration_traces", files=("traces",))   # model, tasks.{task}, calibration, generation
     traces = tmp_path / "t.jsonl"
     traces.write_text("a\n")
 
@@ -93,6 +96,18 @@ def test_cache_key_reads_sections_and_file_contents(tiny_params, tmp_path):
     traces.write_text("b\n")
     assert key(tiny_params) not in (first, with_manifest)
     assert content_digest({"b": None, "a": str(tmp_path / "missing")}) == {"a": f"missing:{tmp_path / 'missing'}", "b": None}
+    changed = key(tiny_params)
+    monkeypatch.setattr(flow_module.steps, "code_digest", lambda step: "other code")   # the step's code is part of it
+    assert key(tiny_params) != changed
+
+
+def test_a_step_caches_on_its_own_code_only():
+    """Editing the CLI or the report does not invalidate a cached pruning step; editing scoring does."""
+    for step in ("calibrate", "score", "apply", "regenerate", "baseline", "write_run", "prune"):
+        files = steps.code_files(steps.STEPS[step].module)
+        assert "resp/importance.py" in files and "resp/masks.py" in files
+        assert not {"resp/cli.py", "resp/report.py", "resp/registry.py", "resp/evaluate.py"} & set(files)
+    assert steps.code_files("resp.report") == ("resp/config.py", "resp/report.py", "resp/stats.py")
 
 
 def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, tiny_model_dir, tiny_world_dir,
@@ -101,15 +116,23 @@ def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, t
     params = write_params(tmp_path / "run", base, tiny_world_dir, mlflow_store)
     first = run_pipeline(params)
     # dense + held-out traces, one method, one export per target, the method's and the dense evaluation
-    assert dict(calls) == {"make_traces": 2, "prune": 1, "export_model": 2, "evaluate_masks": 2}
+    assert dict(calls) == {"make_traces": 2, "calibrate": 1, "score": 4, "apply": 6, "regenerate": 2, "write_run": 1,
+                           "export_model": 2, "evaluate_masks": 2}
     assert [(v["target"], v["created"], v["replaces"]) for v in first["registered"]] == [("0.10", True, None),
                                                                                          ("0.20", True, None)]
     masks = first["masks"]["arith/resp"]
     assert sorted(masks) == ["0.10", "0.20"] and all(Path(p).is_file() for p in masks.values())
     # cached results are JSON (paths and plain data), never pickles that would run code when read back
     stored = [json.loads(f.read_text()) for f in (tmp_path / "run" / "results").iterdir() if f.is_file()]
-    assert len(stored) == 7 and {r["metadata"]["serializer"]["type"] for r in stored} == {"json"}
-    assert any(json.loads(r["result"]) == masks for r in stored)
+    assert {r["metadata"]["serializer"]["type"] for r in stored} == {"json"}
+    assert any(json.loads(r["result"]).get("result") == masks for r in stored if r["result"].startswith("{"))
+    # one task run per step: 2 trace sets, calibrate, 4 x (score, apply), 2 target masks, 2 regenerations,
+    # write_run, 2 exports, 2 evaluations
+    names = task_run_names()
+    assert len(stored) == len(names) - 1 == 20   # registration is never cached
+    assert {"traces-arith-calibration", "calibrate-arith-resp-calibration", "score-arith-resp-step-0001-scores",
+            "apply-arith-resp-step-0002-target-0.1000", "regenerate-arith-resp-milestone-0.05",
+            "write_run-arith-resp-resp", "evaluate-arith-resp", "register-arith-resp"} <= set(names)
 
     calls.clear()
     result = runner.invoke(app, ["run", "--params", str(params)])   # the same flow through the CLI
@@ -127,7 +150,62 @@ def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, t
 
     calls.clear()
     run_pipeline(params, ["flow.cache=false"])                         # every task reruns
-    assert dict(calls) == {"make_traces": 2, "prune": 1, "export_model": 2, "evaluate_masks": 2}
+    assert dict(calls) == {"make_traces": 2, "calibrate": 1, "score": 4, "apply": 6, "regenerate": 2, "write_run": 1,
+                           "export_model": 2, "evaluate_masks": 2}
+
+
+def task_run_names(states: bool = False):
+    """The task runs of the newest flow run (name, or (name, state name) with `states`), in start order."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+    return [(r.name, r.state.name) if states else r.name for r in runs]
+
+
+def test_a_flow_killed_mid_pruning_resumes_at_the_step_it_was_in(prefect_api, mlflow_store, tiny_model_dir,
+                                                                   tiny_world_dir, tmp_path, monkeypatch):
+    """Killed while scoring step 3 (after the milestone-0.10 regeneration finished), the flow started
+    again executes no step of 1-2 and not that regeneration, and ends with the masks of a run that
+    was never interrupted, byte for byte."""
+    off = "flow.register_models=false"
+    params = write_params(tmp_path / "run", tiny_model_dir, tiny_world_dir, mlflow_store, off)
+    executed = []
+
+    def spy(name, fn, kill=None):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            out = Path(kwargs.get("out", args[-1]))
+            where = f"{out.parent.name}/{out.stem}"
+            if where == kill:
+                raise RuntimeError(f"killed at {where}")
+            executed.append(f"{name} {where}")
+            return fn(*args, **kwargs)
+        return run
+
+    real = {name: getattr(steps, name) for name in ("score", "apply", "regenerate")}
+    for name, fn in real.items():
+        monkeypatch.setattr(steps, name, spy(name, fn, kill="step-0003/scores"))
+    with pytest.raises(RuntimeError, match="killed at step-0003/scores"):
+        run_pipeline(params)
+    assert executed[-1] == "regenerate traces/milestone-0.10"
+
+    executed.clear()
+    for name, fn in real.items():
+        monkeypatch.setattr(steps, name, spy(name, fn))
+    result = run_pipeline(params)
+    assert executed == ["score step-0003/scores", "apply step-0003/mask", "score step-0004/scores",
+                        "apply step-0004/target-0.2000", "apply step-0004/mask"]
+    runs = dict(task_run_names(states=True))
+    assert runs["score-arith-resp-step-0002-scores"] == "Cached" and runs["regenerate-arith-resp-milestone-0.10"] == "Cached"
+    assert runs["score-arith-resp-step-0003-scores"] == "Completed"
+
+    reference = run_pipeline(write_params(tmp_path / "ref", tiny_model_dir, tiny_world_dir, mlflow_store, off))
+    for target, mask in result["masks"]["arith/resp"].items():
+        assert Path(mask).read_bytes() == Path(reference["masks"]["arith/resp"][target]).read_bytes()
 
 
 def test_failed_run_resumes_from_the_finished_tasks(prefect_api, mlflow_store, tiny_model_dir, tiny_world_dir,
@@ -141,7 +219,7 @@ def test_failed_run_resumes_from_the_finished_tasks(prefect_api, mlflow_store, t
     monkeypatch.setattr(resp.export, "export_model", killed)
     with pytest.raises(RuntimeError, match="export killed"):
         run_pipeline(params)
-    assert (calls["make_traces"], calls["prune"], calls["evaluate_masks"]) == (2, 1, 2)
+    assert (calls["make_traces"], calls["write_run"], calls["evaluate_masks"]) == (2, 1, 2)
 
     calls.clear()
     monkeypatch.setattr(resp.export, "export_model", real_export)
@@ -159,9 +237,11 @@ def test_dask_task_runner_fans_out_on_a_local_cluster(prefect_api, mlflow_store,
                           "evaluation.nll_traces=0", "flow.register_models=false", "flow.task_runner=dask",
                           "flow.workers=2", "flow.dask_processes=false")
     result = run_pipeline(params)
-    assert dict(calls) == {"prune": 2, "export_model": 4, "evaluate_masks": 3}
-    # every task body ran on one of the cluster's two workers, not in the flow's thread pool
-    assert len(calls.workers) == 9 and set(calls.workers) <= {0, 1}, calls.workers
+    assert dict(calls) == {"calibrate": 2, "baseline": 2, "write_run": 2, "export_model": 4, "evaluate_masks": 3}
+    # exports and evaluations ran on the cluster's two workers; pruning steps in the flow's process
+    fanned = [w for name, w in calls.workers if name in ("export_model", "evaluate_masks")]
+    assert len(fanned) == 7 and set(fanned) <= {0, 1}, calls.workers
+    assert {w for name, w in calls.workers if name not in ("export_model", "evaluate_masks")} == {None}
     direct = recipe.prune(load_params(params), "arith", "magnitude", tmp_path / "direct")
     assert {f"{t:.2f}": Mask.load(p)[0].digest() for t, p in direct.items()} == \
         {t: Mask.load(p)[0].digest() for t, p in result["masks"]["arith/magnitude"].items()}

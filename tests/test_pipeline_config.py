@@ -1,10 +1,12 @@
-"""params.yaml and dvc.yaml agree on the declared methods (the DVC lists are literal, so a test keeps them honest)."""
+"""params.yaml and dvc.yaml agree on the declared methods, and every stage's `params:` and code `deps:`
+are what its step declares in `resp.steps.STEPS` (the DVC lists are literal, so a test keeps them honest)."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
+from resp import steps
 from resp.config import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +25,34 @@ def test_dvc_prune_stages_match_the_declared_calibration():
     for name in ("prune_self", "prune_baseline"):
         assert "methods.${item.method}" in stages[name]["params"]
     assert "resp/baselines.py" in stages["prune_baseline"]["deps"] and "baselines" in stages["prune_baseline"]["params"]
+
+
+STAGE_STEPS = {"calibrate": "calibration_traces", "heldout": "heldout_traces", "prune_self": "prune",
+               "prune_baseline": "prune", "evaluate_dense": "evaluate", "evaluate": "evaluate", "export": "export",
+               "register": "register", "report": "report"}
+
+
+@pytest.mark.parametrize("stage, step", sorted(STAGE_STEPS.items()))
+def test_every_stage_reads_what_its_step_declares(stage, step):
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    if "foreach" in body:
+        body, fill = body["do"], {"task": "${item}"}
+    else:
+        fill = {"task": "${item.task}", "method": "${item.method}"}
+    params = steps.step_sections(step, **fill)
+    code = steps.code_files(steps.STEPS[step].module)
+    assert sorted(body.get("params", [])) == sorted(params), f"dvc.yaml {stage} params: should be {list(params)}"
+    listed = sorted(d for d in body["deps"] if d.startswith("resp/"))
+    assert listed == list(code), f"dvc.yaml {stage} deps on code should be {list(code)}"
+
+
+def test_the_registry_hashes_the_params_a_pruning_run_reads():
+    params = load_params(ROOT / "params.yaml")
+    other_eval = load_params(ROOT / "params.yaml", ["evaluation.num_items=7", "methods.gisp.calibration=generic"])
+    other_prune = load_params(ROOT / "params.yaml", ["prune.steps=3"])
+    assert steps.params_hash(params, "arith", "resp") == steps.params_hash(other_eval, "arith", "resp")
+    assert steps.params_hash(params, "arith", "resp") != steps.params_hash(other_prune, "arith", "resp")
+    assert steps.params_hash(params, "arith", "resp") != steps.params_hash(params, "arith", "gisp")
 
 
 @pytest.mark.parametrize("declaration, message", [

@@ -164,16 +164,16 @@ def test_selective_calibration_keeps_challenging_traces_and_regenerates_their_pr
 
 @pytest.mark.parametrize("method, rule", [("resp_filter_correct", "correct"), ("resp_filter_agree", "correct_or_agree")])
 def test_trace_filter_is_a_method_option(tiny_params, dense_traces, tmp_path, method, rule, monkeypatch):
-    import resp.recipe as recipe
+    import resp.traces
 
     seen = []
-    real = recipe.filter_traces
+    real = resp.traces.filter_traces
 
     def spy(traces, keep_rule, dense_answers=None):
         seen.append(keep_rule)
         return real(traces, "none", dense_answers)   # the random tiny model answers nothing right: score on all
 
-    monkeypatch.setattr(recipe, "filter_traces", spy)
+    monkeypatch.setattr(resp.traces, "filter_traces", spy)
     prune(tiny_params, "arith", method, tmp_path / "run", str(dense_traces))
     assert seen and set(seen) == {rule}
     prune(tiny_params, "arith", "resp", tmp_path / "plain", str(dense_traces))

@@ -1,12 +1,13 @@
-"""The iterative schedule with fake scorers/regenerators: exact regeneration points, nesting, resume."""
+"""The iterative schedule with fake scorers/regenerators over files: exact regeneration points, nesting,
+unique step outputs."""
 
 import pytest
 import torch
 
 from conftest import make_qwen3
-from resp.importance import UnitScores
-from resp.masks import Mask
-from resp.schedule import Checkpointer, PruneState, ScheduleConfig, iterative_prune, schedule_points
+from resp.importance import UnitScores, load_scores, save_scores
+from resp.masks import Mask, prune_step
+from resp.schedule import PruneState, ScheduleConfig, iterative_prune, schedule_points
 from resp.structures import structures_for
 from resp.traces import Trace, TraceSet
 
@@ -16,6 +17,38 @@ def test_schedule_points_linear_with_targets():
     assert schedule_points([0.25, 0.5], 4) == [0.125, 0.25, 0.375, 0.5]
     assert schedule_points([0.3], 2) == [0.15, 0.3]
     assert schedule_points([0.2, 0.35], 2) == [0.175, 0.2, 0.35]
+
+
+def load(path, s):
+    return Mask.dense(s) if path is None else Mask.load(path)[0]
+
+
+class FileSteps:
+    """`schedule.Steps` over files, from a fake's in-memory score and regenerate; `apply` is the
+    real `prune_step` on unnormalised scores. Records every output name."""
+
+    def __init__(self, fake, s, directory):
+        self.fake, self.s, self.dir, self.names = fake, s, directory, []
+
+    def _out(self, name):
+        assert name not in self.names, f"two steps wrote {name}"
+        self.names.append(name)
+        return self.dir / "steps" / f"{name}.safetensors"
+
+    def score(self, mask, traces, name):
+        scores = self.fake.score(load(mask, self.s), TraceSet.load(traces))
+        return str(save_scores(scores, self._out(name), {})), scores.mean_loss
+
+    def apply(self, scores, mask, sparsity, name):
+        unit, _ = load_scores(scores)
+        return str(prune_step(unit.attention, unit.channels, load(mask, self.s), self.s, sparsity).save(self._out(name), {}))
+
+    def regenerate(self, mask, tag):
+        return self.fake.regenerate(load(mask, self.s), tag)[1]
+
+
+def saved(st, s, targets):
+    return [load(st.saved[t], s) for t in targets]
 
 
 class Fake:
@@ -45,14 +78,15 @@ class Fake:
         return self.traces(tag)
 
 
-def run(tmp_path, fake, s, cfg, checkpoint=True):
-    ts, path = fake.traces("initial")
-    initial = PruneState(0, Mask.dense(s), ts, path)
-    ck = Checkpointer(tmp_path / "state", "fp") if checkpoint else None
-    return iterative_prune(s, cfg, initial, fake.score, fake.regenerate, ck)
+def run(tmp_path, fake, s, cfg):
+    _, path = fake.traces("initial")
+    steps = FileSteps(fake, s, tmp_path)
+    st = iterative_prune(s, cfg, PruneState(0, None, path), steps, regenerate=True)
+    st.names = steps.names
+    return st
 
 
-CFG = ScheduleConfig(targets=[0.2, 0.3, 0.4], steps=8, milestones=[0.1, 0.2, 0.3], normalize="none", verify_select=False)
+CFG = ScheduleConfig(targets=[0.2, 0.3, 0.4], steps=8, milestones=[0.1, 0.2, 0.3], verify_select=False)
 
 
 def test_regenerates_once_per_milestone_and_nests(tmp_path):
@@ -65,7 +99,7 @@ def test_regenerates_once_per_milestone_and_nests(tmp_path):
         assert m <= sparsity < m + 0.05 + 1e-9
     assert fake.calls == 8                  # one scoring per step, recomputed after regeneration
     assert st.regenerations == 3 and st.milestones_done == [0.1, 0.2, 0.3]
-    masks = [st.saved[t] for t in CFG.targets]
+    masks = saved(st, s, CFG.targets)
     for t, m in zip(CFG.targets, masks):
         assert t <= m.sparsity(s) < t + (s.head_params + s.kv_params) / s.decoder_params  # last unit may kill a group
     assert masks[0].contains(masks[1]) and masks[1].contains(masks[2])
@@ -77,7 +111,7 @@ def test_same_inputs_same_masks(tmp_path):
     s = structures_for(make_qwen3(), "query_head", None)
     a = run(tmp_path / "a", Fake(s, _mk(tmp_path / "a")), s, CFG)
     b = run(tmp_path / "b", Fake(s, _mk(tmp_path / "b")), s, CFG)
-    assert [a.saved[t].digest() for t in CFG.targets] == [b.saved[t].digest() for t in CFG.targets]
+    assert [m.digest() for m in saved(a, s, CFG.targets)] == [m.digest() for m in saved(b, s, CFG.targets)]
 
 
 def _mk(p):
@@ -85,44 +119,35 @@ def _mk(p):
     return p
 
 
-@pytest.mark.parametrize("crash_at, redo_calls, redo_regens", [
-    (6, 3, ["milestone-0.30"]),   # crash scoring step 6: steps 6-8 rerun, milestone 0.3 not reached yet
-    (7, 2, []),                   # crash scoring right after the 0.3 regeneration: it is not redone
-])
-def test_resume_after_crash_gives_same_masks(tmp_path, crash_at, redo_calls, redo_regens):
+def test_every_step_writes_an_output_of_its_own(tmp_path):
+    """A workflow engine caches each step by its output name and inputs: names never repeat."""
     s = structures_for(make_qwen3(), "query_head", None)
-    reference = run(_mk(tmp_path / "ref"), Fake(s, tmp_path / "ref"), s, CFG)
-    crashing = Fake(s, _mk(tmp_path / "run"), fail_at_step=crash_at)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "run", crashing, s, CFG)
-    resumed = Fake(s, tmp_path / "run")
-    st = run(tmp_path / "run", resumed, s, CFG)
-    assert resumed.calls == redo_calls
-    assert [t for t, _ in resumed.regens] == redo_regens
-    assert [st.saved[t].digest() for t in CFG.targets] == [reference.saved[t].digest() for t in CFG.targets]
-    strip = lambda log: [{k: v for k, v in e.items() if k != "traces"} for e in log]  # noqa: E731 (paths differ)
-    assert strip(st.log) == strip(reference.log) and st.regenerations == 3
+    st = run(tmp_path, Fake(s, tmp_path), s, CFG)
+    assert st.names[:3] == ["step-0001/scores", "step-0001/mask", "step-0002/scores"]
+    assert "step-0004/target-0.2000" in st.names and len(st.names) == len(set(st.names))
+    assert st.mask == str(tmp_path / "steps" / "step-0008" / "mask.safetensors")
 
 
 def test_no_milestones_never_regenerates(tmp_path):
     s = structures_for(make_qwen3(), "query_head", None)
     fake = Fake(s, tmp_path)
-    cfg = ScheduleConfig([0.2], 4, [], "none", False)
-    st = run(tmp_path, fake, s, cfg, checkpoint=False)
+    cfg = ScheduleConfig([0.2], 4, [], False)
+    st = run(tmp_path, fake, s, cfg)
     assert fake.regens == [] and st.regenerations == 0 and fake.calls == 4
 
 
 def test_verify_select_branches_and_keeps_better(tmp_path):
     s = structures_for(make_qwen3(), "query_head", None)
     fake = Fake(s, tmp_path)
-    cfg = ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], "none", True)
-    st = run(tmp_path, fake, s, cfg, checkpoint=False)
+    cfg = ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], True)
+    st = run(tmp_path, fake, s, cfg)
     decisions = [e for e in st.log if "verify_select" in e]
     assert len(decisions) == 2
     # the fake marks every regenerated trace correct and the initial one wrong: refresh wins
     assert all(d["chosen"] == "refresh" for d in decisions)
     assert [t for t, _ in fake.regens if "refresh" in t and t.startswith("milestone")] == ["milestone-0.10-refresh", "milestone-0.20-refresh"]
-    assert st.saved[0.2].contains(st.saved[0.3])
+    m20, m30 = saved(st, s, [0.2, 0.3])
+    assert m20.contains(m30)
 
 
 class Reflect:
@@ -162,15 +187,19 @@ class Reflect:
         return self.traces(tag, "regenerated", mask)
 
     def run(self, cfg):
-        ts, path = self.traces("initial", "initial", Mask.dense(self.s))
-        return iterative_prune(self.s, cfg, PruneState(0, Mask.dense(self.s), ts, path), self.score, self.regenerate, None)
+        _, path = self.traces("initial", "initial", Mask.dense(self.s))
+        return iterative_prune(self.s, cfg, PruneState(0, None, path), FileSteps(self, self.s, self.tmp), regenerate=True)
 
 
-VERIFY = ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], "none", True)
+VERIFY = ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], True)
 
 
 def _digests(st, targets):
-    return [st.saved[t].digest() for t in targets]
+    return [Mask.load(st.saved[t])[0].digest() for t in targets]
+
+
+def _final(st):
+    return Mask.load(st.mask)[0]
 
 
 def test_verify_select_keeps_the_kept_traces_when_their_branch_answers_better(tmp_path):
@@ -187,13 +216,13 @@ def test_verify_select_keeps_the_kept_traces_when_their_branch_answers_better(tm
     assert [t for t in fake.regens if t.startswith("milestone")] == ["milestone-0.10-refresh", "milestone-0.20-refresh"]
     # the kept branch's traces and masks are the ones continued with
     initial_path = str(tmp_path / "verify" / "initial.jsonl")
-    assert st.traces.manifest["tag"] == "initial" and st.traces_path == initial_path
+    assert TraceSet.load(st.traces).manifest["tag"] == "initial" and st.traces == initial_path
     assert st.regenerations == 0 and st.trace_history == []
     assert [e["traces"] for e in st.log if "step" in e] == [initial_path] * 6
-    assert st.mask.channels[0].all() and st.saved[0.3].heads[0].all()
-    plain = Reflect(s, _mk(tmp_path / "plain"), judge_layer=0).run(ScheduleConfig([0.2, 0.3], 6, [], "none", False))
+    assert _final(st).channels[0].all() and Mask.load(st.saved[0.3])[0].heads[0].all()
+    plain = Reflect(s, _mk(tmp_path / "plain"), judge_layer=0).run(ScheduleConfig([0.2, 0.3], 6, [], False))
     assert _digests(st, [0.2, 0.3]) == _digests(plain, [0.2, 0.3])
-    assert st.mask.digest() == plain.mask.digest()
+    assert _final(st).digest() == _final(plain).digest()
 
 
 def test_verify_select_refreshes_when_the_refreshed_branch_answers_better(tmp_path):
@@ -211,12 +240,12 @@ def test_verify_select_refreshes_when_the_refreshed_branch_answers_better(tmp_pa
     assert second["refresh"] == second["keep"]  # both branches hold regenerated traces by then
     assert st.regenerations == 2 and [h["tag"] for h in st.trace_history] == ["milestone-0.10-refresh",
                                                                                "milestone-0.20-refresh"]
-    assert st.traces.manifest["tag"] == "milestone-0.20-refresh"
-    assert st.traces_path == str(tmp_path / "verify" / "milestone-0.20-refresh.jsonl")
+    assert TraceSet.load(st.traces).manifest["tag"] == "milestone-0.20-refresh"
+    assert st.traces == str(tmp_path / "verify" / "milestone-0.20-refresh.jsonl")
     plain = Reflect(s, _mk(tmp_path / "plain"), judge_layer=1).run(
-        ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], "none", False))
+        ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], False))
     assert _digests(st, [0.2, 0.3]) == _digests(plain, [0.2, 0.3])
-    never = Reflect(s, _mk(tmp_path / "never"), judge_layer=1).run(ScheduleConfig([0.2, 0.3], 6, [], "none", False))
+    never = Reflect(s, _mk(tmp_path / "never"), judge_layer=1).run(ScheduleConfig([0.2, 0.3], 6, [], False))
     assert _digests(st, [0.2, 0.3]) != _digests(never, [0.2, 0.3])  # the branches really differ
 
 
@@ -240,7 +269,7 @@ class Drifting(Fake):
 def test_drift_triggered_regeneration_fires_exactly_past_the_threshold(tmp_path):
     s = structures_for(make_qwen3(), "query_head", None)
     fake = Drifting(s, tmp_path)
-    cfg = ScheduleConfig([0.2, 0.4], 8, [], "none", False, drift_threshold=0.12)
+    cfg = ScheduleConfig([0.2, 0.4], 8, [], False, drift_threshold=0.12)
     st = run(tmp_path, fake, s, cfg)
     # drift rises 0.05 per step: past 0.12 at the third step after each regeneration (scored at ~0.15, ~0.30)
     assert [tag for tag, _ in fake.regens] == ["drift-step0003", "drift-step0006"]
