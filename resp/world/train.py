@@ -19,15 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
+from resp.artifacts import atomic_dir
 from resp.prompts import gsm8k_message, mathqa_message
 from resp.world import tasks as world
 from resp.world.tokenizer import IM_END, PAD, build_tokenizer
@@ -119,13 +118,10 @@ def length_buckets(examples, order: list[int], rng: random.Random, batch_size: i
 
 def _save(model, tokenizer, out: Path, history: list[dict]) -> None:
     """Model, tokenizer and the validation history so far, written whole or not at all."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
 
 
 def train_embedded_model(cfg, out_dir: str | Path, n_test: int, world_seed: int) -> Path:
