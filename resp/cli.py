@@ -219,7 +219,7 @@ app.add_typer(world_app, name="world")
 @world_app.command("generate")
 def world_generate_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides = None) -> None:
     """Write the arith (GSM8K format), choice (MathQA format) and prose task files."""
-    from resp.world.tasks import write_world
+    from resp.world.problems import write_world
 
     with user_errors():
         w = load_params(params, overrides).world

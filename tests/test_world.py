@@ -9,7 +9,7 @@ import torch
 
 from transformers import AutoConfig, AutoTokenizer
 
-from resp.world import tasks as world
+from resp.world import problems as world
 
 ROOT = Path(__file__).resolve().parent.parent
 

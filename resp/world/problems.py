@@ -1,4 +1,4 @@
-"""The embedded world's tasks: seeded generators for `arith`, `choice` and `prose`.
+"""The embedded world's problems: seeded generators for the `arith`, `choice` and `prose` task files.
 
 `arith` is written in GSM8K's format ({"question", "answer"} with <<a+b=c>> annotations and
 `#### N`), `choice` in MathQA's format (Problem, Rationale, options, correct, ...), so the
