@@ -34,7 +34,7 @@ def main() -> None:
     from transformers import GenerationConfig
 
     from bad_inputs import CASES, build_project, expected, run_case
-    from resp.world.tasks import write_world
+    from resp.world.problems import write_world
     from resp.world.tokenizer import build_tokenizer
 
     torch.set_num_threads(1)

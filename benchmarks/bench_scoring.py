@@ -119,7 +119,7 @@ def arith_traces(tokenizer, n: int):
     from resp.prompts import gsm8k_message
     from resp.tasks import render_prompt
     from resp.traces import Trace
-    from resp.world import tasks as world
+    from resp.world import problems as world
     from resp.world.tokenizer import IM_END
 
     p = params().world

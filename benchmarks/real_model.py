@@ -209,8 +209,9 @@ def _self_calibrated(params, method: str) -> bool:
 
 def run(work: Path, sizes: dict, methods: list[str] | None, extra: list[str], model_dir: Path, gsm8k: Path,
         results: Path, command: str) -> Path:
+    from resp.artifacts import masks_in_dir
     from resp.config import load_params
-    from resp.evaluate import evaluate_masks, masks_in_dir
+    from resp.evaluate import evaluate_masks
     from resp.recipe import make_traces, prune
 
     task = "gsm8k"

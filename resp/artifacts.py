@@ -9,7 +9,7 @@ conversions live here only.
 
     runs/{task}/traces/dense.jsonl           dense calibration traces (+ .json manifest)
     runs/{task}/traces/heldout.jsonl         dense traces on the eval split (decode-only NLL)
-    runs/{task}/{method}/                    masks/, summary.json, traces/ (regenerations), steps/
+    runs/{task}/{method}/                    masks/, summary.json, traces/ (regenerations), state/
     metrics/{task}/{method}.json, dense.json evaluations
     checkpoints/{task}/{method}/sparsity-{t:.2f}/{format}/   exports
 """
@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from resp.locking import pid_alive
 
 MANIFEST_SUFFIX = ".json"
 
@@ -53,15 +57,49 @@ def atomic_path(path: str | Path):
         raise
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
     return Path(path)
 
 
-def write_json(path: str | Path, obj, sort_keys: bool = False) -> Path:
-    """Indented JSON, atomically."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys))
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, obj, sort_keys: bool = False, newline: bool = False) -> Path:
+    """Indented JSON, atomically; `newline` ends the file with one (as the metrics files always have)."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + ("\n" if newline else ""))
+
+
+@contextmanager
+def atomic_dir(path: str | Path):
+    """Yield an empty temporary directory to fill; on success it replaces `path`, on error it is
+    removed. An existing `path` is moved aside under a name of this process and deleted once the
+    new one is in place. Temporary directories that earlier writers of `path` left when they were
+    killed (their process is gone) are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = tmp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def manifest_path(path: str | Path) -> Path:
@@ -104,8 +142,12 @@ def dir_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def bytes_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return bytes_digest(text.encode())
 
 
 def json_digest(obj) -> str:
@@ -154,10 +196,18 @@ def target_name(target: float) -> str:
 
 
 def parse_target(text: str) -> float:
-    """`"0.30"`, `sparsity-0.30` or `sparsity-0.30.safetensors` -> 0.3."""
+    """`"0.30"`, `sparsity-0.30` or `sparsity-0.30.safetensors` -> 0.3 (rounded to 6 decimals, so
+    equal targets are equal keys)."""
     stem = text.removesuffix(".safetensors")
     match = _TARGET_NAME.match(stem)
-    return round(float(match.group(1) if match else stem), 6)
+    try:
+        target = float(match.group(1) if match else stem)
+    except ValueError:
+        target = math.nan
+    if not 0 <= target < 1:  # NaN too
+        raise ArtifactError(f"{text!r} names no sparsity target: expected a fraction in [0, 1) such as 0.30, "
+                            "or sparsity-0.30")
+    return round(target, 6)
 
 
 # ---------------------------------------------------------------- run layout

@@ -118,7 +118,8 @@ def eval_command(
 ) -> None:
     """Evaluate a model on a task: accuracy, mean completion length, truncation rate."""
     # Imported here so that `resp --help` does not pay for torch and transformers.
-    from resp.evaluate import evaluate_task, write_json
+    from resp.artifacts import write_json
+    from resp.evaluate import evaluate_task
     from resp.generation import SamplingSpec, VllmEngine
     from resp.models import check_model_ref, load_model
     from resp.tasks import load_items
@@ -156,7 +157,7 @@ def eval_command(
         report = {"model": name, "revision": revision, "task": label, "format": task_params.format, "split": split,
                   "sampling": {**asdict(spec), "seed": seed, "batch_size": p.evaluation.batch_size, "backend": backend},
                   **result}
-        log.info("wrote evaluation of %d items to %s", result["n"], write_json(out, report))
+        log.info("wrote evaluation of %d items to %s", result["n"], write_json(out, report, newline=True))
 
 
 @app.command("export")
@@ -174,7 +175,7 @@ def export_command(
     overrides: Overrides = None,
 ) -> None:
     """Export a pruned model: masked (zeroed, stock shapes), compact (smaller per-layer shapes) or uniform (stock config)."""
-    from resp.evaluate import masks_in_dir
+    from resp.artifacts import masks_in_dir, target_name
     from resp.export import check_export_dir, check_format, export_mask_file
     from resp.lineage import read_mask
     from resp.models import load_model, model_identity
@@ -187,7 +188,7 @@ def export_command(
         for fmt in formats:
             check_format(fmt)
         jobs = ([(mask, out, f) for f in formats] if mask is not None else
-                [(path, out / f"sparsity-{target:.2f}" / f, f) for target, path in masks_in_dir(masks_dir).items() for f in formats])
+                [(path, out / target_name(target) / f, f) for target, path in masks_in_dir(masks_dir).items() for f in formats])
         _early_checks(p)
         for mask_path, target_dir, fmt in jobs:  # before the model is loaded: every mask reads, every --out may be written
             read_mask(mask_path)
@@ -218,7 +219,7 @@ app.add_typer(world_app, name="world")
 @world_app.command("generate")
 def world_generate_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides = None) -> None:
     """Write the arith (GSM8K format), choice (MathQA format) and prose task files."""
-    from resp.world.tasks import write_world
+    from resp.world.problems import write_world
 
     with user_errors():
         w = load_params(params, overrides).world
@@ -243,7 +244,7 @@ def world_check_command(
     params: ParamsPath = Path("params.yaml"), overrides: Overrides = None,
 ) -> None:
     """Measure the committed model against the world's targets (accuracy, entropy, length, self-checks)."""
-    from resp.evaluate import write_json
+    from resp.artifacts import write_json
     from resp.world.check import format_measurements, measure_world
 
     with user_errors():
@@ -252,7 +253,7 @@ def world_check_command(
         results = measure_world(p)
     typer.echo(format_measurements(results))
     if out is not None:
-        typer.echo(f"wrote {write_json(out, results)}")
+        typer.echo(f"wrote {write_json(out, results, newline=True)}")
 
 
 @app.command("traces")
@@ -290,6 +291,7 @@ def prune_command(
     overrides: Overrides = None,
 ) -> None:
     """Prune a model for a task with one method; writes a mask at every target sparsity."""
+    from resp.artifacts import target_key
     from resp.recipe import prune
 
     with user_errors():
@@ -303,7 +305,7 @@ def prune_command(
         started = time.perf_counter()
         written = prune(p, task, method, out, str(traces) if traces else None)
     for target, path in written.items():
-        typer.echo(f"target {target:.2f}: {path}")
+        typer.echo(f"target {target_key(target)}: {path}")
     typer.echo(f"{method} on {task}: {len(written)} masks in {time.perf_counter() - started:.1f} s (summary: {out / 'summary.json'})")
 
 
@@ -321,7 +323,8 @@ def evaluate_command(
     """Evaluate the dense model and/or every mask of one method: accuracy (greedy, sampled), length, truncation, NLL."""
     import json
 
-    from resp.evaluate import DENSE, evaluate_masks, masks_in_dir
+    from resp.artifacts import masks_in_dir
+    from resp.evaluate import DENSE, evaluate_masks
 
     with user_errors():
         p = load_params(params, overrides)
@@ -441,8 +444,7 @@ def register_command(
     that were not are refused; defaults (the data layout) are taken only where their mask digests match."""
     import signal
 
-    from flows.layout import Layout, existing_exports
-    from resp.evaluate import write_json
+    from resp.artifacts import Layout, existing_exports, write_json
     from resp.lineage import export_digest, mask_digests, metrics_digests
     from resp.outputs import check_output
     from resp.registry import mask_files, register_method
@@ -468,7 +470,7 @@ def register_command(
         versions = register_method(p, task, method, masks_dir, exports, metrics)
     if out is not None:  # the same bytes whether this run created the versions or found them
         write_json(out, {"task": task, "method": method,
-                         "versions": [{k: v[k] for k in sorted(v) if k != "created"} for v in versions]})
+                         "versions": [{k: v[k] for k in sorted(v) if k != "created"} for v in versions]}, newline=True)
     for v in versions:
         typer.echo(f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']}"
                    + (f", replaces version {v['replaces']}" if v["replaces"] else "")

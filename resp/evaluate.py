@@ -19,11 +19,8 @@ temporary directory. NLL is a forward pass and always runs on the Hugging Face m
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -32,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from resp.artifacts import target_key, write_json
 from resp.config import EvaluationParams, Params
 from resp.generation import SamplingSpec, VllmEngine, generate, require_vllm
 from resp.importance import per_sample_mean_loss
@@ -45,7 +43,6 @@ from resp.traces import Trace, TraceSet, decode_only_batches
 log = logging.getLogger(__name__)
 
 DENSE = "dense"
-MASK_FILE = re.compile(r"^sparsity-(\d+\.\d+)\.safetensors$")
 ACCURACY_KEYS = tuple(f"accuracy_{extractor}" for extractor in EXTRACTORS)  # accuracy_strict, accuracy_flexible
 SUMMARY_KEYS = ("n", *ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate", "reflection_rate", "per_item")
 PER_ITEM_KEYS = (*(f"correct_{e}" for e in EXTRACTORS), "completion_tokens", "truncated", "reflection")
@@ -106,16 +103,6 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def write_json(path: str | Path, obj) -> Path:
-    """Write `obj` as indented JSON, atomically (temp file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 @torch.no_grad()
 def decode_only_nll(model, traces: list[Trace], batch_size: int, pad_id: int, desc: str = "nll") -> dict:
     """Mean NLL per completion token over `traces` (token-weighted), and the token count.
@@ -136,16 +123,6 @@ def decode_only_nll(model, traces: list[Trace], batch_size: int, pad_id: int, de
     if n_tokens == 0:
         raise EvaluationError("the held-out traces have no completion tokens to score: regenerate them with `resp traces`")
     return {"nll": total / n_tokens, "n_tokens": n_tokens}
-
-
-def masks_in_dir(directory: str | Path) -> dict[float, Path]:
-    """The masks `resp prune` wrote to `directory`, keyed by target sparsity (`sparsity-0.20.safetensors`)."""
-    directory = Path(directory)
-    found = {float(m.group(1)): f for f in sorted(directory.glob("sparsity-*.safetensors"))
-             if (m := MASK_FILE.match(f.name))}
-    if not found:
-        raise EvaluationError(f"no masks (sparsity-*.safetensors) in {directory}: run `resp prune` first")
-    return found
 
 
 def _heldout(path: str | Path | None, model_key: str, n: int) -> TraceSet | None:
@@ -247,7 +224,7 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
             check_mask_fits(mask, s, meta, identity.key)
         except MaskError as e:
             raise MaskError(f"{path}: {e}") from None
-        variants.append((f"{target:.2f}", mask, {"target": target, "mask": str(path), "mask_digest": mask.digest(),
+        variants.append((target_key(target), mask, {"target": target, "mask": str(path), "mask_digest": mask.digest(),
                                                  "label": meta.get("label", method)}))
 
     masked = MaskedModel(model, s, keep_dense=True)
@@ -281,6 +258,6 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
                      "n_traces": len(heldout.traces)} if heldout else None),
         "results": results,
     }
-    path = write_json(out_path, report)
+    path = write_json(out_path, report, newline=True)
     log.info("wrote %s evaluation of %s (%d models) to %s", task, method, len(results), path)
     return path

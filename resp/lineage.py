@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from resp.artifacts import parse_target
+
 EXPORT_MANIFEST = "resp_manifest.json"   # resp.export.MANIFEST (not imported: it pulls in transformers)
 
 
@@ -55,7 +57,8 @@ def read_mask(path: str | Path):
 
 
 def mask_digests(mask_paths: dict[float, Path]) -> dict[float, str]:
-    return {round(float(t), 6): read_mask(p)[0].digest() for t, p in mask_paths.items()}
+    """Digest of every mask, by target (keys as `resp.artifacts.masks_in_dir` gives them)."""
+    return {t: read_mask(p)[0].digest() for t, p in mask_paths.items()}
 
 
 def metrics_digests(path: str | Path) -> dict[float, str | None]:
@@ -63,7 +66,7 @@ def metrics_digests(path: str | Path) -> dict[float, str | None]:
     try:
         report = json.loads(Path(path).read_text())
         results = report["results"]
-        return {round(float(label), 6): r.get("mask_digest") for label, r in results.items() if label != "dense"}
+        return {parse_target(label): r.get("mask_digest") for label, r in results.items() if label != "dense"}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise LineageError(f"metrics file {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): re-run "
                            "`resp evaluate`") from None

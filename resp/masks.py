@@ -10,8 +10,6 @@ manifest naming the model and shapes it was made for.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from resp.adapters import adapter_for
+from resp.artifacts import manifest_path, read_manifest, write_with_manifest
 from resp.structures import Structures
 
 
@@ -86,32 +85,23 @@ class Mask:
         return h.hexdigest()
 
     def save(self, path: str | Path, manifest: dict) -> Path:
-        """Write `<path>` (safetensors) and `<path>.json` atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        """Write `<path>` (safetensors) and its manifest `<path>.json`, each atomically."""
         tensors = {"heads": self.heads.to(torch.uint8), "channels": self.channels.to(torch.uint8)}
         tensors.update({f"bias.{name}": t.to(torch.float32).contiguous() for name, t in (self.biases or {}).items()})
-        save_file(tensors, str(tmp))
         meta = {**manifest, "digest": self.digest(), "heads_shape": list(self.heads.shape),
                 "channels_shape": list(self.channels.shape)}
-        meta_path = path.with_name(path.name + ".json")
-        meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-        meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-        os.replace(meta_tmp, meta_path)
-        return path
+        return write_with_manifest(path, lambda tmp: save_file(tensors, str(tmp)), meta)
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["Mask", dict]:
         path = Path(path)
-        meta_path = path.with_name(path.name + ".json")
+        meta_path = manifest_path(path)
         if not path.is_file() or not meta_path.is_file():
             raise MaskError(f"mask {path} (or its manifest {meta_path.name}) not found: run `resp prune` first")
         tensors = load_file(str(path))
         biases = {k.removeprefix("bias."): v for k, v in tensors.items() if k.startswith("bias.")} or None
         mask = cls(tensors["heads"].bool(), tensors["channels"].bool(), biases)
-        meta = json.loads(meta_path.read_text())
+        meta = read_manifest(path)
         if meta.get("digest") != mask.digest():
             raise MaskError(f"mask {path} does not match the digest in its manifest: the file was changed; re-run `resp prune`")
         return mask, meta

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from resp.adapters import UnsupportedArchitecture, adapter_for
+from resp.artifacts import is_local
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,9 @@ class ModelIdentity:
         return asdict(self)
 
 
-def _is_local(name_or_path: str) -> bool:
-    return Path(name_or_path).exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1
-
-
 def check_model_ref(name_or_path: str) -> None:
     """A path that is not a directory is an error; a hub id (org/name) is resolved by whoever loads it."""
-    if _is_local(name_or_path) and not Path(name_or_path).is_dir():
+    if is_local(name_or_path) and not Path(name_or_path).is_dir():
         raise ModelLoadError(f"model directory {name_or_path} does not exist: check model.name_or_path")
 
 
@@ -80,7 +77,7 @@ def _hash_files(files: list[Path]) -> str:
 def model_identity(name_or_path: str, revision: str | None = None) -> ModelIdentity:
     """Resolve what exactly `name_or_path` is right now (used for lineage and re-pruning)."""
     check_model_ref(name_or_path)
-    if _is_local(name_or_path):
+    if is_local(name_or_path):
         return ModelIdentity(name_or_path, None, content_hash(name_or_path))
     from huggingface_hub import HfApi
 
@@ -153,8 +150,8 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
     check_device(device)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    local = _config_json(name_or_path) if _is_local(name_or_path) else None
-    if _is_local(name_or_path) and local is None:
+    local = _config_json(name_or_path) if is_local(name_or_path) else None
+    if is_local(name_or_path) and local is None:
         raise ModelLoadError(f"{name_or_path} has no config.json: point model.name_or_path at a saved model directory")
     compact = (local or {}).get("model_type") == "resp_compact"
     try:
@@ -184,7 +181,7 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
         if "trust_remote_code" in str(e):
             raise ModelLoadError(f"{name_or_path} needs its own modeling code ({text}): pass --trust-remote-code "
                                  "(model.trust_remote_code=true) only if you trust that code") from None
-        if _is_local(name_or_path):
+        if is_local(name_or_path):
             raise ModelLoadError(f"model {name_or_path} cannot be loaded ({type(e).__name__}: {text}): its files are "
                                  "truncated or corrupt; re-save or re-download the model") from None
         raise ModelLoadError(f"hub model {name_or_path!r} cannot be loaded ({type(e).__name__}: {text}): check the id "

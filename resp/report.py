@@ -42,13 +42,13 @@ import csv
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from resp.artifacts import target_key, write_bytes, write_json
 from resp.stats import bootstrap_interval, paired_difference
 
 if TYPE_CHECKING:
@@ -71,18 +71,6 @@ STEP_KEYS = ("step", "scored_sparsity", "loss", "regenerated")   # what the drif
 
 class ReportError(ValueError):
     pass
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def _key(target: float) -> str:
-    return f"{target:.2f}"
 
 
 # ---------------------------------------------------------------- reading
@@ -207,15 +195,15 @@ def load_metrics(metrics_dir: str | Path, tasks: list[str], methods: list[str],
                 raise ReportError(f"metrics file {path} was evaluated on other items than {task}/{DENSE}.json "
                                   "(item_ids differ): re-run `resp evaluate` for both with the same params and data")
             results = data["results"]
-            missing = [_key(t) for t in targets if _key(t) not in results]
+            missing = [target_key(t) for t in targets if target_key(t) not in results]
             if missing:
                 raise ReportError(f"metrics file {path} has no result at sparsity {', '.join(missing)}: "
                                   f"re-run `resp evaluate` with the masks of every target in prune.targets")
             table[task][method], items[task][method] = {}, {}
-            for t in targets:
-                table[task][method][_key(t)], items[task][method][_key(t)] = _entry(results[_key(t)], path, _key(t), n_items)
+            for key in map(target_key, targets):
+                table[task][method][key], items[task][method][key] = _entry(results[key], path, key, n_items)
             # the name a row shows (e.g. "flap (no bias)"), as the masks' manifests state it
-            headers[task].setdefault("labels", {})[method] = results[_key(targets[0])].get("label", method)
+            headers[task].setdefault("labels", {})[method] = results[target_key(targets[0])].get("label", method)
     return table, items, headers
 
 
@@ -276,7 +264,7 @@ def strongest_baseline(table: dict, task: str, baselines: list[str], target: flo
     """(method, greedy strict accuracy) of the best of `baselines` at `target`; None if there is none."""
     best = None
     for method in baselines:
-        accuracy = table[task][method][_key(target)][HEADLINE]
+        accuracy = table[task][method][target_key(target)][HEADLINE]
         if best is None or accuracy > best[1]:
             best = (method, accuracy)
     return best
@@ -286,13 +274,13 @@ def first_below_dense(table: dict, task: str, method: str, targets: list[float])
     """The lowest target at which greedy strict accuracy < 90% of dense; None if it never does."""
     floor = RETAINED * table[task][DENSE][HEADLINE]
     for target in sorted(targets):
-        if table[task][method][_key(target)][HEADLINE] < floor:
+        if table[task][method][target_key(target)][HEADLINE] < floor:
             return target
     return None
 
 
 def _strict(items: dict, task: str, method: str, target: float) -> tuple:
-    vectors = items[task][method][_key(target)]
+    vectors = items[task][method][target_key(target)]
     return vectors["greedy_strict"], vectors["sampled_strict"]
 
 
@@ -319,7 +307,7 @@ def differences(table: dict, items: dict, tasks: list[str], methods: list[str], 
                 for ablation in roles["ablations"]:
                     other = _strict(items, task, ablation, target)
                     entry["ablations"][ablation] = tuple(_paired(params, o, r) for r, o in zip(reference, other))
-            out[task][_key(target)] = entry
+            out[task][target_key(target)] = entry
     return out
 
 
@@ -381,9 +369,10 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _grid(table: dict, tasks: list[str], methods: list[str], targets: list[float], cell, with_dense: bool,
           names: dict[str, str]) -> list[str]:
-    header = ["method"] + [f"{task} {_key(t)}" for task in tasks for t in targets]
+    header = ["method"] + [f"{task} {target_key(t)}" for task in tasks for t in targets]
     rows = [[DENSE] + [cell(table[task][DENSE]) for task in tasks for _ in targets]] if with_dense else []
-    rows += [[names[method]] + [cell(table[task][method][_key(t)]) for task in tasks for t in targets] for method in methods]
+    rows += [[names[method]] + [cell(table[task][method][target_key(t)]) for task in tasks for t in targets]
+             for method in methods]
     return _markdown_table(header, rows)
 
 
@@ -426,10 +415,10 @@ def _comparison_sections(table: dict, diffs: dict, summaries: dict, tasks: list[
         rows = []
         for task in tasks:
             for target in targets:
-                name, greedy, sampled = diffs[task][_key(target)]["strongest"]
-                accuracies = (f"{_pct(table[task][reference][_key(target)][HEADLINE])} / "
-                              f"{_pct(table[task][name][_key(target)][HEADLINE])}")
-                rows.append([task, _key(target), names[name], accuracies, _points(greedy), _points(sampled)])
+                name, greedy, sampled = diffs[task][target_key(target)]["strongest"]
+                accuracies = (f"{_pct(table[task][reference][target_key(target)][HEADLINE])} / "
+                              f"{_pct(table[task][name][target_key(target)][HEADLINE])}")
+                rows.append([task, target_key(target), names[name], accuracies, _points(greedy), _points(sampled)])
         lines += _markdown_table(["task", "sparsity", "strongest baseline", f"greedy strict, {reference} / baseline",
                                   "difference, greedy strict", "difference, sampled strict"], rows)
 
@@ -443,8 +432,8 @@ def _comparison_sections(table: dict, diffs: dict, summaries: dict, tasks: list[
     else:
         for task in tasks:
             for target in targets:
-                greedy, sampled = diffs[task][_key(target)]["no_regeneration"]
-                lines.append(f"- {task} at {_key(target)}: greedy strict {_points(greedy)}: "
+                greedy, sampled = diffs[task][target_key(target)]["no_regeneration"]
+                lines.append(f"- {task} at {target_key(target)}: greedy strict {_points(greedy)}: "
                              f"{_verdict(greedy, reference, other)}; sampled strict {_points(sampled)}: "
                              f"{_verdict(sampled, reference, other)}.")
 
@@ -459,10 +448,10 @@ def _comparison_sections(table: dict, diffs: dict, summaries: dict, tasks: list[
         for ablation in roles["ablations"]:
             for task in tasks:
                 for target in targets:
-                    greedy, sampled = diffs[task][_key(target)]["ablations"][ablation]
-                    accuracies = (f"{_pct(table[task][ablation][_key(target)][HEADLINE])} / "
-                                  f"{_pct(table[task][reference][_key(target)][HEADLINE])}")
-                    rows.append([names[ablation], task, _key(target), accuracies, _points(greedy), _points(sampled)])
+                    greedy, sampled = diffs[task][target_key(target)]["ablations"][ablation]
+                    accuracies = (f"{_pct(table[task][ablation][target_key(target)][HEADLINE])} / "
+                                  f"{_pct(table[task][reference][target_key(target)][HEADLINE])}")
+                    rows.append([names[ablation], task, target_key(target), accuracies, _points(greedy), _points(sampled)])
         lines += _markdown_table(["ablation", "task", "sparsity", f"greedy strict, ablation / {reference}",
                                   "difference, greedy strict", "difference, sampled strict"], rows)
         drift = params.drift_triggered
@@ -551,11 +540,11 @@ def results_markdown(table: dict, headers: dict, diffs: dict, summaries: dict, t
     rows = []
     for method in methods:
         firsts = [first_below_dense(table, task, method, targets) for task in tasks]
-        rows.append([names[method]] + ["never" if t is None else _key(t) for t in firsts])
+        rows.append([names[method]] + ["never" if t is None else target_key(t) for t in firsts])
     lines += _markdown_table(header, rows)
 
     measured = [table[task][DENSE]["nll"] for task in tasks] + [
-        table[task][m][_key(t)]["nll"] for task in tasks for m in methods for t in targets]
+        table[task][m][target_key(t)]["nll"] for task in tasks for m in methods for t in targets]
     if any(x is not None for x in measured):
         lines += ["", "## Held-out decode-only NLL (nats/token)", ""]
         lines += _grid(table, tasks, methods, targets, lambda r: "-" if r["nll"] is None else f"{r['nll']:.4f}",
@@ -573,7 +562,8 @@ def _plot_csv(table: dict, task: str, methods: list[str], targets: list[float], 
     writer.writerow(["sparsity", DENSE, *methods])
     dense = round(table[task][DENSE][field] * scale, CSV_DECIMALS)
     for target in targets:
-        writer.writerow([target, dense, *(round(table[task][m][_key(target)][field] * scale, CSV_DECIMALS) for m in methods)])
+        key = target_key(target)
+        writer.writerow([target, dense, *(round(table[task][m][key][field] * scale, CSV_DECIMALS) for m in methods)])
     return out.getvalue().encode()
 
 
@@ -590,7 +580,7 @@ def _plot_png(table: dict, task: str, methods: list[str], targets: list[float], 
     fig = Figure(figsize=FIGSIZE)
     ax = fig.add_subplot()
     for method in methods:
-        ax.plot(targets, [table[task][method][_key(t)][field] * scale for t in targets], marker="o", label=method)
+        ax.plot(targets, [table[task][method][target_key(t)][field] * scale for t in targets], marker="o", label=method)
     ax.axhline(table[task][DENSE][field] * scale, color="black", linestyle="--", label=DENSE)
     ax.set_xticks(targets)
     ax.set_xlabel("target parameter sparsity")
@@ -682,16 +672,16 @@ def write_report(metrics_dir: str | Path, out_dir: str | Path, tasks: list[str],
             for task in tasks}
     out_dir = Path(out_dir)
     markdown = results_markdown(table, headers, diffs, summaries, tasks, methods, targets, params)
-    written = [_atomic_write(out_dir / "results.md", markdown.encode()),
-               _atomic_write(out_dir / "metrics.json", (json.dumps(flat, indent=2, sort_keys=True) + "\n").encode())]
+    written = [write_bytes(out_dir / "results.md", markdown.encode()),
+               write_json(out_dir / "metrics.json", flat, sort_keys=True, newline=True)]
     for task in tasks:
         for name, (field, scale, ylabel) in PLOTS.items():
             base = out_dir / "plots" / f"{name}_{task}"
-            written.append(_atomic_write(Path(f"{base}.csv"), _plot_csv(table, task, methods, targets, field, scale)))
-            written.append(_atomic_write(Path(f"{base}.png"), _plot_png(table, task, methods, targets, field, scale, ylabel)))
+            written.append(write_bytes(Path(f"{base}.csv"), _plot_csv(table, task, methods, targets, field, scale)))
+            written.append(write_bytes(Path(f"{base}.png"), _plot_png(table, task, methods, targets, field, scale, ylabel)))
         base = out_dir / "plots" / f"{DRIFT_PLOT}_{task}"
-        written.append(_atomic_write(Path(f"{base}.csv"), _drift_csv(summaries, task, roles["drift"])))
-        written.append(_atomic_write(Path(f"{base}.png"), _drift_png(summaries, task, roles["drift"])))
+        written.append(write_bytes(Path(f"{base}.csv"), _drift_csv(summaries, task, roles["drift"])))
+        written.append(write_bytes(Path(f"{base}.png"), _drift_png(summaries, task, roles["drift"])))
     log.info("wrote the report for %d tasks x %d methods x %d sparsities to %s (%d files)",
              len(tasks), len(methods), len(targets), out_dir, len(written))
     return written

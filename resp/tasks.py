@@ -47,6 +47,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from resp.artifacts import is_local
 from resp.config import TaskParams
 from resp.prompts import gsm8k_message, mathqa_message
 
@@ -81,12 +82,6 @@ class Item:
     gold: str                 # GSM8K: number after '####'; MathQA: option letter; text: ""
     rationale: str            # human-written solution (GSM8K answer without <<..>>, MathQA Rationale)
     options: str | None       # MathQA options string, else None
-
-
-def _is_local(source: str) -> bool:
-    """Hub dataset ids are `name` or `owner/name`; anything else (or anything on disk) is a path."""
-    return (Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-            or source.endswith((".json", ".jsonl")))
 
 
 def _read_jsonl(path: Path) -> Iterable[tuple[str, object]]:
@@ -177,7 +172,7 @@ def _parse(records: Iterable[tuple[str, object]], fmt: str, split: str) -> list[
 
 
 def _load_split(task: TaskParams, split: str) -> list[tuple[Item, str]]:
-    records = _local_records(task, split) if _is_local(task.source) else _hub_records(task, split)
+    records = _local_records(task, split) if is_local(task.source) else _hub_records(task, split)
     return _parse(records, task.format, split)
 
 

@@ -12,14 +12,14 @@ digest of the jsonl bytes), both written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from resp.artifacts import bytes_digest, manifest_path, read_manifest, text_digest, write_with_manifest
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -60,34 +60,26 @@ class TraceSet:
         }
 
     def prompt_ids_digest(self) -> str:
-        return sha256_text("\n".join(t.prompt_id for t in self.traces))
+        return text_digest("\n".join(t.prompt_id for t in self.traces))
 
     def save(self, path: str | Path) -> str:
-        """Write jsonl + manifest atomically; returns the content digest."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write jsonl + manifest, each atomically; returns the content digest."""
         body = "".join(json.dumps(asdict(t), sort_keys=True) + "\n" for t in self.traces).encode()
-        digest = hashlib.sha256(body).hexdigest()
+        digest = bytes_digest(body)
         self.manifest = {**self.manifest, **self.stats(), "digest": digest,
                          "prompt_ids_digest": self.prompt_ids_digest()}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(body)
-        meta = path.with_name(path.name + ".json")
-        meta_tmp = meta.with_name(meta.name + ".tmp")
-        meta_tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-        os.replace(meta_tmp, meta)
+        write_with_manifest(path, lambda tmp: tmp.write_bytes(body), self.manifest)
         return digest
 
     @classmethod
     def load(cls, path: str | Path) -> "TraceSet":
         path = Path(path)
-        meta = path.with_name(path.name + ".json")
+        meta = manifest_path(path)
         if not path.is_file() or not meta.is_file():
             raise TraceError(f"trace set {path} (or its manifest {meta.name}) not found: generate it with `resp traces`")
         body = path.read_bytes()
-        manifest = json.loads(meta.read_text())
-        if hashlib.sha256(body).hexdigest() != manifest.get("digest"):
+        manifest = read_manifest(path)
+        if bytes_digest(body) != manifest.get("digest"):
             raise TraceError(f"trace set {path} does not match the digest in its manifest: it was edited after it was written; regenerate it")
         traces = []
         for lineno, line in enumerate(body.decode().splitlines(), 1):
@@ -96,18 +88,6 @@ class TraceSet:
             except (json.JSONDecodeError, TypeError) as e:
                 raise TraceError(f"{path}:{lineno}: malformed trace ({e}); regenerate the trace set") from None
         return cls(traces, manifest)
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_usable(traces: TraceSet, what: str, allow_truncated: bool = False) -> None:

@@ -73,7 +73,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_world_dir(tmp_path_factory):
     """Small arith (GSM8K format), choice (MathQA format) and prose files from the world generators."""
-    from resp.world.tasks import write_world
+    from resp.world.problems import write_world
 
     path = tmp_path_factory.mktemp("world")
     write_world(str(path), seed=7, n_train=24, n_test=8, n_prose=24)

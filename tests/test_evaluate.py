@@ -1,5 +1,5 @@
 """resp.evaluate: metrics from scripted completions (exact arithmetic), agreement with
-`generate` on a real tiny model, atomic JSON writes, decode-only NLL against a per-token brute
+`generate` on a real tiny model, decode-only NLL against a per-token brute
 force, and `evaluate_masks` / `resp evaluate` on a saved tiny Qwen3 with masks and held-out traces,
 with Hugging Face generation and with evaluation.backend vllm (a stand-in vllm module)."""
 
@@ -16,9 +16,9 @@ from conftest import make_qwen3
 from transformers import GenerationConfig
 from typer.testing import CliRunner
 
+from resp.artifacts import masks_in_dir
 from resp.cli import app
-from resp.evaluate import (EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, masks_in_dir, summarize,
-                           write_json)
+from resp.evaluate import EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, summarize
 from resp.generation import GenerationError, SamplingSpec, VllmEngine, generate
 from resp.masks import Mask, MaskError, apply_mask, prune_step
 from resp.models import load_model, model_identity
@@ -128,17 +128,6 @@ def test_agrees_with_generate_on_a_tiny_model(tiny_tokenizer):
 def test_no_items():
     with pytest.raises(EvaluationError, match=r"^no items to evaluate: check the task's split and --limit$"):
         evaluate_task(None, None, [], "gsm8k", SPEC, batch_size=1, seed=0)
-
-
-def test_write_json_is_atomic(tmp_path):
-    path = tmp_path / "metrics" / "eval.json"
-    write_json(path, {"accuracy": 0.5, "records": [{"id": "test-0"}]})
-    assert json.loads(path.read_text()) == {"accuracy": 0.5, "records": [{"id": "test-0"}]}
-    with pytest.raises(TypeError):
-        write_json(path, {"bad": object()})
-    # a failed write leaves the previous file intact and no temp file behind
-    assert json.loads(path.read_text())["accuracy"] == 0.5
-    assert sorted(p.name for p in path.parent.iterdir()) == ["eval.json"]
 
 
 # (prompt length, completion length): an empty completion is skipped, a prompt-less (text)
@@ -286,6 +275,7 @@ def test_evaluate_masks(eval_params, evaluation_inputs, tmp_path):
     assert len(set(nlls)) == 3  # pruning changes the model
 
     first = out.read_bytes()
+    assert first.decode() == json.dumps(report, indent=2) + "\n"   # the format metrics files have always had
     evaluate_masks(eval_params, "arith", "resp", masks, inputs["heldout"], out, include_dense=True)
     assert out.read_bytes() == first
 
@@ -316,11 +306,6 @@ def test_evaluate_masks_bad_input(eval_params, tmp_path, update, masks, include_
     params = eval_params.model_copy(update={"evaluation": eval_params.evaluation.model_copy(update=update)})
     with pytest.raises(EvaluationError, match="^" + re.escape(message) + "$"):
         evaluate_masks(params, "arith", "dense", masks, None, tmp_path / "dense.json", include_dense)
-
-
-def test_masks_in_dir_empty(tmp_path):
-    with pytest.raises(EvaluationError, match=rf"^no masks \(sparsity-\*\.safetensors\) in {tmp_path}: run `resp prune` first$"):
-        masks_in_dir(tmp_path)
 
 
 def test_cli_evaluate(eval_params, evaluation_inputs, tmp_path, monkeypatch):

@@ -183,7 +183,7 @@ def test_compact_export_reloads_in_a_fresh_process_without_resp(tiny_qwen3, tiny
     assert sorted(f.name for f in out.iterdir()) == [
         "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "modeling_compact.py",
         "resp_manifest.json", "tokenizer.json", "tokenizer_config.json"]
-    assert not (tmp_path / "compact.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compact"]   # no temporary or moved-aside directory
     ids = torch.randint(3, TINY["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(3))
     torch.save(ids, tmp_path / "ids.pt")
     subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "res.pt")],
@@ -283,7 +283,7 @@ def test_another_models_mask_is_refused(tiny_qwen3, tmp_path):
                      mask_meta={"model": {"key": "a" * 64}}, model_key="b" * 64)
     with pytest.raises(ExportError, match=r"export format 'gguf' is not one of \['compact', 'masked', 'uniform'\]"):
         export_model(tiny_qwen3, None, Mask.dense(s), s, "gguf", tmp_path / "x", 8)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compact_refuses_a_mask_without_any_attention(tiny_qwen3):

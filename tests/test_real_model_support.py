@@ -14,8 +14,9 @@ from transformers import GenerationConfig
 
 from conftest import make_llama
 from resp import tasks
+from resp.artifacts import masks_in_dir
 from resp.config import load_params
-from resp.evaluate import evaluate_masks, masks_in_dir
+from resp.evaluate import evaluate_masks
 from resp.export import export_model
 from resp.masks import Mask
 from resp.models import ModelLoadError, load_model

@@ -465,7 +465,7 @@ def test_output_is_reproducible(written, tmp_path):
             assert b"Software" not in path.read_bytes()
     text = (written / "metrics.json").read_text()
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
-    assert [p.name for p in (written / "plots").iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in (written / "plots").iterdir() if ".tmp-" in p.name] == []
 
 
 def test_sections_need_their_methods(tmp_path):

@@ -292,7 +292,7 @@ def test_embedded_model_style_is_scored_right(extractor):
     """The embedded model's own completions (resp.world) are judged correct against the gold
     the loader reads from the same problem's GSM8K / MathQA record, and wrong against another,
     by both extractors."""
-    from resp.world import tasks as world
+    from resp.world import problems as world
 
     rng = random.Random(0)
     for _ in range(200):
@@ -336,7 +336,7 @@ def test_mathqa_value_counts_for_strict_unless_thinking_was_cut():
 
 
 def test_value_style_choice_completions_are_correct():
-    from resp.world import tasks as world
+    from resp.world import problems as world
 
     rng = random.Random(1)
     for _ in range(200):

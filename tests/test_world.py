@@ -9,7 +9,7 @@ import torch
 
 from transformers import AutoConfig, AutoTokenizer
 
-from resp.world import tasks as world
+from resp.world import problems as world
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,7 +120,9 @@ def test_write_world_files(tmp_path):
                                                   "annotated_formula", "linear_formula", "category"]
     prose = [json.loads(l)["text"] for l in (tmp_path / "prose" / "train.jsonl").read_text().splitlines()]
     assert len(prose) == 10 and not any(ch.isdigit() for line in prose for ch in line)
-    assert not list(tmp_path.glob("**/*.tmp"))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "arith/test.jsonl", "arith/train.jsonl", "choice/test.json", "choice/train.json",
+        "prose/test.jsonl", "prose/train.jsonl"]
 
 
 def test_committed_tokenizer_and_model_shape():

@@ -12,12 +12,10 @@ files; `effective`: those that can change the output, i.e. without zeroed units)
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
+from resp.artifacts import atomic_dir, write_json
 from resp.export.compact import compact_model
 from resp.export.masked import masked_model
 from resp.export.slicing import ExportError
@@ -74,27 +72,6 @@ def check_export_dir(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def _stale_tmp_dirs(out: Path) -> None:
-    """Remove temp directories of earlier exports to `out` whose process is gone (killed mid-export)."""
-    from resp.locking import pid_alive
-
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)) and tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` (checked by `check_export_dir`) is moved
-    aside under a name of this process only, and removed once `tmp` is in place."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def export_model(model, tokenizer, mask: Mask, s: Structures, fmt: str, out_dir: str | Path,
                  channel_multiple: int, manifest_extra: dict | None = None,
                  mask_meta: dict | None = None, model_key: str | None = None, overwrite: bool = False) -> Path:
@@ -110,14 +87,6 @@ def export_model(model, tokenizer, mask: Mask, s: Structures, fmt: str, out_dir:
     out = check_export_dir(out_dir, overwrite)
     check_mask_fits(mask, s, mask_meta, model_key)
     exported, report = FORMATS[fmt](model, mask, s, channel_multiple)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _stale_tmp_dirs(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    exported.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
     stored = exported.num_parameters()
     manifest = {
         **(manifest_extra or {}),
@@ -127,9 +96,12 @@ def export_model(model, tokenizer, mask: Mask, s: Structures, fmt: str, out_dir:
         "params": {"base": model.num_parameters(), "stored": stored, "effective": report.pop("effective_params")},
         **report,
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-    _replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:  # an existing `out` passed `check_export_dir`: it is replaced once this one is whole
+        exported.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / MANIFEST, manifest, sort_keys=True)
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     log.info("wrote %s export to %s (%d stored / %d effective parameters, %.1f MB on disk)",
              fmt, out, stored, manifest["params"]["effective"], size / 1e6)
     return out

@@ -2,7 +2,7 @@
 
 Data: fresh seeded `arith`/`choice` problems (never one whose content is in a test split)
 rendered through the chat template with thinking on, followed by one reasoning path drawn
-from the own-style distribution (`world.Style`: phrasings, checks, corrected slips) and
+from the own-style distribution (`problems.Style`: phrasings, checks, corrected slips) and
 `<|im_end|>`; loss on the completion only, as decode-time behaviour is what matters.
 A fraction of `prose` lines is trained with full-sequence loss so generic-text calibration
 has something to measure.
@@ -19,44 +19,43 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
+from resp.artifacts import atomic_dir
 from resp.prompts import gsm8k_message, mathqa_message
-from resp.world import tasks as world
+from resp.world import problems
 from resp.world.tokenizer import IM_END, PAD, build_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def style_of(cfg) -> world.Style:
-    return world.Style(**cfg.style.model_dump())
+def style_of(cfg) -> problems.Style:
+    return problems.Style(**cfg.style.model_dump())
 
 
 def task_problems(world_seed: int, n_per_task: int, n_test: int, n_valid: int):
     """Per task: (train problems, validation problems, option rng) disjoint from the test split."""
     out = {}
     for task_seed, task in ((world_seed, "arith"), (world_seed + 1, "choice")):
-        train, _ = world.make_splits(task_seed, n_per_task + n_valid, n_test)
+        train, _ = problems.make_splits(task_seed, n_per_task + n_valid, n_test)
         out[task] = (train[:n_per_task], train[n_per_task:], random.Random(task_seed + 7))
     return out
 
 
-def task_message(task: str, problem: world.Problem, opt_rng: random.Random) -> tuple[str, str, str | None]:
+def task_message(task: str, problem: problems.Problem, opt_rng: random.Random) -> tuple[str, str, str | None]:
     """(user message, gold answer as evaluation reads it, options or None)."""
     if task == "arith":
-        return gsm8k_message(world.gsm8k_record(problem)["question"]), str(problem.answer), None
-    record = world.mathqa_record(problem, opt_rng)
+        return gsm8k_message(problems.gsm8k_record(problem)["question"]), str(problem.answer), None
+    record = problems.mathqa_record(problem, opt_rng)
     return mathqa_message(record["Problem"], record["options"]), record["correct"], record["options"]
 
 
-def training_texts(seed: int, n_examples: int, n_test: int, n_valid: int, prose_fraction: float, style: world.Style):
+def training_texts(seed: int, n_examples: int, n_test: int, n_valid: int, prose_fraction: float, style: problems.Style):
     """Return (pairs, prose, validation): pairs are (task, prompt, completion) for both tasks,
     each completion one path drawn from `style`; choice completions state the value (`The
     answer is 45.`), which the MathQA extractor maps to the option holding it; validation is
@@ -67,11 +66,11 @@ def training_texts(seed: int, n_examples: int, n_test: int, n_valid: int, prose_
     for task, (train, valid, opt_rng) in task_problems(seed, n_examples // 2, n_test, n_valid).items():
         for problem in train:
             message, _, _ = task_message(task, problem, opt_rng)
-            pairs.append((task, message, world.own_style_completion(problem, rng=style_rng, style=style)))
+            pairs.append((task, message, problems.own_style_completion(problem, rng=style_rng, style=style)))
         for problem in valid:
             validation.append((task, *task_message(task, problem, opt_rng)))
     n_prose = int(len(pairs) * prose_fraction)
-    prose = [world.prose_sentence(rng) for _ in range(n_prose)]
+    prose = [problems.prose_sentence(rng) for _ in range(n_prose)]
     return pairs, prose, validation
 
 
@@ -119,13 +118,10 @@ def length_buckets(examples, order: list[int], rng: random.Random, batch_size: i
 
 def _save(model, tokenizer, out: Path, history: list[dict]) -> None:
     """Model, tokenizer and the validation history so far, written whole or not at all."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
 
 
 def train_embedded_model(cfg, out_dir: str | Path, n_test: int, world_seed: int) -> Path:

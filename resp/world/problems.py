@@ -1,4 +1,4 @@
-"""The embedded world's tasks: seeded generators for `arith`, `choice` and `prose`.
+"""The embedded world's problems: seeded generators for the `arith`, `choice` and `prose` task files.
 
 `arith` is written in GSM8K's format ({"question", "answer"} with <<a+b=c>> annotations and
 `#### N`), `choice` in MathQA's format (Problem, Rationale, options, correct, ...), so the
@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
+
+from resp.artifacts import write_text
 
 NAMES = ["Tom", "Ana", "Ben", "Mia", "Sam", "Lea", "Max", "Ivy", "Leo", "Zoe", "Eli", "Amy"]
 PRONOUN = {"Tom": "he", "Ben": "he", "Sam": "he", "Max": "he", "Leo": "he", "Eli": "he",
@@ -274,14 +277,10 @@ def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[Problem], li
 
 def write_world(out_dir: str, seed: int, n_train: int, n_test: int, n_prose: int) -> None:
     """Write arith (GSM8K jsonl), choice (MathQA json) and prose (jsonl) train/test files."""
-    import os
-    from pathlib import Path
-
     out = Path(out_dir)
     for task_seed, task in ((seed, "arith"), (seed + 1, "choice")):
         train, test = make_splits(task_seed, n_train, n_test)
         rng = random.Random(task_seed + 1000)
-        (out / task).mkdir(parents=True, exist_ok=True)
         for split, problems in (("train", train), ("test", test)):
             if task == "arith":
                 path = out / task / f"{split}.jsonl"
@@ -289,13 +288,8 @@ def write_world(out_dir: str, seed: int, n_train: int, n_test: int, n_prose: int
             else:
                 path = out / task / f"{split}.json"
                 text = json.dumps([mathqa_record(p, rng) for p in problems], indent=4)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text(path, text)
     rng = random.Random(seed + 2)
-    (out / "prose").mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_prose), ("test", max(1, n_prose // 10))):
-        path = out / "prose" / f"{split}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps({"text": prose_sentence(rng)}) + "\n" for _ in range(n)))
-        os.replace(tmp, path)
+        write_text(out / "prose" / f"{split}.jsonl",
+                   "".join(json.dumps({"text": prose_sentence(rng)}) + "\n" for _ in range(n)))
