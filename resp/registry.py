@@ -37,10 +37,10 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
+from resp.artifacts import ArtifactError, file_digest, manifest_path, masks_in_dir, target_key
 from resp.config import Params
 from resp.masks import Mask
 from resp.models import content_hash
-from resp.traces import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -433,12 +433,10 @@ def _register_dense(client, experiment_id: str, base: dict) -> dict:
 
 
 def mask_files(masks_dir: str | Path) -> dict[float, Path]:
-    """The `sparsity-<t>.safetensors` masks in `masks_dir`, by target (`resp.evaluate.masks_in_dir`)."""
-    from resp.evaluate import EvaluationError, masks_in_dir
-
+    """The `sparsity-<t>.safetensors` masks in `masks_dir`, by target."""
     try:
         return masks_in_dir(masks_dir)
-    except EvaluationError as e:
+    except ArtifactError as e:
         raise RegistryError(str(e)) from None
 
 
@@ -446,12 +444,12 @@ def _check_trace_sets(meta: dict, mask_path: Path) -> None:
     for t in meta.get("trace_sets", []):
         path = Path(t["path"])
         if not path.is_file():
-            raise RegistryError(f"trace set {path} recorded in {mask_path}.json is missing: restore it "
+            raise RegistryError(f"trace set {path} recorded in {manifest_path(mask_path)} is missing: restore it "
                                 "(dvc pull / dvc checkout) or re-run `resp prune`")
         digest = file_digest(path)
         if digest != t["digest"]:
             raise RegistryError(f"trace set {path} was edited after pruning (sha256 {digest[:12]} != recorded "
-                                f"{t['digest'][:12]} in {mask_path.name}.json): restore it or re-run `resp prune`")
+                                f"{t['digest'][:12]} in {manifest_path(mask_path).name}): restore it or re-run `resp prune`")
 
 
 def _read_metrics(path) -> dict:
@@ -526,9 +524,9 @@ def _check_joins(digest: str, mask_path: Path, target: float, exports: dict, rep
     from resp.lineage import export_digest
 
     if report is not None:
-        result = report.get("results", {}).get(f"{target:.2f}")
+        result = report.get("results", {}).get(target_key(target))
         if result is not None and result.get("mask_digest") != digest:
-            raise RegistryError(f"metrics file {metrics_path} (sparsity {target:.2f}) was computed from mask "
+            raise RegistryError(f"metrics file {metrics_path} (sparsity {target_key(target)}) was computed from mask "
                                 f"{str(result.get('mask_digest'))[:12]}, not {mask_path} ({digest[:12]}): evaluate this "
                                 f"run (`resp evaluate --masks-dir {mask_path.parent}`) and pass that --metrics")
     for fmt, directory in sorted(exports.items()):
@@ -545,18 +543,18 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
     base = meta["model"]
     name = model_name(base, task, method)
     digest = mask.digest()
-    label = f"{target:.2f}"
+    label = target_key(target)
 
     trace_entries, trace_manifests = [], []
     for i, t in enumerate(meta.get("trace_sets", [])):
         path = Path(t["path"])
         folder = f"traces/{i}-{_sanitize(t.get('tag', 'traces'))}"
         trace_entries.append(_entry("trace_set", f"{folder}/{path.name}", path, t["digest"], index=i, tag=t.get("tag")))
-        manifest = Path(f"{path}.json")
+        manifest = manifest_path(path)
         if manifest.is_file():
             trace_manifests.append(_entry("trace_manifest", f"{folder}/{manifest.name}", manifest, index=i))
     entries = [_entry("mask", f"mask/{mask_path.name}", mask_path),
-               _entry("mask_manifest", f"mask/{mask_path.name}.json", Path(f"{mask_path}.json")),
+               _entry("mask_manifest", f"mask/{manifest_path(mask_path).name}", manifest_path(mask_path)),
                _entry("summary", "summary.json", summary), *trace_entries, *trace_manifests]
     for fmt, directory in sorted(exports.items()):
         directory = Path(directory)
@@ -748,7 +746,7 @@ def _join_checks(lineage: dict, checks: list[dict], root: Path) -> list[dict]:
 
     if lineage.get("kind") != "pruned":
         return []
-    digest, label = lineage["mask"]["digest"], f"{float(lineage['target']):.2f}"
+    digest, label = lineage["mask"]["digest"], target_key(float(lineage["target"]))
     joins = []
     for c in checks:
         source = _readable(c, root)
@@ -801,7 +799,7 @@ def lineage_lines(report: dict) -> list[str]:
         lines.append(f"      {ts['tag']:<16} sparsity {sparsity:.4f}  {c['path']}  sha256 {c['sha256'][:16]} "
                      f"[{_status(c)}{about}]")
     for c in by_role.get("mask", []):
-        lines.append(f"        mask {c['path']} (target {lin['target']:.2f}, sparsity {lin['sparsity']:.4f}, "
+        lines.append(f"        mask {c['path']} (target {target_key(lin['target'])}, sparsity {lin['sparsity']:.4f}, "
                      f"mask digest {lin['mask']['digest'][:16]}) [{_status(c)}]")
     for role in ("mask_manifest", "summary", "metrics", "generated"):
         for c in by_role.get(role, []):

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from resp import recipe, registry
+from resp.artifacts import file_digest
 from resp.cli import app
 from resp.config import load_params
 from resp.evaluate import evaluate_masks
@@ -24,7 +25,7 @@ from resp.masks import Mask
 from resp.models import load_model, model_identity
 from resp.registry import RegistryError
 from resp.structures import structures_for
-from resp.traces import TraceSet, file_digest
+from resp.traces import TraceSet
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
