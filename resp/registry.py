@@ -28,6 +28,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -37,7 +39,7 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from resp.artifacts import ArtifactError, file_digest, manifest_path, masks_in_dir, target_key
+from resp.artifacts import ArtifactError, atomic_path, file_digest, manifest_path, masks_in_dir, target_key
 from resp.config import Params
 from resp.masks import Mask
 from resp.models import content_hash
@@ -660,7 +662,100 @@ def versions_with_traces(params: Params, file_or_digest: str) -> dict:
     return {"query": file_or_digest, "digest": digest, "versions": matches}
 
 
-def _check_file(entry: dict, root: Path | None) -> dict:
+# ---------------------------------------------------------------- restoring files from DVC
+
+def _dvc_command() -> str:
+    """The dvc installed with this Python, else the one on PATH."""
+    found = shutil.which("dvc", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if found is None:
+        raise RegistryError("the dvc command is not installed: `pip install dvc` (with your remote's extra, e.g. "
+                            "'dvc[s3]'), then run `resp audit --fetch` again")
+    return found
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_dvc_command(), *args], cwd=project, capture_output=True, text=True)
+
+
+def _dvc_project(path: Path) -> Path | None:
+    """The nearest folder above `path` holding a `.dvc` folder."""
+    return next((folder for folder in path.absolute().parents if (folder / ".dvc").is_dir()), None)
+
+
+def _dvc_reason(result: subprocess.CompletedProcess) -> str:
+    """DVC's first error line, without its prefixes."""
+    lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    text = (errors or lines or [f"dvc exited with status {result.returncode}"])[0]
+    return text.removeprefix("ERROR: ").removeprefix("unexpected error - ")[:200]
+
+
+def _fetch_error(project: Path, what: str, path: Path, name: str, result: subprocess.CompletedProcess) -> RegistryError:
+    reason = _dvc_reason(result)
+    if reason == repr([name]):   # how `dvc get` says that no output of this checkout holds the file
+        return RegistryError(f"{what} {path} is not tracked by DVC in {project} (no output of its dvc.yaml or .dvc files "
+                             "holds it in this checkout): check out the commit whose dvc.lock recorded it, or re-run "
+                             "the stage that writes it (`dvc repro`)")
+    remote = _dvc(project, "remote", "default")
+    remote_name = remote.stdout.strip() if remote.returncode == 0 else ""
+    if not remote_name:
+        return RegistryError(f"{what} {path} is not in the DVC cache of {project} and no default DVC remote is configured "
+                             f"({reason}): add the remote its producer pushes to (`dvc remote add -d storage URL`), "
+                             "then run `resp audit --fetch` again")
+    return RegistryError(f"{what} {path} cannot be fetched from DVC remote {remote_name!r} ({reason}): run `dvc push` on the "
+                         "machine that produced it (or fix the remote's URL and credentials), then `resp audit --fetch` again")
+
+
+def fetch_file(path: str | Path, sha256: str, what: str = "file") -> Path:
+    """Restore the missing file `path` from the DVC cache or default remote of the project holding
+    it, and keep it only if its sha256 is `sha256`.
+
+    `dvc get` writes only the file it is told to: a `dvc pull`/`dvc checkout` of one file of a
+    directory output that fails (object missing) deletes the whole directory, edited files
+    included. The fetched copy is verified before it is renamed into place.
+    """
+    path = Path(path)
+    if os.path.lexists(path):
+        raise RegistryError(f"{what} {path} exists: only a missing file is fetched, an existing one is never replaced")
+    project = _dvc_project(path)
+    if project is None:
+        raise RegistryError(f"{what} {path} is missing and no DVC project holds it (no .dvc folder above it): run "
+                            "`resp audit --fetch` in the clone of the project that produced it")
+    missing_dirs = [folder for folder in path.absolute().parents if not folder.exists()]  # nearest first
+    try:
+        with atomic_path(path) as tmp:
+            name = path.absolute().relative_to(project).as_posix()
+            result = _dvc(project, "get", str(project), name, "-o", str(tmp))
+            if result.returncode != 0 or not tmp.is_file():
+                raise _fetch_error(project, what, path, name, result)
+            digest = file_digest(tmp)
+            if digest != sha256:
+                raise RegistryError(f"{what} {path} fetched from DVC does not match the registry (sha256 {digest[:12]} != "
+                                    f"recorded {sha256[:12]}); nothing was written: check out the dvc.lock that recorded "
+                                    "the registered file (`git log -- dvc.lock`) and fetch again, or `dvc push` it from "
+                                    "the machine that produced it")
+            if os.path.lexists(path):
+                raise RegistryError(f"{what} {path} appeared while it was fetched: it was kept as it is; audit again")
+    except BaseException:
+        for folder in missing_dirs:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    log.info("restored %s %s from DVC (sha256 %s verified)", what, path, sha256[:12])
+    return path
+
+
+def _fetch_missing(entries: list[dict]) -> set[str]:
+    """Restore every recorded local file that is missing (see `fetch_file`); the paths restored."""
+    restored = set()
+    for e in entries:
+        if e["path"] is not None and not os.path.lexists(e["path"]):
+            fetch_file(e["path"], e["sha256"], e["role"].replace("_", " "))
+            restored.add(e["path"])
+    return restored
+
+
+def _check_file(entry: dict, root: Path | None, restored: bool = False) -> dict:
     local = "not recorded"
     if entry["path"] is not None:
         path = Path(entry["path"])
@@ -669,7 +764,7 @@ def _check_file(entry: dict, root: Path | None) -> dict:
     if entry["artifact"] is not None and root is not None:
         path = root / entry["artifact"]
         logged = "missing" if not path.is_file() else ("ok" if file_digest(path) == entry["sha256"] else "mismatch")
-    return {**entry, "local": local, "logged": logged}
+    return {**entry, "local": local, "logged": logged, "restored": restored}
 
 
 def _problem(check: dict) -> str | None:
@@ -686,12 +781,13 @@ def _problem(check: dict) -> str | None:
     return None
 
 
-def audit(params: Params, name: str, version: str | int) -> dict:
+def audit(params: Params, name: str, version: str | int, fetch: bool = False) -> dict:
     """The lineage of a registered version, with every recorded digest checked.
 
     Returns the version's tags, its lineage record, one check per file (local file at the
     recorded path and logged copy: ok, mismatch, missing, not recorded/logged), the base-model
-    check, and `problems` (one line each; empty when everything verifies).
+    check, and `problems` (one line each; empty when everything verifies). `fetch`: first
+    restore the recorded local files that are missing from DVC (`fetch_file`); `restored` lists them.
     """
     from mlflow.exceptions import MlflowException
 
@@ -713,9 +809,14 @@ def audit(params: Params, name: str, version: str | int) -> dict:
                 raise RegistryError(f"run {mv.run_id} of {name} version {version} has no {LINEAGE}: "
                                     "it was not registered by resp")
             if file_digest(record) != tags.get("lineage_digest"):
+                if fetch:
+                    raise RegistryError(f"{LINEAGE} of run {mv.run_id} ({name} version {version}) does not match the "
+                                        "version's lineage_digest tag: its digests cannot be trusted, so nothing was "
+                                        "fetched; audit without --fetch and re-register the model")
                 problems.append(f"{LINEAGE} of run {mv.run_id} does not match the version's lineage_digest tag")
             lineage = json.loads(record.read_text())
-            checks = [_check_file(e, root) for e in lineage.get("files", [])]
+            restored = _fetch_missing(lineage.get("files", [])) if fetch else set()
+            checks = [_check_file(e, root, e["path"] in restored) for e in lineage.get("files", [])]
             joins = _join_checks(lineage, checks, root)
     problems += [p for p in map(_problem, checks) if p]
     problems += [j["problem"] for j in joins if j["problem"]]
@@ -728,7 +829,8 @@ def audit(params: Params, name: str, version: str | int) -> dict:
             problems.append(f"base model {base['name']}: its content (sha256 {current[:12]}) changed since "
                             f"registration (recorded {base['content_hash'][:12]})")
     return {"name": name, "version": str(version), "run_id": mv.run_id, "tracking_uri": uri, "tags": tags,
-            "lineage": lineage, "checks": checks, "joins": joins, "base_check": base_check, "problems": problems}
+            "lineage": lineage, "checks": checks, "joins": joins, "base_check": base_check, "problems": problems,
+            "restored": sorted(restored)}
 
 
 def _readable(check: dict, root: Path) -> Path | None:
@@ -772,7 +874,8 @@ def _join_checks(lineage: dict, checks: list[dict], root: Path) -> list[dict]:
 
 
 def _status(check: dict) -> str:
-    return f"local {check['local']}, logged {check['logged']}"
+    restored = " (restored from DVC)" if check.get("restored") else ""
+    return f"local {check['local']}{restored}, logged {check['logged']}"
 
 
 def lineage_lines(report: dict) -> list[str]:
