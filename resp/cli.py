@@ -488,6 +488,9 @@ def audit_command(
     model: Annotated[str | None, typer.Option(help="registered model name, e.g. resp-tiny-arith-resp")] = None,
     version: Annotated[str | None, typer.Option(help="version of --model")] = None,
     traces: Annotated[str | None, typer.Option(help="trace file or sha256 digest: list the versions whose lineage holds it")] = None,
+    fetch: Annotated[bool, typer.Option("--fetch", help="first restore the version's recorded files missing here (trace "
+                                                       "sets, masks, exports) from DVC (cache, else the default remote), "
+                                                       "each kept only if it matches its registered sha256")] = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
@@ -498,16 +501,20 @@ def audit_command(
         p = load_params(params, overrides)
         if (model is None) == (traces is None) or (model is not None and version is None):
             raise ValueError("give --model NAME --version V (lineage of a version) or --traces FILE_OR_DIGEST (reverse query)")
+        if fetch and traces is not None:
+            raise ValueError("--fetch restores the files of one version: give it with --model NAME --version V, not --traces")
         if traces is not None:
             found = versions_with_traces(p, traces)
         else:
-            report = audit(p, model, version)
+            report = audit(p, model, version, fetch=fetch)
     if traces is not None:
         typer.echo(f"trace set {found['query']} (sha256 {found['digest'][:16]}): {len(found['versions'])} registered version(s)")
         for v in found["versions"]:
             typer.echo(f"  {v['name']} version {v['version']}: {v['task']}/{v['method']} target {v['target']}, "
                        f"used as {', '.join(v['trace_tags'])}")
         return
+    for path in report["restored"]:
+        typer.echo(f"restored {path} from DVC (sha256 verified against the registry)")
     for line in lineage_lines(report):
         typer.echo(line)
     checked = len(report["checks"]) + len(report.get("joins", [])) + (report["base_check"] in ("ok", "mismatch"))

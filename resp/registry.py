@@ -28,6 +28,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -37,10 +39,10 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
+from resp.artifacts import ArtifactError, atomic_path, file_digest, manifest_path, masks_in_dir, target_key
 from resp.config import Params
 from resp.masks import Mask
 from resp.models import content_hash
-from resp.traces import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -433,12 +435,10 @@ def _register_dense(client, experiment_id: str, base: dict) -> dict:
 
 
 def mask_files(masks_dir: str | Path) -> dict[float, Path]:
-    """The `sparsity-<t>.safetensors` masks in `masks_dir`, by target (`resp.evaluate.masks_in_dir`)."""
-    from resp.evaluate import EvaluationError, masks_in_dir
-
+    """The `sparsity-<t>.safetensors` masks in `masks_dir`, by target."""
     try:
         return masks_in_dir(masks_dir)
-    except EvaluationError as e:
+    except ArtifactError as e:
         raise RegistryError(str(e)) from None
 
 
@@ -446,12 +446,12 @@ def _check_trace_sets(meta: dict, mask_path: Path) -> None:
     for t in meta.get("trace_sets", []):
         path = Path(t["path"])
         if not path.is_file():
-            raise RegistryError(f"trace set {path} recorded in {mask_path}.json is missing: restore it "
+            raise RegistryError(f"trace set {path} recorded in {manifest_path(mask_path)} is missing: restore it "
                                 "(dvc pull / dvc checkout) or re-run `resp prune`")
         digest = file_digest(path)
         if digest != t["digest"]:
             raise RegistryError(f"trace set {path} was edited after pruning (sha256 {digest[:12]} != recorded "
-                                f"{t['digest'][:12]} in {mask_path.name}.json): restore it or re-run `resp prune`")
+                                f"{t['digest'][:12]} in {manifest_path(mask_path).name}): restore it or re-run `resp prune`")
 
 
 def _read_metrics(path) -> dict:
@@ -526,9 +526,9 @@ def _check_joins(digest: str, mask_path: Path, target: float, exports: dict, rep
     from resp.lineage import export_digest
 
     if report is not None:
-        result = report.get("results", {}).get(f"{target:.2f}")
+        result = report.get("results", {}).get(target_key(target))
         if result is not None and result.get("mask_digest") != digest:
-            raise RegistryError(f"metrics file {metrics_path} (sparsity {target:.2f}) was computed from mask "
+            raise RegistryError(f"metrics file {metrics_path} (sparsity {target_key(target)}) was computed from mask "
                                 f"{str(result.get('mask_digest'))[:12]}, not {mask_path} ({digest[:12]}): evaluate this "
                                 f"run (`resp evaluate --masks-dir {mask_path.parent}`) and pass that --metrics")
     for fmt, directory in sorted(exports.items()):
@@ -545,18 +545,18 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
     base = meta["model"]
     name = model_name(base, task, method)
     digest = mask.digest()
-    label = f"{target:.2f}"
+    label = target_key(target)
 
     trace_entries, trace_manifests = [], []
     for i, t in enumerate(meta.get("trace_sets", [])):
         path = Path(t["path"])
         folder = f"traces/{i}-{_sanitize(t.get('tag', 'traces'))}"
         trace_entries.append(_entry("trace_set", f"{folder}/{path.name}", path, t["digest"], index=i, tag=t.get("tag")))
-        manifest = Path(f"{path}.json")
+        manifest = manifest_path(path)
         if manifest.is_file():
             trace_manifests.append(_entry("trace_manifest", f"{folder}/{manifest.name}", manifest, index=i))
     entries = [_entry("mask", f"mask/{mask_path.name}", mask_path),
-               _entry("mask_manifest", f"mask/{mask_path.name}.json", Path(f"{mask_path}.json")),
+               _entry("mask_manifest", f"mask/{manifest_path(mask_path).name}", manifest_path(mask_path)),
                _entry("summary", "summary.json", summary), *trace_entries, *trace_manifests]
     for fmt, directory in sorted(exports.items()):
         directory = Path(directory)
@@ -662,7 +662,100 @@ def versions_with_traces(params: Params, file_or_digest: str) -> dict:
     return {"query": file_or_digest, "digest": digest, "versions": matches}
 
 
-def _check_file(entry: dict, root: Path | None) -> dict:
+# ---------------------------------------------------------------- restoring files from DVC
+
+def _dvc_command() -> str:
+    """The dvc installed with this Python, else the one on PATH."""
+    found = shutil.which("dvc", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if found is None:
+        raise RegistryError("the dvc command is not installed: `pip install dvc` (with your remote's extra, e.g. "
+                            "'dvc[s3]'), then run `resp audit --fetch` again")
+    return found
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_dvc_command(), *args], cwd=project, capture_output=True, text=True)
+
+
+def _dvc_project(path: Path) -> Path | None:
+    """The nearest folder above `path` holding a `.dvc` folder."""
+    return next((folder for folder in path.absolute().parents if (folder / ".dvc").is_dir()), None)
+
+
+def _dvc_reason(result: subprocess.CompletedProcess) -> str:
+    """DVC's first error line, without its prefixes."""
+    lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    text = (errors or lines or [f"dvc exited with status {result.returncode}"])[0]
+    return text.removeprefix("ERROR: ").removeprefix("unexpected error - ")[:200]
+
+
+def _fetch_error(project: Path, what: str, path: Path, name: str, result: subprocess.CompletedProcess) -> RegistryError:
+    reason = _dvc_reason(result)
+    if reason == repr([name]):   # how `dvc get` says that no output of this checkout holds the file
+        return RegistryError(f"{what} {path} is not tracked by DVC in {project} (no output of its dvc.yaml or .dvc files "
+                             "holds it in this checkout): check out the commit whose dvc.lock recorded it, or re-run "
+                             "the stage that writes it (`dvc repro`)")
+    remote = _dvc(project, "remote", "default")
+    remote_name = remote.stdout.strip() if remote.returncode == 0 else ""
+    if not remote_name:
+        return RegistryError(f"{what} {path} is not in the DVC cache of {project} and no default DVC remote is configured "
+                             f"({reason}): add the remote its producer pushes to (`dvc remote add -d storage URL`), "
+                             "then run `resp audit --fetch` again")
+    return RegistryError(f"{what} {path} cannot be fetched from DVC remote {remote_name!r} ({reason}): run `dvc push` on the "
+                         "machine that produced it (or fix the remote's URL and credentials), then `resp audit --fetch` again")
+
+
+def fetch_file(path: str | Path, sha256: str, what: str = "file") -> Path:
+    """Restore the missing file `path` from the DVC cache or default remote of the project holding
+    it, and keep it only if its sha256 is `sha256`.
+
+    `dvc get` writes only the file it is told to: a `dvc pull`/`dvc checkout` of one file of a
+    directory output that fails (object missing) deletes the whole directory, edited files
+    included. The fetched copy is verified before it is renamed into place.
+    """
+    path = Path(path)
+    if os.path.lexists(path):
+        raise RegistryError(f"{what} {path} exists: only a missing file is fetched, an existing one is never replaced")
+    project = _dvc_project(path)
+    if project is None:
+        raise RegistryError(f"{what} {path} is missing and no DVC project holds it (no .dvc folder above it): run "
+                            "`resp audit --fetch` in the clone of the project that produced it")
+    missing_dirs = [folder for folder in path.absolute().parents if not folder.exists()]  # nearest first
+    try:
+        with atomic_path(path) as tmp:
+            name = path.absolute().relative_to(project).as_posix()
+            result = _dvc(project, "get", str(project), name, "-o", str(tmp))
+            if result.returncode != 0 or not tmp.is_file():
+                raise _fetch_error(project, what, path, name, result)
+            digest = file_digest(tmp)
+            if digest != sha256:
+                raise RegistryError(f"{what} {path} fetched from DVC does not match the registry (sha256 {digest[:12]} != "
+                                    f"recorded {sha256[:12]}); nothing was written: check out the dvc.lock that recorded "
+                                    "the registered file (`git log -- dvc.lock`) and fetch again, or `dvc push` it from "
+                                    "the machine that produced it")
+            if os.path.lexists(path):
+                raise RegistryError(f"{what} {path} appeared while it was fetched: it was kept as it is; audit again")
+    except BaseException:
+        for folder in missing_dirs:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    log.info("restored %s %s from DVC (sha256 %s verified)", what, path, sha256[:12])
+    return path
+
+
+def _fetch_missing(entries: list[dict]) -> set[str]:
+    """Restore every recorded local file that is missing (see `fetch_file`); the paths restored."""
+    restored = set()
+    for e in entries:
+        if e["path"] is not None and not os.path.lexists(e["path"]):
+            fetch_file(e["path"], e["sha256"], e["role"].replace("_", " "))
+            restored.add(e["path"])
+    return restored
+
+
+def _check_file(entry: dict, root: Path | None, restored: bool = False) -> dict:
     local = "not recorded"
     if entry["path"] is not None:
         path = Path(entry["path"])
@@ -671,7 +764,7 @@ def _check_file(entry: dict, root: Path | None) -> dict:
     if entry["artifact"] is not None and root is not None:
         path = root / entry["artifact"]
         logged = "missing" if not path.is_file() else ("ok" if file_digest(path) == entry["sha256"] else "mismatch")
-    return {**entry, "local": local, "logged": logged}
+    return {**entry, "local": local, "logged": logged, "restored": restored}
 
 
 def _problem(check: dict) -> str | None:
@@ -688,12 +781,13 @@ def _problem(check: dict) -> str | None:
     return None
 
 
-def audit(params: Params, name: str, version: str | int) -> dict:
+def audit(params: Params, name: str, version: str | int, fetch: bool = False) -> dict:
     """The lineage of a registered version, with every recorded digest checked.
 
     Returns the version's tags, its lineage record, one check per file (local file at the
     recorded path and logged copy: ok, mismatch, missing, not recorded/logged), the base-model
-    check, and `problems` (one line each; empty when everything verifies).
+    check, and `problems` (one line each; empty when everything verifies). `fetch`: first
+    restore the recorded local files that are missing from DVC (`fetch_file`); `restored` lists them.
     """
     from mlflow.exceptions import MlflowException
 
@@ -715,9 +809,14 @@ def audit(params: Params, name: str, version: str | int) -> dict:
                 raise RegistryError(f"run {mv.run_id} of {name} version {version} has no {LINEAGE}: "
                                     "it was not registered by resp")
             if file_digest(record) != tags.get("lineage_digest"):
+                if fetch:
+                    raise RegistryError(f"{LINEAGE} of run {mv.run_id} ({name} version {version}) does not match the "
+                                        "version's lineage_digest tag: its digests cannot be trusted, so nothing was "
+                                        "fetched; audit without --fetch and re-register the model")
                 problems.append(f"{LINEAGE} of run {mv.run_id} does not match the version's lineage_digest tag")
             lineage = json.loads(record.read_text())
-            checks = [_check_file(e, root) for e in lineage.get("files", [])]
+            restored = _fetch_missing(lineage.get("files", [])) if fetch else set()
+            checks = [_check_file(e, root, e["path"] in restored) for e in lineage.get("files", [])]
             joins = _join_checks(lineage, checks, root)
     problems += [p for p in map(_problem, checks) if p]
     problems += [j["problem"] for j in joins if j["problem"]]
@@ -730,7 +829,8 @@ def audit(params: Params, name: str, version: str | int) -> dict:
             problems.append(f"base model {base['name']}: its content (sha256 {current[:12]}) changed since "
                             f"registration (recorded {base['content_hash'][:12]})")
     return {"name": name, "version": str(version), "run_id": mv.run_id, "tracking_uri": uri, "tags": tags,
-            "lineage": lineage, "checks": checks, "joins": joins, "base_check": base_check, "problems": problems}
+            "lineage": lineage, "checks": checks, "joins": joins, "base_check": base_check, "problems": problems,
+            "restored": sorted(restored)}
 
 
 def _readable(check: dict, root: Path) -> Path | None:
@@ -748,7 +848,7 @@ def _join_checks(lineage: dict, checks: list[dict], root: Path) -> list[dict]:
 
     if lineage.get("kind") != "pruned":
         return []
-    digest, label = lineage["mask"]["digest"], f"{float(lineage['target']):.2f}"
+    digest, label = lineage["mask"]["digest"], target_key(float(lineage["target"]))
     joins = []
     for c in checks:
         source = _readable(c, root)
@@ -774,7 +874,8 @@ def _join_checks(lineage: dict, checks: list[dict], root: Path) -> list[dict]:
 
 
 def _status(check: dict) -> str:
-    return f"local {check['local']}, logged {check['logged']}"
+    restored = " (restored from DVC)" if check.get("restored") else ""
+    return f"local {check['local']}{restored}, logged {check['logged']}"
 
 
 def lineage_lines(report: dict) -> list[str]:
@@ -801,7 +902,7 @@ def lineage_lines(report: dict) -> list[str]:
         lines.append(f"      {ts['tag']:<16} sparsity {sparsity:.4f}  {c['path']}  sha256 {c['sha256'][:16]} "
                      f"[{_status(c)}{about}]")
     for c in by_role.get("mask", []):
-        lines.append(f"        mask {c['path']} (target {lin['target']:.2f}, sparsity {lin['sparsity']:.4f}, "
+        lines.append(f"        mask {c['path']} (target {target_key(lin['target'])}, sparsity {lin['sparsity']:.4f}, "
                      f"mask digest {lin['mask']['digest'][:16]}) [{_status(c)}]")
     for role in ("mask_manifest", "summary", "metrics", "generated"):
         for c in by_role.get(role, []):
