@@ -28,9 +28,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-import torch
-
-from resp.masks import Mask, MaskError, apply_mask
+from resp.masks import Mask, MaskError
 from resp.structures import Structures
 from resp.traces import TraceSet
 
@@ -189,28 +187,3 @@ def _verify_select(st, crossed, points, cfg, s, steps) -> PruneState:
     log.info("verify_select at milestone %s: accuracy refresh %.3f vs keep %.3f -> %s",
              crossed, accuracy["refresh"], accuracy["keep"], name)
     return winner
-
-
-class MaskedModel:
-    """Puts a model into the state of a mask before scoring or generating.
-
-    Masks along one run are nested, so zeroing in place is enough; with `keep_dense` a CPU
-    copy of the prunable weights is kept so branches can return to a less sparse mask.
-    """
-
-    def __init__(self, model, s: Structures, keep_dense: bool, dense: dict | None = None):
-        self.model, self.s = model, s
-        self.dense = dense if dense is not None else (
-            {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-             if n.endswith("proj.weight") or n.endswith("proj.bias")} if keep_dense else None)
-
-    def set(self, mask: Mask):
-        if mask.biases and self.dense is None:
-            raise ValueError("a mask with bias compensation adds to biases: build MaskedModel with keep_dense=True")
-        if self.dense is not None:
-            with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    if name in self.dense:
-                        p.copy_(self.dense[name])
-        apply_mask(self.model, mask, self.s)
-        return self.model

@@ -145,7 +145,7 @@ def params_hash(params: Params, task: str, method: str) -> str:
 class LoadedModel:
     model: object
     tokenizer: object
-    masked: object          # resp.schedule.MaskedModel: puts the model into any mask's state
+    masked: object          # resp.masks.MaskedModel: puts the model into any mask's state
     structures: dict        # (attention_unit, protected layers) -> Structures
 
 
@@ -164,7 +164,7 @@ def base_model(params: Params) -> dict:
 def loaded_model(params: Params, base: dict) -> LoadedModel:
     """The model of `params.model` (identity `base`), loaded once per process and kept."""
     from resp.models import load_model
-    from resp.schedule import MaskedModel
+    from resp.masks import MaskedModel
     from resp.structures import structures_for
 
     m = params.model

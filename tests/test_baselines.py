@@ -595,7 +595,7 @@ def test_baseline_errors(tiny_qwen3):
 @torch.no_grad()
 def test_flap_masks_carry_bias_compensation_into_evaluation_and_compact_exports(tmp_path):
     from resp.export.compact import compact_model
-    from resp.schedule import MaskedModel
+    from resp.masks import MaskedModel
 
     dense = make_llama(attention_bias=True, mlp_bias=True)
     s = structures_for(dense, "query_head")

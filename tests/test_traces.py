@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 from conftest import make_qwen3
 from resp.generation import SamplingSpec
 from resp.masks import Mask, prune_step
-from resp.schedule import MaskedModel
+from resp.masks import MaskedModel
 from resp.structures import structures_for
 from resp.tasks import Item
 from resp.traces import (IGNORE_INDEX, Trace, TraceError, TraceSet, decode_only_batches, filter_traces, gold_traces,
