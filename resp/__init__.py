@@ -37,6 +37,10 @@ class _CallableModule(types.ModuleType):
 
         return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
 
+    def __reduce__(self):
+        # by reference, as (cloud)pickle treats a plain module: Dask ships functions that use them
+        return importlib.import_module, (self.__name__,)
+
 
 class _Package(types.ModuleType):
     """The `resp` package: makes `resp.export` / `resp.evaluate` callable as the import system

@@ -5,6 +5,7 @@ in one line before any model loads; `import resp` imports neither torch nor tran
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -155,5 +156,7 @@ def test_import_resp_is_light_and_export_evaluate_stay_modules():
     assert export is export_module and export.export_mask_file is export_mask_file
     assert evaluate is sys.modules["resp.evaluate"] and evaluate.evaluate_masks is evaluate_masks
     assert callable(export) and callable(evaluate) and resp.evaluate is evaluate
+    # by reference, like any module: Dask workers receive functions that use them (flows/pipeline.py)
+    assert pickle.loads(pickle.dumps(evaluate)) is evaluate and pickle.loads(pickle.dumps(export)) is export
     with pytest.raises(AttributeError, match="^module 'resp' has no attribute 'nope'$"):
         resp.nope
