@@ -76,7 +76,7 @@ def _early_checks(p: Params, outputs: list[tuple[Path | None, str]] = ()) -> Non
             check_output(path, kind)
 
 
-def _eval_task(params: Params, task: str | None, task_file: Path | None, fmt: str | None,
+def _benchmark_task(params: Params, task: str | None, task_file: Path | None, fmt: str | None,
                split: str | None) -> tuple[str, TaskParams, str]:
     """(label, task params, split) from either a named task or a local task file."""
     if (task is None) == (task_file is None):
@@ -100,8 +100,8 @@ def _model_ref(params: Params, model: str | None, revision: str | None) -> tuple
     return (model, revision) if model else (params.model.name_or_path, revision or params.model.revision)
 
 
-@app.command("eval")
-def eval_command(
+@app.command("benchmark")
+def benchmark_command(
     model: Annotated[str | None, typer.Option(help="hub id or local model directory (default: params model.name_or_path)")] = None,
     revision: Annotated[str | None, typer.Option(help="hub revision (branch, tag or sha)")] = None,
     task: Annotated[str | None, typer.Option(help="task name from params.yaml tasks")] = None,
@@ -116,7 +116,9 @@ def eval_command(
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
-    """Evaluate a model on a task: accuracy, mean completion length, truncation rate."""
+    """Benchmark any model (hub id or directory) on a task or task file: accuracy, mean completion length, truncation rate.
+
+    For the masks of a pruning run (and the metrics file the report reads) use `resp evaluate`."""
     # Imported here so that `resp --help` does not pay for torch and transformers.
     from resp.artifacts import write_json
     from resp.evaluate import evaluate_task
@@ -126,7 +128,7 @@ def eval_command(
 
     with user_errors():
         p = load_params(params, overrides)
-        label, task_params, split = _eval_task(p, task, task_file, task_format, split)
+        label, task_params, split = _benchmark_task(p, task, task_file, task_format, split)
         _early_checks(p, [(out, "file")])
         seed = p.evaluation.sample_seed if seed is None else seed
         items = load_items(task_params, split)[: limit or p.evaluation.num_items]
@@ -158,6 +160,14 @@ def eval_command(
                   "sampling": {**asdict(spec), "seed": seed, "batch_size": p.evaluation.batch_size, "backend": backend},
                   **result}
         log.info("wrote evaluation of %d items to %s", result["n"], write_json(out, report, newline=True))
+
+
+@app.command("eval", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_renamed_command() -> None:
+    """Renamed: click would otherwise suggest `resp evaluate`, which evaluates pruning runs instead."""
+    typer.echo("error: `resp eval` is now `resp benchmark` (any model on a task); `resp evaluate` evaluates the masks "
+               "of a pruning run", err=True)
+    raise typer.Exit(2)
 
 
 @app.command("export")
@@ -314,13 +324,16 @@ def evaluate_command(
     task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
     out: Annotated[Path, typer.Option(help="metrics JSON file, e.g. data/metrics/arith/resp.json")],
     method: Annotated[str | None, typer.Option(help="the method that made the masks in --masks-dir")] = None,
-    masks_dir: Annotated[Path | None, typer.Option(help="directory of sparsity-*.safetensors masks written by `resp prune`")] = None,
+    masks_dir: Annotated[Path | None, typer.Option(help="masks/ of a `resp prune` run (sparsity-*.safetensors), or the run directory")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="evaluate the unpruned model too (alone: the file's method is 'dense')")] = False,
     heldout: Annotated[Path | None, typer.Option(help="held-out dense traces for NLL (`resp traces --split <eval split>`)")] = None,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
-    """Evaluate the dense model and/or every mask of one method: accuracy (greedy, sampled), length, truncation, NLL."""
+    """Evaluate a pruning run: the dense model and/or every mask of one method (accuracy greedy and sampled,
+    length, truncation, held-out NLL), into the metrics file `resp report` and `resp register` read.
+
+    To benchmark any model (hub id or directory) on a task, use `resp benchmark`."""
     import json
 
     from resp.artifacts import masks_in_dir

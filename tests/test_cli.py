@@ -1,4 +1,5 @@
-"""resp.cli: every subcommand's --help runs; `resp eval` end to end on a saved tiny model."""
+"""resp.cli: every subcommand's --help runs; `resp benchmark` end to end on a saved tiny model; the old
+`resp eval` name points to it."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ runner = CliRunner()
 
 def test_help_runs():
     result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0 and "eval" in result.output
+    assert result.exit_code == 0 and "benchmark" in result.output and " eval " not in result.output
     for command in app.registered_commands:
         name = command.name or command.callback.__name__
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
-    assert "--task-file" in runner.invoke(app, ["eval", "--help"]).output
+    assert "--task-file" in runner.invoke(app, ["benchmark", "--help"]).output
 
 
 @pytest.fixture
@@ -49,9 +50,9 @@ def task_file(tmp_path):
     return path
 
 
-def test_eval_writes_what_evaluate_task_computes(saved_model, task_file, tmp_path):
+def test_benchmark_writes_what_evaluate_task_computes(saved_model, task_file, tmp_path):
     out = tmp_path / "metrics" / "eval.json"
-    result = runner.invoke(app, ["eval", "--model", str(saved_model), "--task-file", str(task_file), "--format", "gsm8k",
+    result = runner.invoke(app, ["benchmark", "--model", str(saved_model), "--task-file", str(task_file), "--format", "gsm8k",
                                  "--out", str(out), "--params", str(PARAMS), "--set", "evaluation.max_new_tokens=5",
                                  "--set", "evaluation.batch_size=2", "--set", "model.device=cpu"])
     assert result.exit_code == 0, result.output
@@ -69,15 +70,15 @@ def test_eval_writes_what_evaluate_task_computes(saved_model, task_file, tmp_pat
     assert [r["id"] for r in report["records"]] == ["test-0", "test-1", "test-2"]
 
 
-def test_eval_with_vllm_generates_from_the_model_directory(saved_model, task_file, tmp_path, stand_in_vllm, tiny_tokenizer,
-                                                           monkeypatch):
+def test_benchmark_with_vllm_generates_from_the_model_directory(saved_model, task_file, tmp_path, stand_in_vllm,
+                                                                tiny_tokenizer, monkeypatch):
     """evaluation.backend=vllm: vLLM loads --model itself (no Hugging Face copy); records come from its outputs."""
     monkeypatch.setattr("resp.models.load_model", lambda *a, **k: pytest.fail("vllm evaluation loaded the model with transformers"))
     end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     reply = tiny_tokenizer("<think>\n</think>\n\nThe answer is 12.", add_special_tokens=False)["input_ids"] + [end]
     vllm = stand_in_vllm(lambda call, index, prompt_ids, sampling: reply)
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, ["eval", "--model", str(saved_model), "--task-file", str(task_file), "--format", "gsm8k",
+    result = runner.invoke(app, ["benchmark", "--model", str(saved_model), "--task-file", str(task_file), "--format", "gsm8k",
                                  "--out", str(out), "--params", str(PARAMS), "--set", "evaluation.backend=vllm",
                                  "--temperature", "0.6", "--seed", "4"])
     assert result.exit_code == 0, result.output
@@ -98,20 +99,20 @@ def test_eval_with_vllm_generates_from_the_model_directory(saved_model, task_fil
     ([], "error: vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set evaluation.backend: hf"),
     (["--model", "/nonexistent"], "error: model directory /nonexistent does not exist: check model.name_or_path"),
 ])
-def test_eval_with_vllm_bad_input_is_one_line(args, message, task_file, stand_in_vllm, monkeypatch):
+def test_benchmark_with_vllm_bad_input_is_one_line(args, message, task_file, stand_in_vllm, monkeypatch):
     import sys
 
     stand_in_vllm(lambda call, index, prompt_ids, sampling: pytest.fail("nothing should be generated"))
     if not args:
         monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
-    result = runner.invoke(app, ["eval", "--task-file", str(task_file), "--format", "gsm8k", "--params", str(PARAMS),
+    result = runner.invoke(app, ["benchmark", "--task-file", str(task_file), "--format", "gsm8k", "--params", str(PARAMS),
                                  "--set", "evaluation.backend=vllm", *args])
     assert (result.exit_code, result.output) == (2, message + "\n")
 
 
-def test_eval_named_task_with_limit(saved_model, monkeypatch):
+def test_benchmark_named_task_with_limit(saved_model, monkeypatch):
     monkeypatch.chdir(ROOT)  # params.yaml names data/world/arith relative to the project root
-    result = runner.invoke(app, ["eval", "--model", str(saved_model), "--task", "arith", "--limit", "2",
+    result = runner.invoke(app, ["benchmark", "--model", str(saved_model), "--task", "arith", "--limit", "2",
                                  "--set", "evaluation.max_new_tokens=3", "--set", "model.device=cpu"])
     assert result.exit_code == 0, result.output
     assert f"arith [test] {saved_model}: accuracy strict 0.0000 (0/2)" in result.output
@@ -127,8 +128,16 @@ def test_eval_named_task_with_limit(saved_model, monkeypatch):
     (["--task", "arith", "--model", "/nonexistent"],
      "error: model directory /nonexistent does not exist: check model.name_or_path"),
 ])
-def test_eval_bad_input_is_one_line(args, message, monkeypatch):
+def test_benchmark_bad_input_is_one_line(args, message, monkeypatch):
     monkeypatch.chdir(ROOT)
-    result = runner.invoke(app, ["eval", "--params", str(PARAMS), *args])
+    result = runner.invoke(app, ["benchmark", "--params", str(PARAMS), *args])
     assert result.exit_code == 2
     assert result.output == message + "\n"
+
+
+@pytest.mark.parametrize("args", [[], ["--task", "arith", "--model", "Qwen/Qwen3-0.6B"]])
+def test_eval_was_renamed_to_benchmark(args):
+    """click would suggest `resp evaluate` for an unknown `eval`: the old name says where it went, whatever its options."""
+    result = runner.invoke(app, ["eval", *args])
+    assert (result.exit_code, result.output) == (2, "error: `resp eval` is now `resp benchmark` (any model on a task); "
+                                                    "`resp evaluate` evaluates the masks of a pruning run\n")

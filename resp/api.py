@@ -1,0 +1,191 @@
+"""The Python API: `from resp import load_params, make_traces, prune, export, evaluate`.
+
+One call per job of the workflow. Each writes files and returns where they are: a trace set, the
+masks of a pruning run, an export directory, a metrics file. They are what `resp traces`,
+`resp prune`, `resp export` and `resp evaluate` do: the same checks before any model is loaded
+(a bad argument ends in a one-line `ValueError` naming the fix), then the same library entry
+points (`resp.recipe`, `resp.export`, `resp.evaluate`), so a call and the command it mirrors
+write the same bytes.
+
+`params` is a `Params` (from `load_params`) or the path of a params.yaml; `overrides` are the
+`section.key=value` strings of `--set` and go with a path (a loaded `Params` is already final).
+Importing this module does not import torch; each call imports what it runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from resp.artifacts import manifest_path, masks_in_dir, parse_target
+from resp.config import Params, TaskParams, load_params
+from resp.outputs import check_output
+
+ParamsArg = Params | str | os.PathLike
+DENSE = "dense"   # the method label of a metrics file of the dense model alone (resp.evaluate.DENSE)
+
+
+class APIError(ValueError):
+    """An argument of an API call that cannot be used."""
+
+
+def _params(params: ParamsArg, overrides: list[str] | None) -> Params:
+    if isinstance(params, Params):
+        if overrides:
+            raise APIError("overrides go with a params path: pass params='params.yaml' with them, or load once with "
+                           "resp.load_params(path, overrides) and pass that")
+        return params
+    if isinstance(params, (str, os.PathLike)):
+        return load_params(params, overrides)
+    raise APIError(f"params is a {type(params).__name__}: pass a Params (resp.load_params) or the path of a params.yaml")
+
+
+def _task(p: Params, task: str) -> TaskParams:
+    if task not in p.tasks:
+        raise APIError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
+    return p.tasks[task]
+
+
+def _before_loading(p: Params, outputs: list[tuple[Path, str]]) -> None:
+    """The device exists and every output can be written, before minutes of model loading."""
+    from resp.models import check_device
+
+    check_device(p.model.device)
+    for path, kind in outputs:
+        check_output(path, kind, option="out")
+
+
+def make_traces(params: ParamsArg, task: str, out: str | Path, *, split: str | None = None, limit: int | None = None,
+                model: str | None = None, overrides: list[str] | None = None) -> Path:
+    """Sample the model's own reasoning traces (chat template, thinking on) for `task`'s prompts.
+
+    split: default the task's calibration split, from which `limit` (default
+    calibration.num_prompts) prompts are drawn by calibration.seed: the dense calibration traces
+    `prune` needs. Another split takes its first `limit` items (all when None), e.g. the task's
+    eval_split with limit=evaluation.nll_traces for the held-out traces `evaluate` scores NLL on.
+    model: a hub id or directory to sample from instead of model.name_or_path.
+    Writes `out` (.jsonl) and its manifest `out.json`; a previous trace set there is replaced,
+    any other file is refused. Returns `out`.
+    """
+    p = _params(params, overrides)
+    t = _task(p, task)
+    if limit is not None and limit < 1:
+        raise APIError(f"limit {limit} is not a number of prompts: give a positive int, or None for the default")
+    out = Path(out)
+    _before_loading(p, [(out, "file")])
+    if out.is_file() and not manifest_path(out).is_file():
+        raise APIError(f"out {out} exists and is not a trace set (no {manifest_path(out).name} manifest beside it): "
+                       "choose another out; a previous trace set is replaced, other files never")
+    from resp.recipe import make_traces as sample
+
+    return sample(p, task, split or t.calibration_split, limit, out, model)
+
+
+def prune(params: ParamsArg, task: str, method: str, out_dir: str | Path, *, dense_traces: str | Path | None = None,
+          overrides: list[str] | None = None) -> dict[float, Path]:
+    """Prune the model for `task` with `method` (declared under `methods` in params.yaml).
+
+    dense_traces: the dense model's own calibration traces from `make_traces` (needed by methods
+    calibrated on `self`, e.g. resp). Writes `out_dir/masks/sparsity-<t>.safetensors` (with
+    manifests) at every prune.targets, plus traces/, state/ (resume) and summary.json; a killed
+    run resumes from state/. Returns {target: mask path}.
+    """
+    p = _params(params, overrides)
+    _task(p, task)
+    declared = p.methods.get(method)
+    if declared is None:
+        raise APIError(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
+                       f"(declared: {', '.join(p.methods)})")
+    if declared.calibration == "self" and dense_traces is None:
+        raise APIError(f"method {method} calibrates on the dense model's own traces: pass "
+                       f"dense_traces=resp.make_traces(params, {task!r}, OUT)")
+    out_dir = Path(out_dir)
+    _before_loading(p, [(out_dir, "dir")])
+    from resp.lineage import check_run_state
+    from resp.recipe import prune as run
+
+    check_run_state(out_dir)
+    return run(p, task, method, out_dir, None if dense_traces is None else str(dense_traces))
+
+
+def export(params: ParamsArg, mask: str | Path, format: str, out: str | Path, *, model: str | None = None,
+           revision: str | None = None, overwrite: bool = False, overrides: list[str] | None = None) -> Path:
+    """Export the model pruned by one mask file (one target of `prune`) in `format`:
+
+    masked (stock shapes, pruned units zeroed; loads anywhere), compact (smaller per-layer shapes;
+    `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`) or uniform (one shape for
+    all layers in the stock config). model/revision: the base model the mask was made for
+    (default model.name_or_path / model.revision). Writes the directory `out`, replacing a
+    previous export there; a non-empty directory that is not one is refused unless `overwrite`.
+    Returns `out`.
+    """
+    p = _params(params, overrides)
+    if isinstance(mask, dict):
+        raise APIError("mask is a dict of masks: export one target at a time, e.g. mask=masks[0.3]")
+    from resp.export import check_export_dir, check_format, export_mask_file
+    from resp.lineage import read_mask
+    from resp.models import load_model, model_identity
+
+    check_format(format)
+    read_mask(mask)
+    _before_loading(p, [])
+    check_export_dir(out, overwrite)
+    name, revision = (model, revision) if model else (p.model.name_or_path, revision or p.model.revision)
+    identity = model_identity(name, revision)
+    lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device, p.model.trust_remote_code)
+    return export_mask_file(lm, tokenizer, identity, mask, format, out, p.export.channel_multiple,
+                            p.prune.attention_unit, p.prune.protected_layers, overwrite)
+
+
+def _mask_paths(masks) -> dict[float, Path]:
+    """{target: path} from what `prune` returned, a masks directory, or the run directory holding masks/."""
+    if isinstance(masks, dict):
+        return {parse_target(t) if isinstance(t, str) else float(t): Path(p) for t, p in masks.items()}
+    if isinstance(masks, (str, os.PathLike)):
+        directory = Path(masks)
+        return masks_in_dir(directory / "masks" if (directory / "masks").is_dir() else directory)
+    raise APIError(f"masks is a {type(masks).__name__}: pass what prune returned ({{target: path}}), "
+                   "a masks directory, or None for the dense model alone")
+
+
+def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: str | None = None,
+             dense: bool = False, heldout: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+    """Evaluate the masks of one pruning run, and with `dense=True` the unpruned model, on the
+    task's eval_split: greedy and sampled accuracy (strict and flexible extraction), mean
+    completion length, truncation and self-check rate, and decode-only NLL on `heldout`.
+
+    masks: what `prune` returned ({target: path}), a masks directory or the run directory that
+    holds masks/; None evaluates the dense model alone (needs dense=True; its method is "dense").
+    method: labels the results; default the method recorded in the masks' manifests.
+    heldout: dense traces from `make_traces(params, task, OUT, split=<the task's eval_split>,
+    limit=evaluation.nll_traces)`; needed unless evaluation.nll_traces is 0.
+    Writes the metrics JSON `out` that `resp report` and `resp register` read (no wall-clock
+    times: a rerun writes the same bytes) and returns its path; the numbers are in
+    `json.loads(out.read_text())["results"]`, keyed "dense" and by target ("0.30").
+    """
+    p = _params(params, overrides)
+    _task(p, task)
+    paths = {} if masks is None else _mask_paths(masks)
+    if not paths and not dense:
+        raise APIError("nothing to evaluate: pass masks, and/or dense=True for the unpruned model")
+    out = Path(out)
+    _before_loading(p, [(out, "file")])
+    from resp.evaluate import evaluate_masks
+    from resp.lineage import read_mask
+
+    made_by = {read_mask(path)[1].get("method") for path in paths.values()} - {None}  # every mask reads, before the model loads
+    if not paths:
+        if method not in (None, DENSE):
+            raise APIError(f"method {method!r} names who made the masks: pass masks too, or no method for the dense model alone")
+        method = DENSE
+    elif method is None:
+        if len(made_by) != 1:
+            raise APIError(f"the masks' manifests name methods {sorted(made_by)}: pass method=NAME "
+                           "(evaluate one method's masks at a time)")
+        method = made_by.pop()
+    elif made_by and made_by != {method}:
+        raise APIError(f"the masks were made by {', '.join(sorted(made_by))}, not {method}: pass the method that made them")
+    if paths and method not in p.methods:
+        raise APIError(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
+                       f"(declared: {', '.join(p.methods)})")
+    return evaluate_masks(p, task, method, paths, heldout, out, include_dense=dense)
