@@ -3,7 +3,7 @@
 For each model (the embedded model at data/models/tiny if it exists, and randomly initialised
 models of real shapes: Qwen3-0.6B and TinyLlama-1.1B) and each parameter sparsity, a mask is made with
 `resp.masks.prune_step` on weight-magnitude scores (or read with --mask, for the embedded model),
-exported with `resp.export.export_model(..., "compact", ...)`, and compared with the dense model
+exported with `resp.checkpoints.export_model(..., "compact", ...)`, and compared with the dense model
 saved the same way. All variants are read back from disk with `from_pretrained`:
 
 - params: parameters stored; file size: bytes of its *.safetensors files;
@@ -186,7 +186,7 @@ def run_worker(args: argparse.Namespace, role: list[str]) -> dict:
 
 def magnitude_masks(model, s, sparsities: list[float]) -> dict[float, object]:
     """Nested masks from per-parameter weight magnitude (sum of squares / unit size)."""
-    from resp.export.uniform import magnitudes
+    from resp.checkpoints.uniform import magnitudes
     from resp.masks import Mask, prune_step
 
     heads, _, channels = magnitudes(model, s)
@@ -221,7 +221,7 @@ def decode_read_params(directory: Path, stored: int) -> int:
 
 
 def export_variants(name: str, model, masks: dict, channel_multiple: int, workdir: Path) -> list[dict]:
-    from resp.export import MANIFEST, export_model
+    from resp.checkpoints import MANIFEST, export_model
 
     dense_dir = workdir / f"{name}-dense"
     model.save_pretrained(dense_dir)

@@ -1,7 +1,7 @@
 """The pipeline's own steps on CUDA, on the embedded model, against the CPU results.
 
 For a GPU session (one device call, with benchmarks/gpu_check.py): the same `resp.recipe.prune`
-and `resp.evaluate.evaluate_masks` the CLI runs, with `model.device=cuda`:
+and `resp.evaluation.evaluate_masks` the CLI runs, with `model.device=cuda`:
 
 - dense traces (the decode loop on CUDA): greedy completions equal to the CPU ones (share);
 - `resp_noregen` and `gisp` pruned on CUDA in float32 and bfloat16 (score and apply steps):
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from resp import recipe  # noqa: E402
 from resp.config import load_params  # noqa: E402
-from resp.evaluate import evaluate_masks  # noqa: E402
+from resp.evaluation import evaluate_masks  # noqa: E402
 from resp.generation import SamplingSpec, generate  # noqa: E402
 from resp.masks import Mask  # noqa: E402
 from resp.steps import loaded_model, base_model  # noqa: E402

@@ -15,7 +15,7 @@ weights are the Q4_1-quantised ones, dequantised: numbers are for that model, no
 release.
 
 `run` then does exactly what `dvc repro` does for one task, with the same library functions
-(`resp.recipe.make_traces`, `resp.recipe.prune`, `resp.evaluate.evaluate_masks`,
+(`resp.recipe.make_traces`, `resp.recipe.prune`, `resp.evaluation.evaluate_masks`,
 `resp.report.write_report`) and params.yaml plus overrides (below, and `--set` for more):
 
 1. dense calibration traces on `calibration.num_prompts` GSM8K train prompts;
@@ -211,7 +211,7 @@ def run(work: Path, sizes: dict, methods: list[str] | None, extra: list[str], mo
         results: Path, command: str) -> Path:
     from resp.artifacts import masks_in_dir
     from resp.config import load_params
-    from resp.evaluate import evaluate_masks
+    from resp.evaluation import evaluate_masks
     from resp.recipe import make_traces, prune
 
     task = "gsm8k"

@@ -40,7 +40,7 @@ from prefect.settings import (PREFECT_API_URL, PREFECT_LOGGING_EXTRA_LOGGERS, PR
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.hashing import hash_objects
 
-from resp import evaluate, recipe, registry, steps
+from resp import evaluation, recipe, registry, steps
 from resp.artifacts import Layout, content_digest, parse_target, target_key
 from resp.models import ModelIdentity
 from resp.config import FlowParams, Params, load_params
@@ -210,7 +210,7 @@ def _export_run_name() -> str:
 @task(cache_policy=cache_policy("export", files=("mask",)), task_run_name=_export_run_name, **RESULT)
 def export_mask(params: Params, mask: str, formats: list[str], out_root: str, base: dict) -> dict[str, str]:
     """Write the base model pruned by `mask` in every format to `<out_root>/<format>/`."""
-    from resp.export import export_mask_file
+    from resp.checkpoints import export_mask_file
     from resp.models import load_model
 
     m = params.model
@@ -231,7 +231,7 @@ def evaluate_method(params: Params, task: str, method: str, masks: dict[str, str
                     include_dense: bool, base: dict, data_key: dict) -> str:
     """Accuracy, length, truncation and held-out NLL under every mask (and of the dense model)."""
     with one_model_at_a_time():
-        return str(evaluate.evaluate_masks(params, task, method, {parse_target(t): p for t, p in masks.items()},
+        return str(evaluation.evaluate_masks(params, task, method, {parse_target(t): p for t, p in masks.items()},
                                            heldout, out, include_dense))
 
 

@@ -22,7 +22,7 @@ from resp.config import Params, TaskParams, load_params
 from resp.outputs import check_output
 
 ParamsArg = Params | str | os.PathLike
-DENSE = "dense"   # the method label of a metrics file of the dense model alone (resp.evaluate.DENSE)
+DENSE = "dense"   # the method label of a metrics file of the dense model alone (resp.evaluation.DENSE)
 
 
 class APIError(ValueError):
@@ -87,8 +87,9 @@ def prune(params: ParamsArg, task: str, method: str, out_dir: str | Path, *, den
 
     dense_traces: the dense model's own calibration traces from `make_traces` (needed by methods
     calibrated on `self`, e.g. resp). Writes `out_dir/masks/sparsity-<t>.safetensors` (with
-    manifests) at every prune.targets, plus traces/, state/ (resume) and summary.json; a killed
-    run resumes from state/. Returns {target: mask path}.
+    manifests) at every prune.targets, plus steps/ (every step's scores and mask), traces/
+    (regenerations) and summary.json. Returns {target: mask path}. (Resuming a killed run is
+    the flow's: `resp run` caches every step.)
     """
     p = _params(params, overrides)
     _task(p, task)
@@ -101,10 +102,8 @@ def prune(params: ParamsArg, task: str, method: str, out_dir: str | Path, *, den
                        f"dense_traces=resp.make_traces(params, {task!r}, OUT)")
     out_dir = Path(out_dir)
     _before_loading(p, [(out_dir, "dir")])
-    from resp.lineage import check_run_state
     from resp.recipe import prune as run
 
-    check_run_state(out_dir)
     return run(p, task, method, out_dir, None if dense_traces is None else str(dense_traces))
 
 
@@ -122,7 +121,7 @@ def export(params: ParamsArg, mask: str | Path, format: str, out: str | Path, *,
     p = _params(params, overrides)
     if isinstance(mask, dict):
         raise APIError("mask is a dict of masks: export one target at a time, e.g. mask=masks[0.3]")
-    from resp.export import check_export_dir, check_format, export_mask_file
+    from resp.checkpoints import check_export_dir, check_format, export_mask_file
     from resp.lineage import read_mask
     from resp.models import load_model, model_identity
 
@@ -170,7 +169,7 @@ def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: st
         raise APIError("nothing to evaluate: pass masks, and/or dense=True for the unpruned model")
     out = Path(out)
     _before_loading(p, [(out, "file")])
-    from resp.evaluate import evaluate_masks
+    from resp.evaluation import evaluate_masks
     from resp.lineage import read_mask
 
     made_by = {read_mask(path)[1].get("method") for path in paths.values()} - {None}  # every mask reads, before the model loads

@@ -9,7 +9,7 @@ conversions live here only.
 
     runs/{task}/traces/dense.jsonl           dense calibration traces (+ .json manifest)
     runs/{task}/traces/heldout.jsonl         dense traces on the eval split (decode-only NLL)
-    runs/{task}/{method}/                    masks/, summary.json, traces/ (regenerations), state/
+    runs/{task}/{method}/                    masks/, summary.json, traces/ (regenerations), steps/
     metrics/{task}/{method}.json, dense.json evaluations
     checkpoints/{task}/{method}/sparsity-{t:.2f}/{format}/   exports
 """

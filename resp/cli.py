@@ -121,7 +121,7 @@ def benchmark_command(
     For the masks of a pruning run (and the metrics file the report reads) use `resp evaluate`."""
     # Imported here so that `resp --help` does not pay for torch and transformers.
     from resp.artifacts import write_json
-    from resp.evaluate import evaluate_task
+    from resp.evaluation import evaluate_task
     from resp.generation import SamplingSpec, VllmEngine
     from resp.models import check_model_ref, load_model
     from resp.tasks import load_items
@@ -186,7 +186,7 @@ def export_command(
 ) -> None:
     """Export a pruned model: masked (zeroed, stock shapes), compact (smaller per-layer shapes) or uniform (stock config)."""
     from resp.artifacts import masks_in_dir, target_name
-    from resp.export import check_export_dir, check_format, export_mask_file
+    from resp.checkpoints import check_export_dir, check_format, export_mask_file
     from resp.lineage import read_mask
     from resp.models import load_model, model_identity
 
@@ -295,7 +295,7 @@ def traces_command(
 def prune_command(
     task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
     method: Annotated[str, typer.Option(help="resp, resp_noregen, gisp, generic, wanda_sp, flap, magnitude or random")],
-    out: Annotated[Path, typer.Option(help="run directory: masks/, traces/, state/, summary.json")],
+    out: Annotated[Path, typer.Option(help="run directory: masks/, steps/, traces/, summary.json")],
     traces: Annotated[Path | None, typer.Option(help="dense self-generated traces (needed by resp and resp_noregen)")] = None,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
@@ -308,10 +308,7 @@ def prune_command(
         p = load_params(params, overrides)
         if task not in p.tasks:
             raise ValueError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
-        from resp.lineage import check_run_state
-
         _early_checks(p, [(out, "dir")])
-        check_run_state(out)
         started = time.perf_counter()
         written = prune(p, task, method, out, str(traces) if traces else None)
     for target, path in written.items():
@@ -337,7 +334,7 @@ def evaluate_command(
     import json
 
     from resp.artifacts import masks_in_dir
-    from resp.evaluate import DENSE, evaluate_masks
+    from resp.evaluation import DENSE, evaluate_masks
 
     with user_errors():
         p = load_params(params, overrides)
@@ -541,7 +538,8 @@ def audit_command(
 
 @app.command("run")
 def run_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides = None) -> None:
-    """Run the workflow as a Prefect flow: traces, pruning, exports, evaluation, registration (cached; resumes)."""
+    """Run the workflow as a Prefect flow, one cached task per step: traces, pruning steps, exports, evaluation,
+    registration (a run killed midway resumes at the step it was in)."""
     from flows.pipeline import run_pipeline
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API request otherwise

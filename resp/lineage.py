@@ -11,7 +11,7 @@ from pathlib import Path
 
 from resp.artifacts import parse_target
 
-EXPORT_MANIFEST = "resp_manifest.json"   # resp.export.MANIFEST (not imported: it pulls in transformers)
+EXPORT_MANIFEST = "resp_manifest.json"   # resp.checkpoints.MANIFEST (not imported: it pulls in transformers)
 
 
 class LineageError(ValueError):
@@ -79,21 +79,3 @@ def export_digest(directory: str | Path) -> str | None:
         return json.loads(manifest.read_text()).get("mask_digest")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return None
-
-
-def check_run_state(run_dir: str | Path) -> None:
-    """A resumable run's `state/state.json` must be readable before a run resumes from it."""
-    path = Path(run_dir) / "state" / "state.json"
-    if not path.exists():
-        return
-    try:
-        body = json.loads(path.read_text())
-        missing = [k for k in ("fingerprint", "step", "mask", "saved", "traces_path") if k not in body]
-        if missing:
-            raise KeyError(f"no {', '.join(missing)}")
-        for name in [body["mask"], *body["saved"].values()]:
-            if not (path.parent / name).is_file():
-                raise FileNotFoundError(f"{name} is missing")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise LineageError(f"saved state {path} is corrupt ({type(e).__name__}: {str(e)[:120]}): delete "
-                           f"{path.parent} to start this run over") from None

@@ -156,7 +156,7 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
     compact = (local or {}).get("model_type") == "resp_compact"
     try:
         if compact:  # inference only: no pruning adapter, resp's own classes
-            from resp.export.modeling_compact import RespCompactConfig, RespCompactForCausalLM
+            from resp.checkpoints.modeling_compact import RespCompactConfig, RespCompactForCausalLM
 
             config = RespCompactConfig.from_pretrained(name_or_path)
             model = RespCompactForCausalLM.from_pretrained(name_or_path, config=config, dtype=DTYPES[dtype])

@@ -478,7 +478,7 @@ def register_method(params: Params, task: str, method: str, masks_dir: str | Pat
     """Register one version per mask in `masks_dir` (the summary.json beside it is logged too).
 
     `exports` maps each target to its export directories by format; `metrics` is the evaluation
-    JSON of the method (`resp.evaluate.evaluate_masks`). Returns one dict per version
+    JSON of the method (`resp.evaluation.evaluate_masks`). Returns one dict per version
     (name, version, run_id, created, target, sparsity, replaces, parent, base_key).
     """
     from resp.steps import params_hash

@@ -1,5 +1,5 @@
 """The results table and plots (method step 10, reporting): every method against the dense
-model, per task and target sparsity, from the metrics files `resp.evaluate.evaluate_masks` wrote
+model, per task and target sparsity, from the metrics files `resp.evaluation.evaluate_masks` wrote
 and the run summaries `resp.recipe.prune` wrote.
 
 `write_report` reads `{metrics_dir}/{task}/{method}.json`, `{metrics_dir}/{task}/dense.json` and,

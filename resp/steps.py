@@ -51,9 +51,9 @@ STEPS: dict[str, StepDeclaration] = {
     "calibration_traces": StepDeclaration(("model", "tasks.{task}", "calibration", "generation"), "resp.recipe"),
     "heldout_traces": StepDeclaration(("model", "tasks.{task}", "generation", "evaluation.nll_traces"), "resp.recipe"),
     "prune": StepDeclaration(PRUNE_SECTIONS, "resp.recipe"),
-    "export": StepDeclaration(("model", "export", "prune.attention_unit", "prune.protected_layers"), "resp.export"),
+    "export": StepDeclaration(("model", "export", "prune.attention_unit", "prune.protected_layers"), "resp.checkpoints"),
     "evaluate": StepDeclaration(("model", "tasks.{task}", "evaluation", "prune.attention_unit",
-                                 "prune.protected_layers"), "resp.evaluate"),
+                                 "prune.protected_layers"), "resp.evaluation"),
     "register": StepDeclaration(("registry",), "resp.registry"),
     "report": StepDeclaration(("run", "prune.targets", "report", "evaluation"), "resp.report"),
     # the steps `prune` is made of (Prefect tasks)
@@ -265,7 +265,7 @@ def regenerate(params: Params, task: str, method: str, base: dict, mask: str, pr
     items = [by_id[tr.prompt_id] for tr in TraceSet.load(prompts).traces]
     model_dir = None
     if params.generation.backend == "vllm":  # vLLM loads the pruned model from a masked export
-        from resp.export import export_model
+        from resp.checkpoints import export_model
 
         model_dir = str(export_model(loaded.model, loaded.tokenizer, m, loaded.masked.s, "masked",
                                      Path(out).parent.parent / "masked" / tag, params.export.channel_multiple))

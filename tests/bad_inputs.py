@@ -151,11 +151,6 @@ def _truncated_mask(d: Path, p: Project) -> None:
     (d / "sparsity-0.10.safetensors").write_bytes(body[: len(body) // 2])
 
 
-def _corrupt_state(d: Path, p: Project) -> None:
-    (d / "run" / "state").mkdir(parents=True)
-    (d / "run" / "state" / "state.json").write_text('{"fingerprint": "x", "step": 3, "mas')
-
-
 def _user_files(d: Path) -> None:
     (d / "out").mkdir()
     (d / "out" / "thesis.tex").write_text("years of work")
@@ -277,9 +272,6 @@ CASES: list[Case] = [
          lambda p: ["evaluate", "--task", "arith", "--method", "magnitude", "--masks-dir", str(p.root / S / "k"),
                     "--out", str(p.root / S / "m.json")], "it is truncated or corrupt; re-run `resp prune`",
          setup=lambda p: _scratch(p, "k", lambda d: _truncated_mask(d, p))),
-    Case("fault", "corrupt-state", "resp prune --out <run whose state/state.json is cut short>", "vague line (JSON error)",
-         lambda p: ["prune", "--task", "arith", "--method", "magnitude", "--out", str(p.root / S / "s" / "run")],
-         "is corrupt (JSONDecodeError", setup=lambda p: _scratch(p, "s", lambda d: _corrupt_state(d, p))),
     Case("bad input", "traces-missing", "resp prune --method resp --traces nope.jsonl", "one line",
          lambda p: ["prune", "--task", "arith", "--method", "resp", "--traces", str(p.root / "nope.jsonl"),
                     "--out", str(p.root / S / "r")], "not found: generate it with `resp traces`"),

@@ -5,7 +5,6 @@ in one line before any model loads; `import resp` imports neither torch nor tran
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,8 @@ import yaml
 
 import resp
 from resp.artifacts import dir_digest, manifest_path
-from resp.evaluate import evaluate_masks
-from resp.export import export_mask_file
+from resp.evaluation import evaluate_masks
+from resp.checkpoints import export_mask_file
 from resp.models import load_model, model_identity
 from resp.recipe import make_traces as recipe_make_traces
 from resp.recipe import prune as recipe_prune
@@ -79,7 +78,7 @@ def test_evaluate_takes_masks_as_returned_as_a_directory_or_as_a_run(tmp_path, t
     written = {t: Mask.dense(structures_for(model, "query_head", None)).save(
         run / "masks" / f"sparsity-{t:.2f}.safetensors", {"method": "magnitude"}) for t in (0.1, 0.2)}
     calls = []
-    monkeypatch.setattr("resp.evaluate.evaluate_masks", lambda p, task, method, paths, heldout, out, include_dense:
+    monkeypatch.setattr("resp.evaluation.evaluate_masks", lambda p, task, method, paths, heldout, out, include_dense:
                         calls.append((method, paths, heldout, include_dense)) or Path(out))
     for masks in (written, {"0.10": written[0.1], "0.20": written[0.2]}, run / "masks", run, str(run)):
         assert resp.evaluate(tiny_params, "arith", masks, tmp_path / "m.json", heldout="h.jsonl") == tmp_path / "m.json"
@@ -142,21 +141,18 @@ def test_a_bad_argument_is_one_line_before_any_model_loads(call, message, tiny_p
     assert str(raised.value) == message.format(d=tmp_path, methods=", ".join(tiny_params.methods))
 
 
-def test_import_resp_is_light_and_export_evaluate_stay_modules():
-    """`import resp` (flows and the CLI import it first) loads no torch; the API names load on use.
-    `resp.export`/`resp.evaluate` stay the library modules (imported here by `from resp.x import ...` before
-    `from resp import x`), callable as the API functions (the first test calls them)."""
+def test_import_resp_is_light_and_the_api_names_are_functions():
+    """`import resp` (flows and the CLI import it first) loads no torch; the API names load on use and
+    are the functions of resp.api, whatever library modules were imported before."""
     light = ("import sys, resp\nfrom resp import load_params, make_traces, prune\n"
              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules), make_traces.__module__)")
     assert subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, check=True,
                           cwd=ROOT).stdout == "[] resp.api\n"
-    import resp.export as export_module
+    import resp.api
+    import resp.checkpoints  # noqa: F401  the library modules of the same jobs, imported first
+    import resp.evaluation  # noqa: F401
     from resp import evaluate, export
 
-    assert export is export_module and export.export_mask_file is export_mask_file
-    assert evaluate is sys.modules["resp.evaluate"] and evaluate.evaluate_masks is evaluate_masks
-    assert callable(export) and callable(evaluate) and resp.evaluate is evaluate
-    # by reference, like any module: Dask workers receive functions that use them (flows/pipeline.py)
-    assert pickle.loads(pickle.dumps(evaluate)) is evaluate and pickle.loads(pickle.dumps(export)) is export
+    assert export is resp.api.export and evaluate is resp.api.evaluate and resp.evaluate is evaluate
     with pytest.raises(AttributeError, match="^module 'resp' has no attribute 'nope'$"):
         resp.nope

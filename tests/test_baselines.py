@@ -594,7 +594,7 @@ def test_baseline_errors(tiny_qwen3):
 
 @torch.no_grad()
 def test_flap_masks_carry_bias_compensation_into_evaluation_and_compact_exports(tmp_path):
-    from resp.export.compact import compact_model
+    from resp.checkpoints.compact import compact_model
     from resp.masks import MaskedModel
 
     dense = make_llama(attention_bias=True, mlp_bias=True)
@@ -633,8 +633,8 @@ def test_flap_without_output_biases_carries_none(tiny_qwen3):
 
 
 def test_a_compensated_mask_refuses_the_uniform_export():
-    from resp.export.slicing import ExportError
-    from resp.export.uniform import uniform_model
+    from resp.checkpoints.slicing import ExportError
+    from resp.checkpoints.uniform import uniform_model
 
     dense = make_llama(attention_bias=True, mlp_bias=True)
     s = structures_for(dense, "query_head")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from resp.cli import app
 from resp.config import TaskParams, load_params
-from resp.evaluate import evaluate_task
+from resp.evaluation import evaluate_task
 from resp.generation import SamplingSpec
 from resp.models import load_model
 from resp.tasks import load_items

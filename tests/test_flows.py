@@ -20,11 +20,11 @@ from prefect.settings import PREFECT_API_URL
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import resp.export
+import resp.checkpoints
 from flows import pipeline as flow_module
 from flows.pipeline import ReadsFiles, content_digest, run_pipeline
 from flows.schedule import check_once, deployment
-from resp import evaluate, recipe, steps
+from resp import evaluation, recipe, steps
 from resp.cli import app
 from resp.config import load_params
 from resp.masks import Mask
@@ -67,7 +67,7 @@ def calls(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    targets = [(recipe, "make_traces"), (resp.export, "export_model"), (evaluate, "evaluate_masks")]
+    targets = [(recipe, "make_traces"), (resp.checkpoints, "export_model"), (evaluation, "evaluate_masks")]
     targets += [(steps, name) for name in ("calibrate", "score", "apply", "regenerate", "baseline", "write_run")]
     for module, name in targets:
         monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
@@ -106,7 +106,7 @@ def test_a_step_caches_on_its_own_code_only():
     for step in ("calibrate", "score", "apply", "regenerate", "baseline", "write_run", "prune"):
         files = steps.code_files(steps.STEPS[step].module)
         assert "resp/importance.py" in files and "resp/masks.py" in files
-        assert not {"resp/cli.py", "resp/report.py", "resp/registry.py", "resp/evaluate.py"} & set(files)
+        assert not {"resp/cli.py", "resp/report.py", "resp/registry.py", "resp/evaluation.py"} & set(files)
     assert steps.code_files("resp.report") == ("resp/config.py", "resp/report.py", "resp/stats.py")
 
 
@@ -215,14 +215,14 @@ def test_failed_run_resumes_from_the_finished_tasks(prefect_api, mlflow_store, t
     def killed(*args, **kwargs):
         raise RuntimeError("export killed")
 
-    real_export = resp.export.export_model
-    monkeypatch.setattr(resp.export, "export_model", killed)
+    real_export = resp.checkpoints.export_model
+    monkeypatch.setattr(resp.checkpoints, "export_model", killed)
     with pytest.raises(RuntimeError, match="export killed"):
         run_pipeline(params)
     assert (calls["make_traces"], calls["write_run"], calls["evaluate_masks"]) == (2, 1, 2)
 
     calls.clear()
-    monkeypatch.setattr(resp.export, "export_model", real_export)
+    monkeypatch.setattr(resp.checkpoints, "export_model", real_export)
     result = run_pipeline(params)
     assert dict(calls) == {"export_model": 2}   # traces, pruning and evaluations finished before the failure
     assert result["registered"] == []

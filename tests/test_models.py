@@ -58,7 +58,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_compact_export_loads_for_inference(tiny_model_dir, tmp_path):
-    from resp.export import export_model
+    from resp.checkpoints import export_model
     from resp.masks import Mask
     from resp.structures import structures_for
 
@@ -82,7 +82,7 @@ def test_code_in_a_model_directory_never_runs_unasked(tiny_model_dir, tmp_path):
     model that ships code is refused unless trust_remote_code is given (never a prompt)."""
     import json
 
-    from resp.export import export_model
+    from resp.checkpoints import export_model
     from resp.masks import Mask
     from resp.structures import structures_for
 
@@ -92,7 +92,7 @@ def test_code_in_a_model_directory_never_runs_unasked(tiny_model_dir, tmp_path):
     marker = tmp_path / "ran"
     (out / "modeling_compact.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(3)\n")
     compact, _ = load_model(str(out))
-    assert type(compact).__module__ == "resp.export.modeling_compact" and not marker.exists()
+    assert type(compact).__module__ == "resp.checkpoints.modeling_compact" and not marker.exists()
 
     custom = tmp_path / "custom"
     shutil.copytree(tiny_model_dir, custom)

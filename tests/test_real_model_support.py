@@ -16,8 +16,8 @@ from conftest import make_llama
 from resp import tasks
 from resp.artifacts import masks_in_dir
 from resp.config import load_params
-from resp.evaluate import evaluate_masks
-from resp.export import export_model
+from resp.evaluation import evaluate_masks
+from resp.checkpoints import export_model
 from resp.masks import Mask
 from resp.models import ModelLoadError, load_model
 from resp.recipe import make_traces, prune

@@ -19,8 +19,8 @@ from resp import recipe, registry
 from resp.artifacts import file_digest
 from resp.cli import app
 from resp.config import load_params
-from resp.evaluate import evaluate_masks
-from resp.export import export_model
+from resp.evaluation import evaluate_masks
+from resp.checkpoints import export_model
 from resp.masks import Mask
 from resp.models import load_model, model_identity
 from resp.registry import RegistryError

@@ -23,7 +23,7 @@ from resp import recipe, registry
 from resp.artifacts import file_digest, manifest_path
 from resp.cli import app
 from resp.config import load_params
-from resp.export import export_model
+from resp.checkpoints import export_model
 from resp.masks import Mask
 from resp.models import load_model, model_identity
 from resp.registry import RegistryError

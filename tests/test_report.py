@@ -85,7 +85,7 @@ def ones(rate: float, shift: int = 0) -> list[int]:
 
 
 def summary(strict: float, flexible: float, tokens: float, truncation: float, shift: int = 0) -> dict:
-    """One pass's summary as resp.evaluate.summarize writes it (records left out)."""
+    """One pass's summary as resp.evaluation.summarize writes it (records left out)."""
     reflection = round(REFLECTION - truncation / 4, 4)
     return {"n": N_ITEMS, "accuracy_strict": strict, "accuracy_flexible": flexible, "mean_completion_tokens": tokens,
             "truncation_rate": truncation, "reflection_rate": reflection,
@@ -95,7 +95,7 @@ def summary(strict: float, flexible: float, tokens: float, truncation: float, sh
 
 
 def result(sparsity, greedy, sampled, tokens, truncation, nll, bonus=FLEXIBLE_BONUS) -> dict:
-    """One entry of `results` as resp.evaluate.evaluate_masks writes it."""
+    """One entry of `results` as resp.evaluation.evaluate_masks writes it."""
     samples = [{"sample": k, **summary(sampled, round(sampled + bonus, 4), tokens + 1, truncation / 2, shift=k)}
                for k in range(SAMPLES)]
     return {"sparsity": sparsity, "structure_ratio": sparsity,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from resp.config import Params
-from resp.evaluate import decode_only_nll, evaluate_task
+from resp.evaluation import decode_only_nll, evaluate_task
 from resp.generation import SamplingSpec, generate
 from resp.models import load_model
 from resp.tasks import load_items, render_prompt

@@ -28,7 +28,7 @@ import math
 import torch
 
 from resp.adapters import adapter_for
-from resp.export.slicing import ExportError, LayerPlan, build_from_state_dict, sliced_state_dict
+from resp.checkpoints.slicing import ExportError, LayerPlan, build_from_state_dict, sliced_state_dict
 from resp.masks import Mask
 from resp.structures import Structures
 

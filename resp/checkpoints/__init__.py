@@ -16,10 +16,10 @@ import logging
 from pathlib import Path
 
 from resp.artifacts import atomic_dir, write_json
-from resp.export.compact import compact_model
-from resp.export.masked import masked_model
-from resp.export.slicing import ExportError
-from resp.export.uniform import layer_changes, uniform_model
+from resp.checkpoints.compact import compact_model
+from resp.checkpoints.masked import masked_model
+from resp.checkpoints.slicing import ExportError
+from resp.checkpoints.uniform import layer_changes, uniform_model
 from resp.masks import Mask, check_mask_fits
 from resp.structures import Structures, structures_for
 

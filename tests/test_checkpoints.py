@@ -1,4 +1,4 @@
-"""resp.export: masked, compact and uniform exports against each other, on disk and in a fresh process."""
+"""resp.checkpoints: masked, compact and uniform exports against each other, on disk and in a fresh process."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from transformers import (AutoModelForCausalLM, MistralConfig, MistralForCausalL
 from typer.testing import CliRunner
 
 from resp.cli import app
-from resp.export import MANIFEST, export_model
-from resp.export.compact import compact_model, compact_plan
-from resp.export.masked import masked_model
-from resp.export.modeling_compact import RespCompactForCausalLM
-from resp.export.slicing import ExportError
-from resp.export.uniform import uniform_model, uniform_shape
+from resp.checkpoints import MANIFEST, export_model
+from resp.checkpoints.compact import compact_model, compact_plan
+from resp.checkpoints.masked import masked_model
+from resp.checkpoints.modeling_compact import RespCompactForCausalLM
+from resp.checkpoints.slicing import ExportError
+from resp.checkpoints.uniform import uniform_model, uniform_shape
 from resp.masks import Mask, MaskError
 from resp.models import model_identity
 from resp.structures import structures_for

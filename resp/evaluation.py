@@ -156,7 +156,7 @@ def _vllm_engine(params: Params, model, tokenizer, mask: Mask, s: Structures):
     if params.evaluation.backend == "hf":
         yield None
         return
-    from resp.export import export_model
+    from resp.checkpoints import export_model
 
     with tempfile.TemporaryDirectory(prefix="resp-eval-") as tmp:
         model_dir = export_model(model, tokenizer, mask, s, "masked", Path(tmp) / "masked", params.export.channel_multiple)

@@ -1,4 +1,4 @@
-"""resp.evaluate: metrics from scripted completions (exact arithmetic), agreement with
+"""resp.evaluation: metrics from scripted completions (exact arithmetic), agreement with
 `generate` on a real tiny model, decode-only NLL against a per-token brute
 force, and `evaluate_masks` / `resp evaluate` on a saved tiny Qwen3 with masks and held-out traces,
 with Hugging Face generation and with evaluation.backend vllm (a stand-in vllm module)."""
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from resp.artifacts import masks_in_dir
 from resp.cli import app
-from resp.evaluate import EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, summarize
+from resp.evaluation import EvaluationError, decode_only_nll, evaluate_masks, evaluate_task, summarize
 from resp.generation import GenerationError, SamplingSpec, VllmEngine, generate
 from resp.masks import Mask, MaskError, apply_mask, prune_step
 from resp.models import load_model, model_identity
@@ -457,7 +457,7 @@ def test_evaluate_masks_with_vllm_generates_from_each_masked_export(vllm_params,
 def test_evaluate_masks_without_vllm_says_how_to_fix_before_loading(vllm_params, monkeypatch, tmp_path):
     import sys
 
-    import resp.evaluate as evaluate
+    import resp.evaluation as evaluate
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded before vllm was checked"))

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from resp.adapters import adapter_for
-from resp.export.modeling_compact import RespCompactConfig, RespCompactForCausalLM
-from resp.export.slicing import ExportError, LayerPlan, build_from_state_dict, sliced_state_dict
+from resp.checkpoints.modeling_compact import RespCompactConfig, RespCompactForCausalLM
+from resp.checkpoints.slicing import ExportError, LayerPlan, build_from_state_dict, sliced_state_dict
 from resp.masks import Mask
 from resp.structures import Structures
 
