@@ -1,10 +1,21 @@
-"""Batched completion sampling with Hugging Face `generate` (method steps 1 and 7, and evaluation).
+"""Batched completion sampling with an explicit decode loop over a Hugging Face causal LM (method
+steps 1 and 7, and evaluation).
 
 Prompts are tokenized once, sorted by length (longest first, so a batch that does not fit in
-memory fails at once) and left-padded into batches with attention masks. Each batch is
-seeded with `seed + batch_index` right before it runs, so results depend only on the inputs,
-the batch size and the seed, never on what ran earlier in the process. Results come back in
-input order.
+memory fails at once) and left-padded into batches with attention masks. A batch is prefilled in
+one forward pass, then decoded one token per step through the model's KV cache, with the
+position ids transformers' `generate` gives left-padded rows. A row that emits an end-of-sequence
+token or reaches `max_new_tokens` leaves the batch (its input, mask, positions and cache rows go),
+so a finished row costs nothing while the batch's longest completion runs on. Results come back
+in input order.
+
+Greedy (temperature 0) takes the argmax. Sampling processes the logits with temperature, then
+top-k, then top-p, exactly as transformers' logits warpers do (min_tokens_to_keep=1; top_k 0 and
+top_p 1.0 are off); no other processor of the model's generation_config applies, as on the vLLM
+backend. Prompt i draws its tokens from its own generator seeded `seed + i` (the seed the vLLM
+backend gives request i), so the random numbers a completion uses depend only on its index and
+the seed: never on the batch size, the other prompts of its batch, or what ran earlier in the
+process (its logits can still differ by floating-point rounding between batch shapes).
 
 A completion is cut after its first end-of-sequence token: the model's
 `generation_config.eos_token_id` (an int or a list; Qwen3 lists both `<|im_end|>` and
@@ -24,6 +35,7 @@ from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +47,7 @@ class GenerationError(ValueError):
 @dataclass(frozen=True)
 class SamplingSpec:
     temperature: float     # 0 = greedy
-    top_p: float
+    top_p: float           # 1.0 = no top-p filtering
     top_k: int             # 0 = no top-k filtering
     max_new_tokens: int
 
@@ -60,13 +72,32 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _sampling_kwargs(spec: SamplingSpec) -> dict:
+def processed_scores(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    """[rows, vocab] float32 logits -> the scores sampling draws from (softmax of them): temperature,
+    then top-k, then top-p, each as transformers' Temperature/TopK/TopPLogitsWarper with
+    min_tokens_to_keep=1; a filtered token scores -inf."""
+    scores = logits / spec.temperature if spec.temperature != 1.0 else logits
+    if spec.top_k:
+        kth_best = torch.topk(scores, min(spec.top_k, scores.shape[-1])).values[..., -1:]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if spec.top_p < 1.0:
+        ascending, order = torch.sort(scores, descending=False)
+        # drop the least likely tokens while their total mass stays within 1 - top_p; keep the most likely
+        drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - spec.top_p
+        drop_sorted[..., -1] = False
+        scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return scores
+
+
+def next_tokens(logits: torch.Tensor, spec: SamplingSpec, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """One token per row of [rows, vocab] logits: the argmax when greedy; else row r's draw from its
+    processed distribution by inverting the cumulative distribution at uniforms[r] in [0, 1)."""
+    logits = logits.float()
     if spec.temperature == 0:
-        # transformers' own defaults, which greedy decoding ignores: set explicitly so a model's
-        # generation_config (Qwen3 ships temperature 0.6 / top_k 20) does not trigger
-        # "flags are not valid" warnings on every batch.
-        return {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
-    return {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k}
+        return logits.argmax(dim=-1)
+    # float64, so u * total < total and a token of probability 0 is never drawn
+    cdf = processed_scores(logits, spec).softmax(dim=-1).double().cumsum(dim=-1)
+    return torch.searchsorted(cdf, uniforms.double()[:, None] * cdf[:, -1:], right=True).squeeze(1)
 
 
 def _cut(generated: list[int], eos: set[int]) -> tuple[list[int], bool]:
@@ -74,6 +105,96 @@ def _cut(generated: list[int], eos: set[int]) -> tuple[list[int], bool]:
         if token in eos:
             return generated[: position + 1], False
     return generated, True
+
+
+class _BufferedLayer(DynamicLayer):
+    """A full-attention cache layer that writes into buffers sized for the whole decode (prompt
+    width + max_new_tokens) and returns views of the filled part: DynamicLayer concatenates, which
+    copies the layer's whole cache on every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (new row j = old row indices[j]) in place: only the rows whose slot
+        changes are copied (gathered first, so sources may overlap destinations)."""
+        if not self.is_initialized:  # a layer the model never wrote (as DynamicLayer, nothing to select)
+            return
+        rows, end = len(indices), self.get_seq_length()
+        moved = (indices != torch.arange(rows, device=indices.device)).nonzero().squeeze(1)
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer[moved, :, :end] = buffer[indices[moved], :, :end]
+        self.key_buffer, self.value_buffer = self.key_buffer[:rows], self.value_buffer[:rows]
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
+
+def _decode_cache(model, capacity: int) -> DynamicCache:
+    """transformers' cache for the model's layer types, full-attention layers buffered."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_BufferedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def _rows_to_keep(running: torch.Tensor) -> torch.Tensor:
+    """The running rows of a batch as the next batch's row order: a running row among the first
+    `running.sum()` keeps its slot and the running rows after them fill the finished rows' slots,
+    so the cache moves one row per finished row, whatever the order rows finish in."""
+    rows = int(running.sum())
+    order = torch.arange(rows, device=running.device)
+    order[(~running[:rows]).nonzero().squeeze(1)] = running[rows:].nonzero().squeeze(1) + rows
+    return order
+
+
+def _decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, spec: SamplingSpec,
+                  uniforms: torch.Tensor | None, eos: torch.Tensor) -> list[list[int]]:
+    """Generated ids per row of a left-padded batch, each ending at its first EOS or after
+    `spec.max_new_tokens` tokens; row r samples step t with uniforms[r, t] (None: greedy).
+    Finished rows leave the batch and the cache."""
+    rows, width = input_ids.shape
+    device = input_ids.device
+    # the mask of every step, written once: prompt (padding 0) then ones for the new tokens
+    mask = torch.cat([attention_mask, attention_mask.new_ones(rows, spec.max_new_tokens)], dim=1)
+    # transformers' positions for left padding: the count of real tokens before each one
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    cache = _decode_cache(model, width + spec.max_new_tokens)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    position = positions[:, -1:] + 1
+    active = torch.arange(rows, device=device)     # batch row of each row still decoding
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    for step in range(spec.max_new_tokens):
+        tokens = next_tokens(logits, spec, None if uniforms is None else uniforms[active, step])
+        for r, token in zip(active.tolist(), tokens.tolist()):
+            generated[r].append(token)
+        if step + 1 == spec.max_new_tokens:
+            break
+        running = ~torch.isin(tokens, eos)
+        if not running.all():
+            if not running.any():
+                break
+            keep = _rows_to_keep(running)
+            active, tokens, mask, position = active[keep], tokens[keep], mask[keep], position[keep]
+            cache.batch_select_indices(keep)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask[:, : width + step + 1], position_ids=position,
+                       cache=cache, use_cache=True).logits[:, -1]
+        position = position + 1
+    return generated
 
 
 def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_size: int, seed: int,
@@ -92,8 +213,9 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_siz
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     results: list[Completion | None] = [None] * len(prompts)
     device = model.device
+    eos_tensor = torch.tensor(eos, device=device)
     with torch.no_grad():
-        for batch_index, batch in enumerate(tqdm(batches, desc=desc, unit="batch")):
+        for batch in tqdm(batches, desc=desc, unit="batch"):
             width = max(len(prompt_ids[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -101,14 +223,14 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_siz
                 ids = prompt_ids[i]
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids):] = 1
-            torch.manual_seed(seed + batch_index)
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                max_new_tokens=spec.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                **_sampling_kwargs(spec),
-            )
+            # prompt i's own stream: its completion does not depend on the batch it lands in
+            uniforms = None if spec.temperature == 0 else torch.stack([
+                torch.rand(spec.max_new_tokens, generator=torch.Generator(device=device).manual_seed(seed + i),
+                           device=device) for i in batch])
+            generated = _decode_batch(model, input_ids.to(device), attention_mask.to(device), spec, uniforms,
+                                      eos_tensor)
             for row, i in enumerate(batch):
-                completion_ids, truncated = _cut(output[row, width:].tolist(), eos_set)
+                completion_ids, truncated = _cut(generated[row], eos_set)
                 body = completion_ids if truncated else completion_ids[:-1]
                 results[i] = Completion(list(prompt_ids[i]), completion_ids,
                                         tokenizer.decode(body, skip_special_tokens=False), truncated)

@@ -1,13 +1,24 @@
-"""resp.generation: batched greedy equals one-by-one greedy, seeded sampling, EOS cut and
-truncation flags, input order."""
+"""resp.generation: the decode loop against transformers' `generate` (greedy, token for token, with
+left padding and rows that stop early) and its logits warpers (exactly); per-prompt seeding that
+makes a sampled completion independent of batch size and batch mates; the cache layer that drops
+finished rows; EOS cut and truncation flags, input order."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import MistralConfig, MistralForCausalLM
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
-from resp.generation import Completion, GenerationError, SamplingSpec, eos_token_ids, generate
-from conftest import make_llama, make_qwen3
+from resp.export.compact import compact_model
+from resp.generation import (Completion, GenerationError, SamplingSpec, _BufferedLayer, _cut, _rows_to_keep,
+                             eos_token_ids, generate, next_tokens, processed_scores)
+from resp.masks import Mask
+from resp.models import load_model
+from resp.structures import structures_for
+from conftest import TINY, make_llama, make_qwen3
 
 PROMPTS = [  # different lengths, so batches need left padding
     "<|im_start|>user\nTom has 12 apples.<|im_end|>\n<|im_start|>assistant\n",
@@ -120,3 +131,200 @@ def test_eos_token_ids_union(tiny_tokenizer):
 def test_bad_batch_size(tiny_tokenizer):
     with pytest.raises(GenerationError, match=r"^batch_size 0 must be positive$"):
         generate(make_qwen3(), tiny_tokenizer, PROMPTS, GREEDY, batch_size=0, seed=0, desc="x")
+
+
+# ---- greedy decoding is transformers' greedy decoding, token for token
+
+
+def make_mistral():
+    """Every layer a sliding-window layer (window 4, shorter than the prompts): transformers' own cache layers."""
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(**TINY, sliding_window=4)).eval()
+
+
+def make_compact():
+    """A compact export of Qwen3 with a layer without heads (its cache holds a placeholder) and uneven heads."""
+    model = make_qwen3()
+    s = structures_for(model, "query_head", [])
+    mask = Mask.dense(s)
+    mask.heads[1] = False
+    mask.heads[2, 1] = False
+    return compact_model(model, mask, s)[0].eval()
+
+
+def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """transformers' `generate` on the prompts as one left-padded batch, each row cut after its first EOS."""
+    pad = tokenizer.pad_token_id
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+    eos = eos_token_ids(model, tokenizer)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    return [_cut(row[width:].tolist(), set(eos))[0] for row in output]
+
+
+@pytest.mark.parametrize("make", [make_qwen3, make_llama], ids=["qwen3", "llama"])
+def test_greedy_equals_hf_generate_with_rows_stopping_early(make, tiny_tokenizer):
+    model = no_eos(make())
+    free = hf_greedy(model, tiny_tokenizer, PROMPTS, 12)
+    # two tokens greedy decoding emits mid-way become EOS: rows stop at different steps, others run on
+    model.generation_config.eos_token_id = [free[1][5], free[3][8]]
+    spec = SamplingSpec(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=12)
+    want = hf_greedy(model, tiny_tokenizer, PROMPTS, 12)
+    lengths = [len(ids) for ids in want]
+    if len(set(lengths) - {12}) < 2 or 12 not in lengths:
+        pytest.fail(f"fixture assumption broken: completion lengths {lengths} need two early stops and a full row")
+    batched = generate(model, tiny_tokenizer, PROMPTS, spec, batch_size=len(PROMPTS), seed=0, desc="b")
+    assert [c.completion_ids for c in batched] == want
+    assert [c.truncated for c in batched] == [n == 12 and ids[-1] not in model.generation_config.eos_token_id
+                                              for n, ids in zip(lengths, want)]
+    single = generate(model, tiny_tokenizer, PROMPTS, spec, batch_size=1, seed=0, desc="s")
+    assert [c.completion_ids for c in single] == [hf_greedy(model, tiny_tokenizer, [p], 12)[0] for p in PROMPTS]
+
+
+def forward_inputs(model, run) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(position_ids, attention_mask) of every forward call `run()` makes on `model`."""
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append((kwargs["position_ids"].clone(), kwargs["attention_mask"].clone()))
+
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_positions_and_masks_are_those_of_hf_generate(tiny_tokenizer):
+    """RoPE hides a constant position offset from greedy tokens, so compare the model inputs:
+    left-padded positions count real tokens (padding at 0), masks grow by one column a step."""
+    model = no_eos(make_qwen3())
+    # generate sorts a batch longest prompt first: give transformers the same row order
+    by_length = sorted(PROMPTS, key=lambda p: -len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]))
+    ours = forward_inputs(model, lambda: generate(model, tiny_tokenizer, by_length, GREEDY, batch_size=5, seed=0,
+                                                   desc="g"))
+    theirs = forward_inputs(model, lambda: hf_greedy(model, tiny_tokenizer, by_length, GREEDY.max_new_tokens))
+    assert len(ours) == len(theirs) == GREEDY.max_new_tokens
+    for (position, mask), (want_position, want_mask) in zip(ours, theirs):
+        assert torch.equal(position, want_position) and torch.equal(mask, want_mask)
+    assert ours[0][0][-1].tolist()[:3] == [0, 0, 0] and ours[1][0][:, 0].tolist() == ours[0][0][:, -1].add(1).tolist()
+
+
+@pytest.mark.parametrize("make", [make_mistral, make_compact], ids=["mistral_sliding_window", "compact_dead_layer"])
+def test_greedy_equals_hf_generate_on_other_caches(make, tiny_tokenizer):
+    model = no_eos(make())
+    spec = SamplingSpec(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=10)
+    got = generate(model, tiny_tokenizer, PROMPTS, spec, batch_size=len(PROMPTS), seed=0, desc="g")
+    assert [c.completion_ids for c in got] == hf_greedy(model, tiny_tokenizer, PROMPTS, 10)
+
+
+# ---- sampling: transformers' warpers, and one random stream per prompt
+
+WARPED = [  # (temperature, top_p, top_k)
+    (0.6, 0.95, 20), (1.0, 0.9, 0), (0.7, 1.0, 5), (1.3, 0.5, 50), (0.6, 0.95, 400), (2.0, 0.3, 1), (0.9, 1.0, 0),
+    (1.0, 1e-9, 0)]  # top_p below float32 resolution: every token is within 1 - top_p, the most likely one is kept
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", WARPED)
+def test_processed_scores_equal_hf_warpers(temperature, top_p, top_k):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 300, generator=g) * 3
+    logits[4] = (logits[4] * 2).round() / 2      # ties at the k-th value and across the top-p boundary
+    logits[5, :10] = 9.0                         # one row whose top tokens all tie
+    # the warpers transformers' generate applies for do_sample=True, in its order and conditions
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    want = warpers(torch.zeros(8, 1, dtype=torch.long), logits.clone())
+    got = processed_scores(logits, SamplingSpec(temperature, top_p, top_k, 1))
+    assert torch.equal(got, want)
+    assert torch.isinf(got).any() == (top_k not in (0, 400) or top_p < 1.0)
+
+
+def test_draw_inverts_the_cumulative_distribution():
+    """probabilities 0.5, 0, 0.25, 0.25, 0: token = the first whose cumulative probability exceeds u."""
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0])
+    uniforms = torch.tensor([0.0, 0.4999, 0.5, 0.7499, 0.75, 1 - 2 ** -24])
+    logits = probs.log().expand(len(uniforms), -1)
+    tokens = next_tokens(logits, SamplingSpec(1.0, 1.0, 0, 1), uniforms)
+    assert tokens.tolist() == [0, 0, 2, 2, 3, 3]   # never a token of probability 0, even at u -> 1
+    greedy = next_tokens(logits, SamplingSpec(0.0, 1.0, 0, 1), None)
+    assert greedy.tolist() == [0] * len(uniforms)
+
+
+def test_top_k_1_sampling_equals_greedy(tiny_tokenizer):
+    model = no_eos(make_qwen3())
+    sampled = generate(model, tiny_tokenizer, PROMPTS, SamplingSpec(0.7, 0.9, 1, 8), batch_size=2, seed=5, desc="s")
+    greedy = generate(model, tiny_tokenizer, PROMPTS, GREEDY, batch_size=2, seed=5, desc="g")
+    assert [c.completion_ids for c in sampled] == [c.completion_ids for c in greedy]
+
+
+EVAL_SAMPLING = SamplingSpec(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=5)
+OTHERS = ["<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n",
+          "<|im_start|>user\nThe hills rest near the river, and Tom has 15 apples now.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def test_a_sampled_completion_depends_only_on_its_prompt_index_and_seed(tiny_model_dir):
+    """A model that often ends its turn early (<|im_end|> made likely), so rows leave the batch at
+    different steps: completion i is the same in any batch size, next to any other prompts, and
+    equals prompt i sampled alone with seed + i."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    full = generate(model, tokenizer, PROMPTS, EVAL_SAMPLING, batch_size=len(PROMPTS), seed=11, desc="f")
+    lengths = [len(c.completion_ids) for c in full]
+    if len(set(lengths)) < 3 or all(c.truncated for c in full) or not any(c.truncated for c in full):
+        pytest.fail(f"fixture assumption broken: completion lengths {lengths} should vary, some ended, some cut")
+    for batch_size in (1, 2, 3):
+        assert generate(model, tokenizer, PROMPTS, EVAL_SAMPLING, batch_size=batch_size, seed=11, desc="b") == full
+    mixed = [PROMPTS[0], OTHERS[0], PROMPTS[2], OTHERS[1], OTHERS[1]]
+    again = generate(model, tokenizer, mixed, EVAL_SAMPLING, batch_size=len(mixed), seed=11, desc="m")
+    assert (again[0], again[2]) == (full[0], full[2])
+    assert generate(model, tokenizer, [PROMPTS[3]], EVAL_SAMPLING, batch_size=1, seed=14, desc="a") == [full[3]]
+    # the same prompt at two indices: two streams (index 0 at seed 12 is prompt 1's stream above)
+    twice = generate(model, tokenizer, [PROMPTS[1], PROMPTS[1]], EVAL_SAMPLING, batch_size=2, seed=12, desc="t")
+    assert twice[0] == full[1] and twice[1].completion_ids != twice[0].completion_ids
+
+
+# ---- the cache: finished rows leave it
+
+
+def test_rows_to_keep_moves_one_row_per_finished_row():
+    def order(running):
+        return _rows_to_keep(torch.tensor(running)).tolist()
+
+    assert order([False, True, True, False, True, True]) == [4, 1, 2, 5]
+    assert order([True, True, False]) == [0, 1]
+    assert order([False, True]) == [1]
+    assert order([True, True, True]) == [0, 1, 2]
+
+
+def test_buffered_layer_equals_dynamic_layer():
+    """Same keys/values as transformers' DynamicLayer through prefill, steps and row selections,
+    including one where a row's source is another row's destination."""
+    g = torch.Generator().manual_seed(0)
+    buffered, dynamic = _BufferedLayer(capacity=9), DynamicLayer()
+
+    def step(rows: int, tokens: int):
+        keys, values = torch.randn(2, rows, 2, tokens, 3, generator=g)
+        got, want = buffered.update(keys, values), dynamic.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    def select(indices: list[int]):
+        for layer in (buffered, dynamic):
+            layer.batch_select_indices(torch.tensor(indices))
+        assert torch.equal(buffered.keys, dynamic.keys) and torch.equal(buffered.values, dynamic.values)
+
+    step(6, 5)
+    step(6, 1)
+    select([5, 1, 2, 0])      # row 0 <- 5 and row 3 <- 0: read before written
+    step(4, 1)
+    select([3, 0])
+    step(2, 1)
+    assert buffered.get_seq_length() == dynamic.get_seq_length() == 8
