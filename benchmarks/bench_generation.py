@@ -2,7 +2,7 @@
 
 The workload is the evaluation's: the embedded model (data/models/tiny), the first --prompts
 items of the arith eval split (params.yaml tasks.arith) rendered by the task's chat template with
-thinking on, as `resp.evaluate.evaluate_task` does, --batch-size prompts per batch and
+thinking on, as `resp.evaluation.evaluate_task` does, --batch-size prompts per batch and
 --max-new-tokens new tokens at most, once greedy and once sampled with params.yaml's evaluation
 temperature / top_p / top_k.
 

@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from resp.export.compact import compact_model
+from resp.checkpoints.compact import compact_model
 from resp.generation import (Completion, GenerationError, SamplingSpec, _BufferedLayer, _cut, _rows_to_keep,
                              eos_token_ids, generate, next_tokens, processed_scores)
 from resp.masks import Mask
