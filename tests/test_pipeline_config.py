@@ -12,23 +12,16 @@ from resp.config import ParamsError, load_params
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_dvc_prune_stages_match_the_declared_calibration():
-    params = load_params(ROOT / "params.yaml")
+def test_dvc_prunes_and_evaluates_every_method_of_the_run():
+    """One prune and one evaluate stage per (task, method) of params.yaml `run`: no list of methods in dvc.yaml."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    self_stage = stages["prune_self"]["matrix"]["method"]
-    other_stage = stages["prune_baseline"]["matrix"]["method"]
-    assert set(self_stage) == {m for m in params.run.methods if params.methods[m].calibration == "self"}
-    assert set(other_stage) == {m for m in params.run.methods if params.methods[m].calibration != "self"}
-    for name in ("prune_self", "prune_baseline"):   # regeneration samples with generation.*, whatever the stage
-        assert "generation" in stages[name]["params"] and "resp/generation.py" in stages[name]["deps"]
-    assert "--traces" in stages["prune_self"]["cmd"] and "--traces" not in stages["prune_baseline"]["cmd"]
-    for name in ("prune_self", "prune_baseline"):
-        assert "methods.${item.method}" in stages[name]["params"]
-    assert "resp/baselines.py" in stages["prune_baseline"]["deps"] and "baselines" in stages["prune_baseline"]["params"]
+    for name in ("prune", "evaluate"):
+        assert stages[name]["matrix"] == {"task": "${run.tasks}", "method": "${run.methods}"}
+    assert "--traces data/runs/${item.task}/traces/dense.jsonl" in stages["prune"]["cmd"]
 
 
-STAGE_STEPS = {"calibrate": "calibration_traces", "heldout": "heldout_traces", "prune_self": "prune",
-               "prune_baseline": "prune", "evaluate_dense": "evaluate", "evaluate": "evaluate", "export": "export",
+STAGE_STEPS = {"calibrate": "calibration_traces", "heldout": "heldout_traces", "prune": "prune",
+               "evaluate_dense": "evaluate", "evaluate": "evaluate", "export": "export",
                "register": "register", "report": "report"}
 
 

@@ -15,7 +15,7 @@ from conftest import tiny_overrides
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from resp import recipe, registry
+from resp import recipe, registry, steps
 from resp.artifacts import file_digest
 from resp.cli import app
 from resp.config import load_params
@@ -99,7 +99,7 @@ def test_versions_carry_lineage_tags_inputs_and_artifacts(params, pruned, regist
         assert tags["trace_tags"] == ",".join(used)
         assert meta["trace_sets"][0]["digest"] == file_digest(pruned["dense"])
         assert tags["prompt_ids_digest"] == TraceSet.load(pruned["dense"]).prompt_ids_digest()
-        assert tags["params_hash"] == recipe.params_hash(params, "arith")
+        assert tags["params_hash"] == steps.params_hash(params, "arith", "resp")
         assert tags["mask_digest"] == mask.digest() and tags["target"] == f"{target:.2f}"
         assert float(tags["sparsity"]) == pytest.approx(meta["sparsity"], abs=1e-6)
         assert (tags["base_key"], tags["base_revision"]) == (identity.key, "None")
