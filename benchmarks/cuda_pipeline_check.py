@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     for device, root in (("cpu", args.work / "cpu"), (gpu, args.work / gpu / "float32")):
         masks = {float(p.stem.split("-")[1]): p for p in sorted((root / "resp_noregen" / "masks").glob("*.safetensors"))}
         start = time.time()
-        path = evaluate_masks(params(device), "arith", "resp_noregen", masks, None, args.work / f"eval-{device}.json", False)
+        path = evaluate_masks(params(device, "float32", "evaluation.nll_traces=0"), "arith", "resp_noregen", masks, None,
+                              args.work / f"eval-{device}.json", False)
         results = json.loads(Path(path).read_text())["results"]
         report[f"evaluate_{device}"] = {"seconds": round(time.time() - start, 2),
                                         "greedy_accuracy": {k: r["greedy"]["accuracy_strict"] for k, r in results.items()}}
