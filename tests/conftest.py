@@ -108,6 +108,33 @@ def tiny_overrides(model_dir, world_dir) -> list[str]:
             "evaluation.num_items=4", "evaluation.max_new_tokens=8", "evaluation.nll_traces=4"]
 
 
+class ScriptedLM:
+    """Stands in for a causal LM in `resp.generation.generate`'s decode loop: its logits pick the
+    next token of a fixed reply (token ids, ending with EOS) per prompt (token ids), so what is
+    generated is known exactly. The KV cache holds each row's token ids in place of keys, so rows
+    leave the batch as real ones do."""
+
+    def __init__(self, replies: dict[tuple[int, ...], list[int]], eos: int, vocab_size: int):
+        from transformers import GenerationConfig
+
+        self.replies, self.vocab_size = replies, vocab_size
+        self.device = torch.device("cpu")
+        self.config = LlamaConfig(**{**TINY, "num_hidden_layers": 1})   # the cache layout: one full-attention layer
+        self.generation_config = GenerationConfig(eos_token_id=eos)
+
+    def __call__(self, input_ids, attention_mask, cache, **kwargs):
+        from types import SimpleNamespace
+
+        ids = input_ids[:, None, :, None].float()
+        seen, _ = cache.update(ids, ids, 0)
+        logits = torch.zeros(len(input_ids), 1, self.vocab_size)
+        for row, (tokens, real) in enumerate(zip(seen[:, 0, :, 0].long(), attention_mask.bool())):
+            tokens = tokens[real].tolist()
+            prompt = next(p for p in self.replies if tuple(tokens[: len(p)]) == p)
+            logits[row, 0, self.replies[prompt][len(tokens) - len(prompt)]] = 1
+        return SimpleNamespace(logits=logits)
+
+
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory):
     """One sqlite MLflow store for the session (creating one takes ~6 s): `registry.*` overrides.

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 import torch
-from conftest import make_qwen3
-from transformers import GenerationConfig
+from conftest import ScriptedLM, make_qwen3
 from typer.testing import CliRunner
 
 from resp.artifacts import masks_in_dir
@@ -29,27 +28,14 @@ from resp.traces import Trace, TraceSet
 IM_END = "<|im_end|>"
 
 
-class ScriptedModel:
-    """Stands in for a causal LM: `generate` appends a fixed reply per prompt, as HF does
-    (finished rows padded), so evaluation arithmetic can be checked exactly."""
+class ScriptedModel(ScriptedLM):
+    """A causal LM that replies with a fixed text per user message, so evaluation arithmetic can be checked exactly."""
 
     def __init__(self, tokenizer, replies: dict[str, str]):
-        self.tokenizer = tokenizer
-        self.device = torch.device("cpu")
-        self.generation_config = GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(IM_END))
-        end = [tokenizer.convert_tokens_to_ids(IM_END)]
-        self.replies = {
-            tuple(tokenizer(render_prompt(tokenizer, message), add_special_tokens=False)["input_ids"]):
-                tokenizer(reply, add_special_tokens=False)["input_ids"] + end
-            for message, reply in replies.items()
-        }
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **sampling):
-        rows = []
-        for ids, mask in zip(input_ids, attention_mask):
-            reply = self.replies[tuple(ids[mask.bool()].tolist())][:max_new_tokens]
-            rows.append(reply + [pad_token_id] * (max_new_tokens - len(reply)))
-        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+        end = tokenizer.convert_tokens_to_ids(IM_END)
+        super().__init__({tuple(tokenizer(render_prompt(tokenizer, message), add_special_tokens=False)["input_ids"]):
+                          tokenizer(reply, add_special_tokens=False)["input_ids"] + [end]
+                          for message, reply in replies.items()}, end, len(tokenizer))
 
 
 ARITH = [Item("test-0", "Tom has 23 apples. He buys 14 more. He gives 9 away. How many?", "28", "", None),

@@ -8,9 +8,8 @@ import re
 
 import pytest
 import torch
-from transformers import GenerationConfig
 
-from conftest import make_qwen3
+from conftest import ScriptedLM, make_qwen3
 from resp.generation import SamplingSpec
 from resp.masks import Mask, prune_step
 from resp.masks import MaskedModel
@@ -121,21 +120,13 @@ def test_text_traces_have_full_sequence_loss(tiny_tokenizer):
 
 # ---- self-generated traces are judged by the strict extractor
 
-class Scripted:
-    """A stand-in causal LM whose `generate` appends a fixed reply per prompt (HF-style padding)."""
+class Scripted(ScriptedLM):
+    """A causal LM that replies with a fixed text per user message."""
 
     def __init__(self, tokenizer, replies: dict[str, str]):
-        self.device = torch.device("cpu")
         eos = tokenizer.convert_tokens_to_ids(IM_END)
-        self.generation_config = GenerationConfig(eos_token_id=eos)
-        self.replies = {tuple(ids(tokenizer, chat(m))): ids(tokenizer, r) + [eos] for m, r in replies.items()}
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **sampling):
-        rows = []
-        for row, mask in zip(input_ids, attention_mask):
-            reply = self.replies[tuple(row[mask.bool()].tolist())][:max_new_tokens]
-            rows.append(reply + [pad_token_id] * (max_new_tokens - len(reply)))
-        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+        super().__init__({tuple(ids(tokenizer, chat(m))): ids(tokenizer, r) + [eos] for m, r in replies.items()}, eos,
+                         len(tokenizer))
 
 
 def test_self_generated_traces_are_judged_strictly(tiny_tokenizer):
