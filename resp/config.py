@@ -158,6 +158,10 @@ class PruneParams(Strict):
     def _targets(self):
         if not self.targets:
             raise ValueError("targets is empty: give at least one parameter sparsity, e.g. [0.4]")
+        fine = [t for t in self.targets if round(t, 2) != t]
+        if fine:
+            raise ValueError(f"targets {fine} have more than two decimals: mask files and metrics key a target as "
+                             "sparsity-0.30, so use at most two (e.g. 0.12 or 0.13)")
         late = [m for m in self.milestones if m >= self.targets[-1]]
         if late:
             raise ValueError(f"milestones {late} are not below the last target {self.targets[-1]}: a milestone "

@@ -77,6 +77,7 @@ def test_run_methods_must_be_declared():
     ("calibration.select_candidates=8", r"select_candidates \(8\) is below num_prompts \(32\)"),
     ("calibration.select_length_quantiles=[0.9, 0.2]", r"select_length_quantiles \[0.9, 0.2\] must satisfy"),
     ("report.ablations=[resp_magic]", r"report names undeclared methods \['resp_magic'\]"),
+    ("prune.targets=[0.125, 0.5]", r"targets \[0.125\] have more than two decimals"),
 ])
 def test_world_calibration_and_report_params_that_cannot_work_are_one_line(override, message):
     with pytest.raises(ParamsError, match=message) as info:
