@@ -107,7 +107,8 @@ def test_a_step_caches_on_its_own_code_only():
         files = steps.code_files(steps.STEPS[step].module)
         assert "resp/importance.py" in files and "resp/masks.py" in files
         assert not {"resp/cli.py", "resp/report.py", "resp/registry.py", "resp/evaluation.py"} & set(files)
-    assert steps.code_files("resp.report") == ("resp/config.py", "resp/report.py", "resp/stats.py")
+    assert steps.code_files("resp.report") == ("resp/artifacts.py", "resp/config.py", "resp/locking.py", "resp/report.py",
+                                               "resp/stats.py")
 
 
 def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, tiny_model_dir, tiny_world_dir,
