@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from resp import recipe  # noqa: E402
+from resp.artifacts import masks_in_dir  # noqa: E402
 from resp.config import load_params  # noqa: E402
 from resp.evaluation import evaluate_masks  # noqa: E402
 from resp.generation import SamplingSpec, generate  # noqa: E402
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     report["resp_float32"] = {"seconds": round(time.time() - start, 2), "masks": sorted(f"{t:.2f}" for t in written)}
     save()
     for device, root in (("cpu", args.work / "cpu"), (gpu, args.work / gpu / "float32")):
-        masks = {float(p.stem.split("-")[1]): p for p in sorted((root / "resp_noregen" / "masks").glob("*.safetensors"))}
+        masks = masks_in_dir(root / "resp_noregen" / "masks")
         start = time.time()
         path = evaluate_masks(params(device, "float32", "evaluation.nll_traces=0"), "arith", "resp_noregen", masks, None,
                               args.work / f"eval-{device}.json", False)

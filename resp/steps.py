@@ -201,6 +201,7 @@ def calibrate(params: Params, task: str, method: str, base: dict, dense_traces: 
     """The calibration traces `method` declares, as a file: the dense model's own traces for
     `self` (returned as is), else built here and written to `out`; None for `none`."""
     from resp.recipe import calibration_traces
+    from resp.traces import check_usable
 
     loaded = loaded_model(params, base)
     traces, path = calibration_traces(params, task, params.methods[method].calibration, loaded.model,
@@ -210,8 +211,6 @@ def calibrate(params: Params, task: str, method: str, base: dict, dense_traces: 
     if not path:
         traces.save(out)
         path = out
-    from resp.traces import check_usable
-
     check_usable(traces, f"{method} calibration traces")
     return path
 
