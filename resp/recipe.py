@@ -9,7 +9,6 @@ stages and Prefect tasks all call these functions; nothing else runs the method.
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,19 +29,6 @@ log = logging.getLogger(__name__)
 
 class RecipeError(ValueError):
     pass
-
-
-def code_version() -> dict:
-    """The git commit of the code and whether its code files (resp/, flows/) had uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        # only code counts: `dvc repro` itself rewrites dvc.lock and data/ while it runs
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "resp", "flows",
-                                     "pyproject.toml"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
 
 
 def sampling_spec(params: Params) -> SamplingSpec:
@@ -71,7 +57,8 @@ def make_traces(params: Params, task: str, split: str, limit: int | None, out: s
     else:
         items = load_items(t, split)[:limit]
     manifest = {"model": base, "mask_digest": None, "task": task,
-                "split": split, "prompt_ids": [i.id for i in items], "code": code_version()}
+                "split": split, "prompt_ids": [i.id for i in items],
+                "code": steps.code_record("calibration_traces" if split == t.calibration_split else "heldout_traces")}
     start = time.time()
     traces = self_generated_traces(model, tokenizer, items, t.format, sampling_spec(params),
                                    params.generation.batch_size, params.generation.seed, manifest,

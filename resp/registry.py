@@ -8,7 +8,7 @@ A version's run holds the mask and its manifest, the method's summary, every tra
 method calibrated on (dense and regenerated, also logged as MLflow inputs), the exports, the
 metrics, the params and `lineage.json`: what produced the model, with the sha256 of every
 logged file and the local path it came from. Tags repeat the searchable keys (base_key,
-trace_digests, prompt_ids_digest, params_hash, mask_digest, code, DVC stage, parent, replaces),
+trace_digests, prompt_ids_digest, params_hash, mask_digest, code digest, DVC stage, parent, replaces),
 so lineage answers both ways: `audit` walks from a version to its inputs and verifies every
 digest; `versions_with_traces` lists the versions a trace set went into.
 
@@ -590,7 +590,7 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
     previous = _versions(client, f"name = '{name}' AND tags.target = '{label}'")
     replaces = previous[-1].version if previous else None
 
-    code = meta.get("code") or {}
+    code = {**(meta.get("code") or {}), "registered_from": _git_commit()}
     dvc = _dvc_stage(mask_path.parent)
     trace_sets = [{k: t.get(k) for k in ("tag", "path", "digest", "sparsity", "at_step", "n",
                                          "mean_completion_tokens", "truncation_rate", "answer_accuracy")}
@@ -611,7 +611,9 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
         "mask_digest": digest, "artifacts_digest": artifacts,
         "trace_digests": ",".join(t["digest"] for t in trace_sets),
         "trace_tags": ",".join(str(t["tag"]) for t in trace_sets),
-        "code_commit": str(code.get("commit")), "code_dirty": str(code.get("dirty")),
+        "code_step": str(code.get("step")), "code_digest": str(code.get("digest")),
+        "registered_from_commit": str(code["registered_from"]["commit"]),
+        "registered_from_dirty": str(code["registered_from"]["dirty"]),
         "dvc_stage": dvc["stage"] if dvc else "none", "dvc_md5": str(dvc.get("md5")) if dvc else "none",
         "parent": f"{parent['name']}/{parent['version']}",
     }
@@ -671,6 +673,21 @@ def _dvc_command() -> str:
         raise RegistryError("the dvc command is not installed: `pip install dvc` (with your remote's extra, e.g. "
                             "'dvc[s3]'), then run `resp audit --fetch` again")
     return found
+
+
+def _git_commit() -> dict:
+    """The commit of the checkout registering, and whether its code (resp/, flows/) has uncommitted changes.
+    The artifacts themselves record their code by content (`steps.code_record`)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        # only code counts: `dvc repro` itself rewrites dvc.lock and data/ while it runs
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "resp", "flows",
+                                     "pyproject.toml"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -918,7 +935,10 @@ def lineage_lines(report: dict) -> list[str]:
                      f"[{'ok' if not j['problem'] else 'not this version' + chr(39) + 's mask'}]")
     code = lin.get("code") or {}
     dvc = lin.get("dvc")
-    lines.append(f"params sha256 {lin['params_hash'][:16]}, code {code.get('commit')} (dirty: {code.get('dirty')}), "
+    source = code.get("registered_from") or {}
+    lines.append(f"params sha256 {lin['params_hash'][:16]}, code of step {code.get('step')} sha256 "
+                 f"{str(code.get('digest'))[:16]} (registered from commit {source.get('commit')}, "
+                 f"dirty: {source.get('dirty')}), "
                  f"dvc stage {dvc['stage'] + ' md5 ' + str(dvc['md5']) if dvc else 'none'}")
     lines.append(f"parent {tags.get('parent')}" + (f", replaces version {tags['replaces']}" if tags.get("replaces") else ""))
     return lines

@@ -118,6 +118,13 @@ def code_digest(step: str) -> str:
     return artifacts.json_digest({f: artifacts.file_digest(ROOT / f) for f in code_files(STEPS[step].module)})
 
 
+def code_record(step: str) -> dict:
+    """What an artifact's manifest records of the code that wrote it: the step and the digest of its code.
+    Content, not the git commit: a commit that leaves the step's code alone writes the same bytes, so
+    DVC does not rerun what follows, and the digest still names the exact source that ran."""
+    return {"step": step, "digest": code_digest(step)}
+
+
 def step_sections(step: str, **fill: str) -> tuple[str, ...]:
     return tuple(s.format(**fill) for s in STEPS[step].sections)
 
@@ -308,10 +315,8 @@ def baseline(params: Params, task: str, method: str, base: dict, calibration: st
 
 def run_manifest(params: Params, task: str, method: str, base: dict) -> dict:
     """What every file of a pruning run records about how it was made."""
-    from resp.recipe import code_version
-
     return {"model": base, "task": task, "method": method, "declaration": params.methods[method].model_dump(),
-            "params_hash": params_hash(params, task, method), "code": code_version()}
+            "params_hash": params_hash(params, task, method), "code": code_record("prune")}
 
 
 def write_run(params: Params, task: str, method: str, base: dict, record: dict, out_dir: str) -> dict[str, str]:

@@ -103,7 +103,9 @@ def test_versions_carry_lineage_tags_inputs_and_artifacts(params, pruned, regist
         assert tags["mask_digest"] == mask.digest() and tags["target"] == f"{target:.2f}"
         assert float(tags["sparsity"]) == pytest.approx(meta["sparsity"], abs=1e-6)
         assert (tags["base_key"], tags["base_revision"]) == (identity.key, "None")
-        assert (tags["code_commit"], tags["code_dirty"]) == (str(meta["code"]["commit"]), str(meta["code"]["dirty"]))
+        assert (tags["code_step"], tags["code_digest"]) == ("prune", steps.code_digest("prune"))
+        assert meta["code"] == {"step": "prune", "digest": steps.code_digest("prune")}
+        assert tags["registered_from_commit"] != "" and tags["registered_from_dirty"] in ("True", "False", "None")
         assert tags["dvc_stage"] == "none" and "replaces" not in tags
 
         run = client.get_run(mv.run_id)
