@@ -106,18 +106,19 @@ RESULT = {"persist_result": True, "result_serializer": RESULTS}
 
 
 @task(cache_policy=cache_policy("calibration_traces"), task_run_name="traces-{task}-calibration", **RESULT)
-def calibration_traces(params: Params, task: str, out: str, base: dict, data_key: dict) -> str:
+def calibration_traces(params: Params, task: str, out: str, base: dict, data_key: dict) -> dict:
     """Sample the dense model's own reasoning traces on the calibration prompts."""
     with one_model_at_a_time():
-        return str(recipe.make_traces(params, task, params.tasks[task].calibration_split, None, out, base=base))
+        return stamped(str(recipe.make_traces(params, task, params.tasks[task].calibration_split, None, out,
+                                              base=base)))
 
 
 @task(cache_policy=cache_policy("heldout_traces"), task_run_name="traces-{task}-heldout", **RESULT)
-def heldout_traces(params: Params, task: str, out: str, base: dict, data_key: dict) -> str:
+def heldout_traces(params: Params, task: str, out: str, base: dict, data_key: dict) -> dict:
     """Dense traces on the first evaluation.nll_traces items of the eval split (held-out NLL)."""
     with one_model_at_a_time():
-        return str(recipe.make_traces(params, task, params.tasks[task].eval_split, params.evaluation.nll_traces, out,
-                                      base=base))
+        return stamped(str(recipe.make_traces(params, task, params.tasks[task].eval_split, params.evaluation.nll_traces,
+                                              out, base=base)))
 
 
 def _step_run_name() -> str:
@@ -131,8 +132,16 @@ def _step_run_name() -> str:
 
 
 def stamped(result) -> dict:
-    """A step's result with the digests of the files it names, to tell later whether they changed."""
+    """A task's result with the digests of the files it names, to tell later whether they changed."""
     return {"result": result, "digests": content_digest(result)}
+
+
+def is_stale(stamp) -> bool:
+    """A (cached) result whose files are gone or were rewritten since the task wrote them, or one
+    cached before results were stamped."""
+    if not isinstance(stamp, dict) or stamp.keys() != {"result", "digests"}:
+        return True
+    return content_digest(stamp["result"]) != stamp["digests"]
 
 
 def _step_task(step: str, files: tuple[str, ...]):
@@ -192,11 +201,11 @@ def step_caller(task_name: str, method: str, data: dict, refresh: bool):
             kwargs["data_key"] = data
         if "task" not in kwargs:  # apply takes no task/method in the library; its task run is named by them
             kwargs.update(task=task_name, method=method)
-        stamped = t.with_options(refresh_cache=refresh)(**kwargs)
-        if content_digest(stamped["result"]) != stamped["digests"]:
+        stamp = t.with_options(refresh_cache=refresh)(**kwargs)
+        if is_stale(stamp):
             get_run_logger().warning("outputs of the cached %s step are gone or changed; recomputing", step.__name__)
-            stamped = t.with_options(refresh_cache=True)(**kwargs)
-        return stamped["result"]
+            stamp = t.with_options(refresh_cache=True)(**kwargs)
+        return stamp["result"]
     return call
 
 
@@ -208,7 +217,7 @@ def _export_run_name() -> str:
 
 
 @task(cache_policy=cache_policy("export", files=("mask",)), task_run_name=_export_run_name, **RESULT)
-def export_mask(params: Params, mask: str, formats: list[str], out_root: str, base: dict) -> dict[str, str]:
+def export_mask(params: Params, mask: str, formats: list[str], out_root: str, base: dict) -> dict:
     """Write the base model pruned by `mask` in every format to `<out_root>/<format>/`."""
     from resp.checkpoints import export_mask_file
     from resp.models import load_model
@@ -222,17 +231,17 @@ def export_mask(params: Params, mask: str, formats: list[str], out_root: str, ba
             written[fmt] = str(export_mask_file(model, tokenizer, identity, mask, fmt, Path(out_root) / fmt,
                                                 params.export.channel_multiple, params.prune.attention_unit,
                                                 params.prune.protected_layers))
-    return written
+    return stamped(written)
 
 
 @task(cache_policy=cache_policy("evaluate", files=("masks", "heldout")), task_run_name="evaluate-{task}-{method}",
       **RESULT)
 def evaluate_method(params: Params, task: str, method: str, masks: dict[str, str], heldout: str | None, out: str,
-                    include_dense: bool, base: dict, data_key: dict) -> str:
+                    include_dense: bool, base: dict, data_key: dict) -> dict:
     """Accuracy, length, truncation and held-out NLL under every mask (and of the dense model)."""
     with one_model_at_a_time():
-        return str(evaluation.evaluate_masks(params, task, method, {parse_target(t): p for t, p in masks.items()},
-                                           heldout, out, include_dense))
+        return stamped(str(evaluation.evaluate_masks(params, task, method, {parse_target(t): p for t, p in masks.items()},
+                                                     heldout, out, include_dense)))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="register-{task}-{method}")
@@ -243,12 +252,6 @@ def register_models(params: Params, task: str, method: str, masks_dir: str, expo
 
 
 # ---------------------------------------------------------------- flow
-
-def _outputs_exist(result) -> bool:
-    if isinstance(result, dict):
-        return all(_outputs_exist(v) for v in result.values())
-    return Path(result).exists()
-
 
 @contextmanager
 def _workers_report_here():
@@ -272,15 +275,15 @@ def _submit(calls: dict, refresh: bool) -> dict:
 
 def _run_wave(calls: dict, refresh: bool) -> dict:
     """Submit independent task calls together; wait for all; a failure fails the flow after the others finished.
-
-    A cached result whose files have been deleted since is recomputed.
+    Returns each task's result; a cached result whose files are gone or were rewritten since is recomputed.
     """
-    results = _submit(calls, refresh)
-    stale = [key for key, result in results.items() if not _outputs_exist(result)]
+    stamps = _submit(calls, refresh)
+    stale = [key for key, stamp in stamps.items() if is_stale(stamp)]
     if stale:
-        get_run_logger().warning("outputs of %d cached task(s) are gone (%s); recomputing them", len(stale), stale)
-        results.update(_submit({key: calls[key] for key in stale}, refresh=True))
-    return results
+        get_run_logger().warning("outputs of %d cached task(s) are gone or changed (%s); recomputing them",
+                                 len(stale), stale)
+        stamps.update(_submit({key: calls[key] for key in stale}, refresh=True))
+    return {key: stamp["result"] for key, stamp in stamps.items()}
 
 
 @flow(name="resp-pipeline")
