@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from resp.artifacts import manifest_path, masks_in_dir, parse_target
-from resp.config import Params, TaskParams, load_params
+from resp.config import Params, TaskParams, declared_method, load_params
 from resp.outputs import check_output
 
 ParamsArg = Params | str | os.PathLike
@@ -93,10 +93,7 @@ def prune(params: ParamsArg, task: str, method: str, out_dir: str | Path, *, den
     """
     p = _params(params, overrides)
     _task(p, task)
-    declared = p.methods.get(method)
-    if declared is None:
-        raise APIError(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
-                       f"(declared: {', '.join(p.methods)})")
+    declared = declared_method(p, method, APIError)
     if declared.calibration == "self" and dense_traces is None:
         raise APIError(f"method {method} calibrates on the dense model's own traces: pass "
                        f"dense_traces=resp.make_traces(params, {task!r}, OUT)")
@@ -184,7 +181,6 @@ def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: st
         method = made_by.pop()
     elif made_by and made_by != {method}:
         raise APIError(f"the masks were made by {', '.join(sorted(made_by))}, not {method}: pass the method that made them")
-    if paths and method not in p.methods:
-        raise APIError(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
-                       f"(declared: {', '.join(p.methods)})")
+    if paths:
+        declared_method(p, method, APIError)
     return evaluate_masks(p, task, method, paths, heldout, out, include_dense=dense)

@@ -18,7 +18,7 @@ from typing import Annotated, get_args
 
 import typer
 
-from resp.config import Params, TaskParams, load_params
+from resp.config import Params, TaskParams, declared_method, load_params
 
 log = logging.getLogger("resp")
 
@@ -342,9 +342,8 @@ def evaluate_command(
             raise ValueError("nothing to evaluate: give --masks-dir DIR --method NAME, and/or --dense")
         if (masks_dir is None) != (method is None):
             raise ValueError("--masks-dir and --method go together: the method names who made the masks")
-        if method is not None and method not in p.methods:
-            raise ValueError(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
-                             f"(declared: {', '.join(p.methods)})")
+        if method is not None:
+            declared_method(p, method)
         masks = masks_in_dir(masks_dir) if masks_dir is not None else {}
         from resp.lineage import read_mask
 

@@ -311,6 +311,14 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid."""
 
 
+def declared_method(params: Params, method: str, error: type[ValueError] = ParamsError) -> MethodParams:
+    """The declaration of `method`, or `error` naming the fix when params.yaml does not declare it."""
+    if method not in params.methods:
+        raise error(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
+                    f"(declared: {', '.join(params.methods)})")
+    return params.methods[method]
+
+
 def _set_dotted(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree

@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from resp.config import Params
+from resp.config import Params, declared_method
 from resp.generation import SamplingSpec
 from resp.lineage import check_dense_traces
 from resp.locking import run_dir_lock
@@ -131,9 +131,7 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
 
     Composes the steps of `resp.steps`, each run through `call(step, **kwargs)`. The dense traces
     must be this task's, made by this model; one writer per run directory."""
-    if method not in params.methods:
-        raise RecipeError(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
-                          f"(declared: {', '.join(params.methods)})")
+    declared_method(params, method, RecipeError)
     base = steps.base_model(params)
     check_dense_traces(params, task, method, dense_traces, base["key"])
     with run_dir_lock(out_dir):
