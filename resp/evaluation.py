@@ -33,9 +33,8 @@ from resp.artifacts import target_key, write_json
 from resp.config import EvaluationParams, Params
 from resp.generation import SamplingSpec, VllmEngine, generate, require_vllm
 from resp.importance import per_sample_mean_loss
-from resp.masks import Mask, MaskError, check_mask_fits
+from resp.masks import Mask, MaskedModel, MaskError, check_mask_fits
 from resp.models import load_model, model_identity
-from resp.masks import MaskedModel
 from resp.structures import Structures, structures_for
 from resp.tasks import EXTRACTORS, Item, extract_answer, is_correct, load_items, render_prompt
 from resp.traces import Trace, TraceSet, decode_only_batches

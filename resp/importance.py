@@ -12,7 +12,6 @@ each `.grad` is folded into its accumulator by a post-accumulate-grad hook and f
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -192,7 +191,7 @@ def load_scores(path: str | Path) -> tuple[UnitScores, dict]:
     if not path.is_file() or not meta.is_file():
         raise ImportanceError(f"scores {path} (or its manifest {meta.name}) not found: write them with `resp score`")
     tensors = load_file(str(path))
-    manifest = json.loads(meta.read_text())
+    manifest = artifacts.read_manifest(path)
     return UnitScores(tensors["attention"], tensors["channels"], manifest["n_samples"], manifest["n_tokens"],
                       manifest["mean_loss"]), manifest
 

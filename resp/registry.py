@@ -434,6 +434,21 @@ def _register_dense(client, experiment_id: str, base: dict) -> dict:
                            lineage, {"base_key": base["key"]}, {}, [], same_as=f"tags.base_key = '{base['key']}'")
 
 
+def _git_commit() -> dict:
+    """The commit of the checkout registering, and whether its code (resp/, flows/) has uncommitted changes.
+    The artifacts themselves record their code by content (`steps.code_record`)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        # only code counts: `dvc repro` itself rewrites dvc.lock and data/ while it runs
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "resp", "flows",
+                                     "pyproject.toml"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
 def mask_files(masks_dir: str | Path) -> dict[float, Path]:
     """The `sparsity-<t>.safetensors` masks in `masks_dir`, by target."""
     try:
@@ -673,21 +688,6 @@ def _dvc_command() -> str:
         raise RegistryError("the dvc command is not installed: `pip install dvc` (with your remote's extra, e.g. "
                             "'dvc[s3]'), then run `resp audit --fetch` again")
     return found
-
-
-def _git_commit() -> dict:
-    """The commit of the checkout registering, and whether its code (resp/, flows/) has uncommitted changes.
-    The artifacts themselves record their code by content (`steps.code_record`)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        # only code counts: `dvc repro` itself rewrites dvc.lock and data/ while it runs
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "resp", "flows",
-                                     "pyproject.toml"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:

@@ -88,10 +88,6 @@ def trace_record(path: str, **extra) -> dict:
     return {"path": path, "digest": traces.manifest["digest"], **extra, **traces.stats()}
 
 
-def _mask(path: str | None, s: Structures) -> Mask:
-    return Mask.dense(s) if path is None else Mask.load(path)[0]
-
-
 def _crossed(st: PruneState, milestones: list[float]) -> list[float]:
     return [m for m in milestones if m not in st.milestones_done and st.sparsity >= m - 1e-9]
 
@@ -121,7 +117,7 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
             st.saved[t] = steps.apply(scores, st.mask, t, _name(st, f"target-{t:.4f}"))
             st.saved_after[t] = len(st.trace_history)
     st.mask = steps.apply(scores, st.mask, points[k], _name(st, "mask"))
-    mask = _mask(st.mask, s)
+    mask = Mask.load(st.mask)[0]
     st.sparsity = mask.sparsity(s)
     st.step = k + 1
     entry = {"step": st.step, "target": points[k], "scored_sparsity": previous, "sparsity": st.sparsity,

@@ -292,12 +292,13 @@ def regenerate(params: Params, task: str, method: str, base: dict, mask: str, pr
 def baseline(params: Params, task: str, method: str, base: dict, calibration: str | None, out_dir: str) -> dict[str, str]:
     """Masks at every target of a one-shot scorer (Wanda-sp, OWL-sp, FLAP, magnitude, random)."""
     from resp.baselines import baseline_masks, has_output_bias
+    from resp.masks import Mask
     from resp.traces import TraceSet, decode_only_batches
 
     declared, p = params.methods[method], params.prune
     loaded = loaded_model(params, base)
     s = loaded.masked.s
-    loaded.masked.set(_load_mask(None, s))
+    loaded.masked.set(Mask.dense(s))
     batches = None
     if calibration is not None:
         batches = list(decode_only_batches(TraceSet.load(calibration).traces, params.importance.batch_size,
