@@ -442,7 +442,7 @@ def _owl_sp(model, s, targets, batches, options):
 def _flap(model, s, targets, batches, options):
     stats, _ = layer_by_layer(model, batches, s, desc="flap stats")
     masks = global_masks("flap", *flap_scores(model, s, stats), s, targets)
-    if has_output_bias(s):   # FLAP's compensation rides with each mask into evaluation and exports
+    if options["bias_compensation"]:   # FLAP's compensation rides with each mask into evaluation and exports
         for mask in masks.values():
             mask.biases = compensation_tensors(flap_bias_compensation(model, mask, stats, s), s)
     return masks
@@ -468,7 +468,7 @@ BASELINES: dict[str, BaselineFn] = {
 
 def baseline_masks(scorer: str, model, structures: Structures, targets: list[float], batches: list[dict] | None,
                    seed: int = 0, normalize: str = "paper", owl_outlier_m: float = 5.0,
-                   owl_lambda: float = 0.08) -> dict[float, Mask]:
+                   owl_lambda: float = 0.08, bias_compensation: bool = True) -> dict[float, Mask]:
     """Masks of baseline `scorer` for every target (keys: the targets). `batches` (from
     `decode_only_batches`, as a list) calibrate wanda_sp, owl_sp and flap; magnitude and random
     take none."""
@@ -480,13 +480,9 @@ def baseline_masks(scorer: str, model, structures: Structures, targets: list[flo
         raise BaselineError(f"scorer {scorer!r} needs calibration batches: declare calibration self, gold or generic for it")
     if scorer not in CALIBRATED and batches:
         raise BaselineError(f"scorer {scorer!r} reads no calibration data: declare calibration none for it")
-    options = {"seed": seed, "normalize": normalize, "owl_outlier_m": owl_outlier_m, "owl_lambda": owl_lambda}
+    options = {"seed": seed, "normalize": normalize, "owl_outlier_m": owl_outlier_m, "owl_lambda": owl_lambda,
+               "bias_compensation": bias_compensation}
     return BASELINES[scorer](model, structures, targets, batches, options)
-
-
-def has_output_bias(s: Structures) -> bool:
-    """Whether FLAP's compensation has a bias to go into (o_proj or down_proj biases)."""
-    return s.o_bias or s.mlp_bias
 
 
 def flap_bias_compensation(model, mask: Mask, stats: InputStats, s: Structures) -> dict[int, dict[str, torch.Tensor]]:
@@ -507,12 +503,12 @@ def flap_bias_compensation(model, mask: Mask, stats: InputStats, s: Structures) 
 
 
 def compensation_tensors(biases: dict[int, dict[str, torch.Tensor]], s: Structures) -> dict[str, torch.Tensor]:
-    """`flap_bias_compensation`'s per-layer vectors as a mask's bias tensors (float32 [L, hidden]),
-    for the projections that have a bias to add them to."""
-    present = [name for name, has in (("o_proj", s.o_bias), ("down_proj", s.mlp_bias)) if has]
-    tensors = {name: torch.zeros(s.num_layers, s.hidden_size, dtype=torch.float32) for name in present}
+    """`flap_bias_compensation`'s per-layer vectors as a mask's bias tensors (float32 [L, hidden]) for
+    o_proj and down_proj. Where the architecture has no such bias, applying the mask creates one (as
+    FLAP's own modeling file gives LLaMA's o_proj/down_proj a bias)."""
+    tensors = {name: torch.zeros(s.num_layers, s.hidden_size, dtype=torch.float32) for name in ("o_proj", "down_proj")}
     for layer, per_proj in biases.items():
-        for name in present:
+        for name in tensors:
             tensors[name][layer] = per_proj[name].to(torch.float32)
     return tensors
 

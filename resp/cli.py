@@ -589,3 +589,24 @@ def schedule_command(
                    "runs start while `resp schedule --serve` runs")
     else:
         typer.echo("serve it with `resp schedule --serve` (set PREFECT_API_URL to keep it on a Prefect server)")
+
+
+@app.command("study")
+def study_command(
+    report_only: Annotated[bool, typer.Option("--report-only", help="analyse the finished cells; run nothing")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", help="run at most this many new cells, then analyse")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """The study: every study.methods x study.tasks x study.seeds cell (resumable), then the analysis
+    (intervals over seeds and items) in study.dir: results.md, metrics.json, plots/."""
+    from resp.study import run_study
+    from resp.study_report import write_study_report
+
+    with user_errors():
+        p = load_params(params, overrides)
+        if not report_only:
+            _early_checks(p)
+            run_study(p, limit)
+        written = write_study_report(p)
+    typer.echo(f"study report: {written}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -133,26 +133,33 @@ class ImportanceParams(Strict):
     grads_only_scored: bool    # requires_grad only on the scored projections
 
 
+def sparsities(values: list[float]) -> list[float]:
+    """A list of sparsity fractions: each in (0, 1), none repeated, ascending."""
+    for v in values:
+        if not 0 < v < 1:
+            raise ValueError(f"sparsity {v} is outside (0, 1): use a fraction such as 0.4")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{values} repeats a value: list each sparsity once")
+    if values != sorted(values):
+        raise ValueError(f"{values} must be sorted ascending")
+    return values
+
+
 class PruneParams(Strict):
     attention_unit: Literal["query_head", "kv_group"]
     steps: int = Field(gt=0)
     targets: list[float]
     milestones: list[float]
     protected_layers: list[int] | None   # None: first floor(0.1*L) layers and the last
-    drift_threshold: float = Field(gt=0)  # regenerate: drift -> regenerate when the traces' loss rose this much (nats/token)
+    # regenerate: drift -> regenerate when the traces' loss rose by this fraction of the dense
+    # calibration traces' own loss under the dense model (relative, so it scales with the model)
+    drift_threshold: float = Field(gt=0)
     seed: int
 
     @field_validator("targets", "milestones")
     @classmethod
     def _fractions(cls, values: list[float]) -> list[float]:
-        for v in values:
-            if not 0 < v < 1:
-                raise ValueError(f"sparsity {v} is outside (0, 1): use a fraction such as 0.4")
-        if len(set(values)) != len(values):
-            raise ValueError(f"{values} repeats a value: list each sparsity once")
-        if values != sorted(values):
-            raise ValueError(f"{values} must be sorted ascending")
-        return values
+        return sparsities(values)
 
     @model_validator(mode="after")
     def _targets(self):
@@ -197,6 +204,10 @@ class MethodParams(Strict):
     regenerate: Literal["none", "milestones", "drift"] = "none"   # milestones: at prune.milestones; drift: past prune.drift_threshold
     verify_select: bool = False                # at each regeneration, branch refresh vs keep and keep the better
     trace_filter: Literal["none", "correct", "correct_or_agree"] = "none"
+    # fresh: each regeneration samples with its own random stream (the paper's `generate`);
+    # common: every regeneration reuses the dense traces' per-prompt streams (common random numbers)
+    regeneration_stream: Literal["fresh", "common"] = "fresh"
+    bias_compensation: bool = True   # flap: add W[:, removed] @ mean(x[removed]) to output biases (created if absent)
 
     @model_validator(mode="after")
     def _combination(self):
@@ -211,6 +222,11 @@ class MethodParams(Strict):
                              "(scorer: taylor, calibration: self or self_selected)")
         if self.verify_select and self.regenerate != "milestones":
             raise ValueError("verify_select branches at regeneration milestones: set regenerate: milestones")
+        if self.regeneration_stream != "fresh" and self.regenerate == "none":
+            raise ValueError("regeneration_stream only matters when traces are regenerated: set regenerate: "
+                             "milestones or drift, or drop regeneration_stream")
+        if not self.bias_compensation and self.scorer != "flap":
+            raise ValueError("bias_compensation is FLAP's: only scorer: flap reads it; drop it from this method")
         if self.trace_filter != "none" and not iterative_self:
             raise ValueError("trace_filter keeps self-generated traces by their answers: it needs scorer: taylor "
                              "with calibration: self or self_selected")
@@ -230,6 +246,37 @@ class ReportParams(Strict):
     bootstrap_samples: int = Field(ge=100)
     confidence: float = Field(gt=0, lt=1)
     seed: int
+
+
+class StudyParams(Strict):
+    """The study (method.md, "The study"): every method x task x calibration seed, resumable cell by cell."""
+    dir: str                       # committed: study.json, cells/, dense/, results.md, metrics.json, plots/
+    work_dir: str                  # not committed: trace sets, run directories, the evaluation cache
+    seeds: list[StrictInt]         # calibration seeds: each sets calibration.seed, generation.seed and prune.seed
+    tasks: list[str]
+    methods: list[str]             # data-free deterministic methods (magnitude) run once and count for every seed
+    targets: list[float]
+    num_items: int = Field(gt=0)   # evaluation items per task (greedy, and `samples` sampled completions each)
+    samples: int = Field(ge=0)
+    reference: str                 # differences are stated against this method
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("seeds is empty: give at least one calibration seed, e.g. [0, 1, 2]")
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds {seeds} repeat {repeated}: a repeated seed would count one calibration twice; "
+                             "list each seed once")
+        return seeds
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, values: list[float]) -> list[float]:
+        if not values:
+            raise ValueError("targets is empty: give at least one parameter sparsity, e.g. [0.4]")
+        return sparsities(values)
 
 
 class RunParams(Strict):
@@ -290,6 +337,7 @@ class Params(Strict):
     schedule: ScheduleParams
     scale: ScaleParams
     flow: FlowParams
+    study: StudyParams
 
     @model_validator(mode="after")
     def _task_names(self):
@@ -300,6 +348,11 @@ class Params(Strict):
         if undeclared:
             raise ValueError(f"run.methods names undeclared methods {undeclared}; declare them under `methods` "
                              f"(declared: {', '.join(self.methods)})")
+        unknown = [t for t in self.study.tasks if t not in self.tasks]
+        undeclared = [m for m in [*self.study.methods, self.study.reference] if m not in self.methods]
+        if unknown or undeclared:
+            raise ValueError(f"study names unknown tasks {unknown} / undeclared methods {undeclared}; "
+                             "declare them under `tasks` / `methods`")
         named = [self.report.reference, self.report.no_regeneration, *self.report.ablations, self.report.drift_triggered]
         undeclared = [m for m in named if m not in self.methods]
         if undeclared:

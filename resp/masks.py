@@ -70,6 +70,17 @@ class Mask:
         pruned = int((~self.attention_units(s)).sum()) + int((~self.channels).sum())
         return pruned / total
 
+    def composition(self, s: Structures) -> dict:
+        """What the mask removed: query heads, dead KV groups (every query head gone) and MLP channels,
+        in total and per layer, so methods that differ in allocation are not read as differing in data."""
+        heads = (~self.heads).sum(dim=1).tolist()
+        kv_dead = (~self.kv_alive(s)).sum(dim=1).tolist()
+        channels = (~self.channels).sum(dim=1).tolist()
+        return {"heads_pruned": sum(heads), "heads_total": s.num_layers * s.num_heads,
+                "kv_groups_dead": sum(kv_dead), "kv_groups_total": s.num_layers * s.num_kv_heads,
+                "channels_pruned": sum(channels), "channels_total": s.num_layers * s.intermediate_size,
+                "per_layer": {"heads_pruned": heads, "kv_groups_dead": kv_dead, "channels_pruned": channels}}
+
     def kept_per_layer(self) -> list[dict]:
         return [{"heads": int(h.sum()), "channels": int(c.sum())}
                 for h, c in zip(self.heads, self.channels)]
@@ -123,7 +134,8 @@ def check_mask_fits(mask: Mask, s: Structures, meta: dict | None = None, model_k
 @torch.no_grad()
 def apply_mask(model, mask: Mask, s: Structures) -> None:
     """Zero the weights of pruned units in place (the masked model keeps stock shapes) and add the
-    mask's bias compensation, if it has one, to the output biases (apply such a mask to dense weights once)."""
+    mask's bias compensation, if it has one, to the output biases, creating them where the model has
+    none (apply such a mask to dense weights once)."""
     adapter = adapter_for(model.config)
     hd = s.head_dim
     kv_alive = mask.kv_alive(s)
@@ -150,9 +162,9 @@ def apply_mask(model, mask: Mask, s: Structures) -> None:
             adapter.down_proj(layer).weight[:, dead] = 0
         for name, deltas in (mask.biases or {}).items():
             proj = getattr(adapter, name)(layer)
-            if proj.bias is None:
-                raise MaskError(f"the mask carries bias compensation for {name}, but this model's {name} has no bias: "
-                                "it was made for a model with output biases")
+            if proj.bias is None:   # FLAP's compensation needs a bias: create it, as FLAP's modeling code does
+                proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype,
+                                                           device=proj.weight.device))
             proj.bias += deltas[i].to(proj.bias.dtype).to(proj.bias.device)
 
 
@@ -224,5 +236,8 @@ class MaskedModel:
                 for name, p in self.model.named_parameters():
                     if name in self.dense:
                         p.copy_(self.dense[name])
+            for name, module in self.model.named_modules():   # biases an earlier mask created go again
+                if getattr(module, "bias", None) is not None and f"{name}.bias" not in self.dense:
+                    module.bias = None
         apply_mask(self.model, mask, self.s)
         return self.model

@@ -73,11 +73,6 @@ def make_traces(params: Params, task: str, split: str, limit: int | None, out: s
     return Path(out)
 
 
-def method_label(method: str, scorer: str, mask: Mask) -> str:
-    """The name a results table shows: FLAP without its bias compensation says so."""
-    return f"{method} (no bias)" if scorer == "flap" and not mask.biases else method
-
-
 def selected_self_traces(params: Params, task: str, model, tokenizer, base: dict) -> TraceSet:
     """calibration: self_selected: sample `select_candidates` calibration prompts `select_samples`
     times each from the dense model and keep `num_prompts` challenging, moderately long traces."""

@@ -9,7 +9,8 @@ regenerated before scoring once the measured sparsity has crossed a milestone (`
 milestones`, once per milestone), or when the trace drift exceeds a threshold (`regenerate:
 drift`): drift is the rise of the decode-only loss of the current traces under the current
 pruned model (the loss the scoring pass computes anyway) over its value right after the
-traces were made; the step is then scored again on the fresh traces. Every step logs that
+traces were made, past `drift_threshold` times the dense traces' own loss under the dense model
+(the first step's loss); the step is then scored again on the fresh traces. Every step logs that
 loss, so drift is measured for every method. Masks are kept at each target sparsity.
 
 The loop holds no model and no tensors across steps, only paths and a few numbers, so a
@@ -69,6 +70,7 @@ class PruneState:
     log: list[dict] = field(default_factory=list)
     regenerations: int = 0
     reference_loss: float | None = None   # loss of the current traces when they were made (drift baseline)
+    dense_loss: float | None = None       # loss of the dense traces under the dense model (drift threshold's unit)
     regenerated: bool = False             # traces were regenerated since the last step
     branch: str = ""                      # output-name prefix of a verify_select branch
 
@@ -79,7 +81,7 @@ class ScheduleConfig:
     steps: int
     milestones: list[float]      # regenerate: milestones (empty: never at milestones)
     verify_select: bool
-    drift_threshold: float | None = None   # regenerate: drift (None: never on drift)
+    drift_threshold: float | None = None   # regenerate: drift, as a fraction of the dense loss (None: never on drift)
 
 
 def trace_record(path: str, **extra) -> dict:
@@ -104,9 +106,11 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
     scores, loss = steps.score(st.mask, st.traces, _name(st, "scores"))
     if st.reference_loss is None or st.regenerated:
         st.reference_loss = loss
+    if st.dense_loss is None:
+        st.dense_loss = loss
     drift = loss - st.reference_loss
     drifted = None
-    if cfg.drift_threshold is not None and regenerate and drift > cfg.drift_threshold:
+    if cfg.drift_threshold is not None and regenerate and drift > cfg.drift_threshold * st.dense_loss:
         drifted = drift
         _regenerate(st, steps, f"drift-step{st.step:04d}")
         scores, loss = steps.score(st.mask, st.traces, _name(st, "scores-regenerated"))
@@ -123,6 +127,8 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
     entry = {"step": st.step, "target": points[k], "scored_sparsity": previous, "sparsity": st.sparsity,
              "structure_ratio": mask.structure_ratio(s), "loss": loss, "drift": drift,
              "regenerated": st.regenerated or drifted is not None, "traces": st.traces, "kept": mask.kept_per_layer()}
+    if cfg.drift_threshold is not None:
+        entry["drift_threshold_nats"] = cfg.drift_threshold * st.dense_loss
     if drifted is not None:
         entry["drift_before_regeneration"] = drifted
     st.regenerated = False

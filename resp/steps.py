@@ -62,7 +62,7 @@ STEPS: dict[str, StepDeclaration] = {
                               "methods.{method}"), "resp.steps"),
     "apply": StepDeclaration(("model", "importance.normalize", "prune.attention_unit", "prune.protected_layers"),
                              "resp.steps"),
-    "regenerate": StepDeclaration(("model", "tasks.{task}", "generation", "export.channel_multiple",
+    "regenerate": StepDeclaration(("model", "tasks.{task}", "generation", "methods.{method}", "export.channel_multiple",
                                    "scale.vllm_gpu_memory_utilization"), "resp.steps"),
     "baseline": StepDeclaration(PRUNE_SECTIONS, "resp.steps"),
     "write_run": StepDeclaration(PRUNE_SECTIONS, "resp.steps"),
@@ -256,6 +256,16 @@ def apply(params: Params, base: dict, scores: str, mask: str | None, sparsity: f
     return str(pruned.save(out, {"kind": "step", "scores": scores, "target": sparsity}))
 
 
+def regeneration_seed(seed: int, stream: str, tag: str) -> int:
+    """The base seed of a regeneration (prompt i samples from base + i). `common` reuses the dense
+    traces' `seed`, so a regenerated trace shares its random numbers with the dense one (common random
+    numbers, a variance-reduction choice); `fresh` (the paper's) moves each regeneration, named by its
+    unique `tag` within the run, to a stream of its own, 2**32 apart from the dense streams."""
+    if stream == "common":
+        return seed
+    return seed + (int(artifacts.json_digest({"regeneration": tag})[:7], 16) + 1) * 2**32
+
+
 def regenerate(params: Params, task: str, method: str, base: dict, mask: str, prompts: str, tag: str,
                out: str) -> str:
     """Traces of the model under `mask` on the prompts the `prompts` trace file answers."""
@@ -275,10 +285,13 @@ def regenerate(params: Params, task: str, method: str, base: dict, mask: str, pr
 
         model_dir = str(export_model(loaded.model, loaded.tokenizer, m, loaded.masked.s, "masked",
                                      Path(out).parent.parent / "masked" / tag, params.export.channel_multiple))
+    stream = params.methods[method].regeneration_stream
+    seed = regeneration_seed(params.generation.seed, stream, tag)
     new = self_generated_traces(loaded.model, loaded.tokenizer, items, t.format, sampling_spec(params),
-                                params.generation.batch_size, params.generation.seed,
+                                params.generation.batch_size, seed,
                                 {**run_manifest(params, task, method, base), "mask_digest": m.digest(),
-                                 "prompt_ids": [i.id for i in items], "regeneration": tag}, desc=f"regenerate {tag}",
+                                 "prompt_ids": [i.id for i in items], "regeneration": tag,
+                                 "regeneration_stream": stream}, desc=f"regenerate {tag}",
                                 backend=params.generation.backend, model_dir=model_dir,
                                 gpu_memory_utilization=params.scale.vllm_gpu_memory_utilization)
     check_usable(new, f"regenerated traces ({tag})", allow_truncated=True)
@@ -291,7 +304,7 @@ def regenerate(params: Params, task: str, method: str, base: dict, mask: str, pr
 
 def baseline(params: Params, task: str, method: str, base: dict, calibration: str | None, out_dir: str) -> dict[str, str]:
     """Masks at every target of a one-shot scorer (Wanda-sp, OWL-sp, FLAP, magnitude, random)."""
-    from resp.baselines import baseline_masks, has_output_bias
+    from resp.baselines import baseline_masks
     from resp.masks import Mask
     from resp.traces import TraceSet, decode_only_batches
 
@@ -305,10 +318,10 @@ def baseline(params: Params, task: str, method: str, base: dict, calibration: st
                                            loaded.tokenizer.pad_token_id))
     b = params.baselines
     masks = baseline_masks(declared.scorer, loaded.model, s, p.targets, batches, p.seed, params.importance.normalize,
-                           b.owl_outlier_m, b.owl_lambda)
-    if declared.scorer == "flap" and not has_output_bias(s):
-        log.info("flap: the model has no o_proj/down_proj bias, so FLAP's bias compensation has nowhere to go: "
-                 "reported as flap (no bias)")
+                           b.owl_outlier_m, b.owl_lambda, declared.bias_compensation)
+    if declared.scorer == "flap" and declared.bias_compensation and not (s.o_bias and s.mlp_bias):
+        log.info("flap: bias compensation goes into o_proj/down_proj biases this architecture lacks: they are created "
+                 "when a mask is applied and carried by the compact export (a masked export refuses such a mask)")
     return {artifacts.target_key(t): str(masks[t].save(Path(out_dir) / "steps" / "baseline" /
                                                        f"{artifacts.target_name(t)}.safetensors", {"kind": "step"}))
             for t in p.targets}
@@ -326,10 +339,9 @@ def write_run(params: Params, task: str, method: str, base: dict, record: dict, 
     `record`: {"saved": {target key: mask file}, "trace_sets": [...], "used_by": {target key: n},
     "steps": [...]}."""
     from resp.masks import Mask
-    from resp.recipe import method_label
     from resp.traces import TraceSet
 
-    declared, p = params.methods[method], params.prune
+    p = params.prune
     s = _structures(params, base)
     history = record["trace_sets"]
     first = TraceSet.load(history[0]["path"]) if history else None
@@ -342,7 +354,7 @@ def write_run(params: Params, task: str, method: str, base: dict, record: dict, 
                     "protected_layers": list(s.protected), "kept_per_layer": mask.kept_per_layer(),
                     "trace_sets": history[:record["used_by"][key]],
                     "prompt_ids_digest": first.prompt_ids_digest() if first is not None else None,
-                    "label": method_label(method, declared.scorer, mask)}
+                    "label": method}
         written[key] = str(mask.save(artifacts.mask_file(Path(out_dir) / "masks", target), manifest))
         log.info("%s %s: mask at target %.2f has parameter sparsity %.4f, structure ratio %.4f -> %s",
                  method, task, target, manifest["sparsity"], manifest["structure_ratio"], written[key])

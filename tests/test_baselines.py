@@ -275,7 +275,7 @@ def assert_lowest_pruned(mask: Mask, previous: Mask, attention, channels, s) -> 
 def test_flap_ranking_equals_a_brute_force_per_column_computation(family, unit):
     model = MAKERS[family]()
     s = structures_for(model, unit)
-    masks = baseline_masks("flap", model, s, TARGETS, calibration())
+    masks = baseline_masks("flap", model, s, TARGETS, calibration(), bias_compensation=False)
     attention, channels = brute_force_flap(model, s)
     previous = Mask.dense(s)
     for target in TARGETS:
@@ -623,13 +623,52 @@ def test_flap_masks_carry_bias_compensation_into_evaluation_and_compact_exports(
     torch.testing.assert_close(compact(ids).logits, by_hand(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="keep_dense=True"):
         MaskedModel(copy.deepcopy(dense), s, keep_dense=False).set(loaded)
-    with pytest.raises(MaskError, match="bias compensation for .*_proj, but this model's .*_proj has no bias"):
-        apply_mask(make_llama(), loaded, s)
 
 
-def test_flap_without_output_biases_carries_none(tiny_qwen3):
+def test_flap_nobias_carries_no_compensation(tiny_qwen3):
     s = structures_for(tiny_qwen3, "query_head")
-    assert all(m.biases is None for m in baseline_masks("flap", tiny_qwen3, s, [0.2], calibration()).values())
+    with_bias = baseline_masks("flap", tiny_qwen3, s, [0.2], calibration())[0.2]
+    without = baseline_masks("flap", tiny_qwen3, s, [0.2], calibration(), bias_compensation=False)[0.2]
+    assert without.biases is None and sorted(with_bias.biases) == ["down_proj", "o_proj"]
+    # the compensation changes no pruning decision, only what is added back
+    assert torch.equal(without.heads, with_bias.heads) and torch.equal(without.channels, with_bias.channels)
+
+
+@torch.no_grad()
+def test_flap_compensation_on_a_model_without_output_biases_creates_them(tmp_path):
+    """Qwen3 has no o_proj/down_proj bias: applying a compensated mask creates them (FLAP's own
+    modeling code gives LLaMA these biases), the compact export carries them with its smaller
+    shapes and the same logits, the masked export refuses, and re-setting another mask removes them."""
+    from resp.checkpoints.compact import compact_model
+    from resp.checkpoints.masked import masked_model
+    from resp.checkpoints.slicing import ExportError
+    from resp.masks import MaskedModel
+
+    dense = make_qwen3()
+    s = structures_for(dense, "query_head")
+    stats = calibration_stats(dense, s)
+    mask = baseline_masks("flap", dense, s, [0.3], calibration())[0.3]
+    expected = flap_bias_compensation(dense, mask, stats, s)
+    by_hand = copy.deepcopy(dense)
+    apply_mask(by_hand, Mask(mask.heads, mask.channels), s)
+    info = apply_bias_compensation(by_hand, expected, add_bias=True)
+    assert info["created"] == info["applied"] == [f"{i}.{p}" for i in sorted(expected) for p in ("o_proj", "down_proj")]
+    masked = MaskedModel(copy.deepcopy(dense), s, keep_dense=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model = masked.set(mask)
+    torch.testing.assert_close(model(ids).logits, by_hand(ids).logits)
+    no_comp = Mask(mask.heads, mask.channels)
+    model = masked.set(no_comp)   # the created biases go with the mask that made them
+    assert all(layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in model.model.layers)
+    plain = copy.deepcopy(dense)
+    apply_mask(plain, no_comp, s)
+    torch.testing.assert_close(model(ids).logits, plain(ids).logits)
+    compact, _ = compact_model(dense, mask, s)
+    assert compact.config.o_bias and compact.config.down_bias and not compact.config.mlp_bias
+    torch.testing.assert_close(compact(ids).logits, by_hand(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ExportError, match="FLAP bias compensation for o_proj/down_proj, which this model's stock config "
+                                          "has no bias for: export it with --format compact"):
+        masked_model(dense, mask, s)
 
 
 def test_a_compensated_mask_refuses_the_uniform_export():

@@ -55,8 +55,8 @@ def test_same_params_same_masks(tiny_params, dense_traces, tmp_path):
     assert summaries[0] == summaries[1] and "seconds" not in summaries[0]
 
 
-@pytest.mark.parametrize("method", ["resp_noregen", "gisp", "generic", "wanda_sp", "owl_sp", "flap", "magnitude",
-                                    "random", "wanda_sp_self"])
+@pytest.mark.parametrize("method", ["resp_noregen", "gisp", "generic", "wanda_sp", "owl_sp", "flap", "flap_nobias",
+                                    "magnitude", "random", "wanda_sp_self"])
 def test_every_method_writes_masks_at_targets(tiny_params, dense_traces, tmp_path, method):
     declared = tiny_params.methods[method]
     written = prune(tiny_params, "arith", method, tmp_path / method,
@@ -69,7 +69,8 @@ def test_every_method_writes_masks_at_targets(tiny_params, dense_traces, tmp_pat
         mask, meta = Mask.load(path)
         assert meta["method"] == method and meta["sparsity"] >= target
         assert meta["declaration"] == declared.model_dump()
-        assert meta["label"] == ("flap (no bias)" if method == "flap" else method)
+        assert meta["label"] == method
+        assert (mask.biases is not None) == (method == "flap")   # FLAP carries its compensation
     if declared.calibration == "self":   # calibrated on the dense traces themselves, not a copy
         assert summary["trace_sets"][0]["digest"] == TraceSet.load(dense_traces).manifest["digest"]
     elif declared.calibration != "none":
@@ -142,7 +143,8 @@ def test_every_scorer_runs_on_every_calibration_source(tiny_params, dense_traces
     used = TraceSet.load(meta["trace_sets"][0]["path"]).manifest
     assert used["kind"] == {"self": "self_generated", "gold": "gold", "generic": "text"}[calibration]
     assert meta["declaration"] == {"scorer": scorer, "calibration": calibration, "regenerate": "none",
-                                   "verify_select": False, "trace_filter": "none"}
+                                   "verify_select": False, "trace_filter": "none", "regeneration_stream": "fresh",
+                                   "bias_compensation": True}
 
 
 def test_selective_calibration_keeps_challenging_traces_and_regenerates_their_prompts(tiny_params, tmp_path):

@@ -269,8 +269,10 @@ class Drifting(Fake):
 def test_drift_triggered_regeneration_fires_exactly_past_the_threshold(tmp_path):
     s = structures_for(make_qwen3(), "query_head", None)
     fake = Drifting(s, tmp_path)
-    cfg = ScheduleConfig([0.2, 0.4], 8, [], False, drift_threshold=0.12)
+    # the threshold is relative to the dense traces' own loss (0.5 here): 0.24 * 0.5 = 0.12 nats/token
+    cfg = ScheduleConfig([0.2, 0.4], 8, [], False, drift_threshold=0.24)
     st = run(tmp_path, fake, s, cfg)
+    assert all(e["drift_threshold_nats"] == pytest.approx(0.12) for e in st.log)
     # drift rises 0.05 per step: past 0.12 at the third step after each regeneration (scored at ~0.15, ~0.30)
     assert [tag for tag, _ in fake.regens] == ["drift-step0003", "drift-step0006"]
     assert st.regenerations == 2 and fake.calls == 8 + 2     # a regenerated step is scored again

@@ -33,7 +33,9 @@ def compact_plan(mask: Mask, s: Structures) -> list[LayerPlan]:
     return plans
 
 
-def compact_config(base, plans: list[LayerPlan], s: Structures) -> RespCompactConfig:
+def compact_config(base, plans: list[LayerPlan], s: Structures, compensated: tuple[str, ...] = ()) -> RespCompactConfig:
+    """The compact model's config; `compensated` names the projections a mask's bias compensation
+    gives a bias (o_proj, down_proj) even where the base model has none."""
     sliding_window = getattr(base, "sliding_window", None)
     layer_types = getattr(base, "layer_types", None) or [
         "sliding_attention" if sliding_window else "full_attention"] * s.num_layers
@@ -50,8 +52,9 @@ def compact_config(base, plans: list[LayerPlan], s: Structures) -> RespCompactCo
         rms_norm_eps=base.rms_norm_eps,
         qk_norm=adapter_for(base).has_qk_norm,
         qkv_bias=s.qkv_bias,
-        o_bias=s.o_bias,
+        o_bias=s.o_bias or "o_proj" in compensated,
         mlp_bias=s.mlp_bias,
+        down_bias="down_proj" in compensated,
         tie_word_embeddings=base.tie_word_embeddings,
         rope_parameters=dict(base.rope_parameters),
         layer_types=list(layer_types),
@@ -71,4 +74,5 @@ def compact_model(model, mask: Mask, s: Structures) -> tuple[RespCompactForCausa
         raise ExportError("the mask prunes every attention head of every layer: a compact model needs one layer "
                           "with attention; protect a layer or lower the sparsity")
     state = sliced_state_dict(model, plans, s, mask.biases)
-    return build_from_state_dict(RespCompactForCausalLM, compact_config(model.config, plans, s), state, model), plans
+    config = compact_config(model.config, plans, s, tuple(mask.biases or ()))
+    return build_from_state_dict(RespCompactForCausalLM, config, state, model), plans

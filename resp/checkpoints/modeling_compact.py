@@ -49,6 +49,7 @@ class RespCompactConfig(PreTrainedConfig):
     qkv_bias: bool = False         # Qwen2: biases on q/k/v projections
     o_bias: bool = False
     mlp_bias: bool = False
+    down_bias: bool = False        # a down_proj bias without gate/up biases (FLAP's bias compensation)
     use_cache: bool = True
     tie_word_embeddings: bool = False
     rope_parameters: RopeParameters | dict | None = None
@@ -99,7 +100,7 @@ class RespCompactMLP(nn.Module):
         width = config.layer_intermediate_sizes[layer_idx]
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)  # [width, hidden]
         self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)    # [width, hidden]
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)  # [hidden, width]
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias or config.down_bias)  # [hidden, width]
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def _head_rows(heads: list[int], head_dim: int, device) -> torch.Tensor:
 def sliced_state_dict(model, plans: list[LayerPlan], s: Structures,
                       biases: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict with q/k/v/o and MLP tensors of every layer cut to `plans`, plus a
-    mask's bias compensation ({"o_proj"|"down_proj": [L, hidden]}) added to those output biases."""
+    mask's bias compensation ({"o_proj"|"down_proj": [L, hidden]}) added to those output biases
+    (which become the compensation alone where the model has none)."""
     adapter = adapter_for(model.config)
     names = {module: name for name, module in model.named_modules()}
     state = dict(model.state_dict())
@@ -70,11 +71,10 @@ def sliced_state_dict(model, plans: list[LayerPlan], s: Structures,
             state[f"{names[module]}.weight"] = module.weight.index_select(dim, index)
             if module.bias is not None and dim == 0:  # an output bias follows the rows; o/down biases stay whole
                 state[f"{names[module]}.bias"] = module.bias.index_select(0, index)
-        for name, deltas in (biases or {}).items():
+        for name, deltas in (biases or {}).items():   # a model without the bias gets one (the config says so)
             module = getattr(adapter, name)(layer)
-            if module.bias is None:
-                raise ExportError(f"the mask carries bias compensation for {name}, but the model's {name} has no bias")
-            state[f"{names[module]}.bias"] = module.bias + deltas[i].to(module.bias.dtype).to(device)
+            delta = deltas[i].to(module.weight.dtype).to(device)
+            state[f"{names[module]}.bias"] = delta if module.bias is None else module.bias + delta
     return state
 
 
