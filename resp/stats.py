@@ -57,3 +57,25 @@ def paired_difference(a, b, samples: int, confidence: float, seed: int) -> tuple
     if a.shape != b.shape:
         raise ValueError(f"paired difference needs the same items (and seeds): shapes {a.shape} and {b.shape} differ")
     return _interval(item_values(a) - item_values(b), samples, confidence, seed)
+
+
+def cluster_bootstrap(values, samples: int, confidence: float, seed: int) -> tuple[float, float, float]:
+    """(mean, low, high) of the mean of `values` (seeds x items), resampling seeds with replacement and
+    then, within each drawn seed, items with replacement (a two-stage cluster bootstrap): the interval
+    covers which calibration traces were drawn as well as which test items. For a paired difference
+    pass the per-(seed, item) differences. One seed reduces to the item bootstrap of that seed."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or 0 in values.shape:
+        raise ValueError(f"values must be seeds x items with at least one of each, not shape {values.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, not {confidence}")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, not {samples}")
+    n_seeds, n_items = values.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, n_seeds, size=(samples, n_seeds))
+    items = rng.integers(0, n_items, size=(samples, n_seeds, n_items))
+    means = values[seeds[..., None], items].mean(axis=(1, 2))
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(values.mean()), float(low), float(high)

@@ -256,14 +256,20 @@ def apply(params: Params, base: dict, scores: str, mask: str | None, sparsity: f
     return str(pruned.save(out, {"kind": "step", "scores": scores, "target": sparsity}))
 
 
+FRESH_GAP = 2**20   # prompts a trace set may hold before a fresh stream could meet the dense streams
+
+
 def regeneration_seed(seed: int, stream: str, tag: str) -> int:
     """The base seed of a regeneration (prompt i samples from base + i). `common` reuses the dense
     traces' `seed`, so a regenerated trace shares its random numbers with the dense one (common random
     numbers, a variance-reduction choice); `fresh` (the paper's) moves each regeneration, named by its
-    unique `tag` within the run, to a stream of its own, 2**32 apart from the dense streams."""
+    unique `tag` within the run, to a stream of its own. torch's CPU generator keeps only the low 32 bits
+    of a seed, so the offset lives there: base = seed + 2**20 + (hash(tag) mod (2**32 - 2**21)) never
+    meets the dense streams seed..seed+2**20-1, and two regenerations of one run overlap only if their
+    hashes land within a trace set's size of each other (about n * N / 2**32 for n regenerations of N prompts)."""
     if stream == "common":
         return seed
-    return seed + (int(artifacts.json_digest({"regeneration": tag})[:7], 16) + 1) * 2**32
+    return seed + FRESH_GAP + int(artifacts.json_digest({"regeneration": tag}), 16) % (2**32 - 2 * FRESH_GAP)
 
 
 def regenerate(params: Params, task: str, method: str, base: dict, mask: str, prompts: str, tag: str,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from resp.stats import bootstrap_interval, item_values, paired_difference, resample_indices
+from resp.stats import bootstrap_interval, item_values, paired_difference, resample_indices, cluster_bootstrap
 
 SAMPLES, CONFIDENCE, SEED = 2000, 0.95, 0
 
@@ -116,3 +116,30 @@ def test_pairing_narrows_the_interval_when_items_are_correlated():
     unpaired_low, unpaired_high = np.percentile(means_a - means_b, [2.5, 97.5])
     assert unpaired_low < 0 < unpaired_high     # unpaired: the same data show no effect
     assert high - low < (unpaired_high - unpaired_low) / 4
+
+
+def test_cluster_bootstrap_covers_the_spread_between_seeds():
+    # items agree within a seed, seeds disagree: every resample's mean is 0, 1/2 or 1 (P = 1/4, 1/2, 1/4),
+    # so the 95 % interval is [0, 1]; treating the 2 x 50 values as 100 independent items would give ~[0.4, 0.6]
+    values = np.array([[0.0] * 50, [1.0] * 50])
+    assert cluster_bootstrap(values, 2000, 0.95, 0) == (0.5, 0.0, 1.0)
+    pooled = bootstrap_interval(values.ravel(), 2000, 0.95, 0)
+    assert 0.35 < pooled[1] < pooled[2] < 0.65
+
+
+def test_cluster_bootstrap_with_identical_seeds_is_an_item_bootstrap():
+    row = np.array([1.0] * 30 + [0.0] * 70)
+    mean, low, high = cluster_bootstrap(np.stack([row, row, row]), 4000, 0.95, 0)
+    _, item_low, item_high = bootstrap_interval(row, 4000, 0.95, 0)
+    assert mean == pytest.approx(0.3)
+    # three copies of one seed are three independent item resamples: narrower by about sqrt(3)
+    assert (high - low) == pytest.approx((item_high - item_low) / np.sqrt(3), rel=0.15)
+    assert cluster_bootstrap(np.zeros((3, 5)), 100, 0.9, 1) == (0.0, 0.0, 0.0)
+    assert cluster_bootstrap(np.stack([row, 1 - row]), 500, 0.95, 7) == cluster_bootstrap(np.stack([row, 1 - row]), 500, 0.95, 7)
+
+
+def test_cluster_bootstrap_refuses_other_shapes():
+    with pytest.raises(ValueError, match=r"values must be seeds x items with at least one of each, not shape \(4,\)"):
+        cluster_bootstrap(np.zeros(4), 100, 0.95, 0)
+    with pytest.raises(ValueError, match=r"not shape \(0, 3\)"):
+        cluster_bootstrap(np.zeros((0, 3)), 100, 0.95, 0)

@@ -1,0 +1,35 @@
+"""resp.steps: what the step functions add to the composition tested in test_recipe (regeneration streams)."""
+
+from resp.recipe import make_traces, prune
+from resp.steps import regeneration_seed
+from resp.traces import TraceSet
+
+
+def test_common_streams_reuse_the_dense_seed_and_fresh_streams_get_their_own():
+    assert regeneration_seed(7, "common", "milestone-0.10") == 7
+    fresh = [regeneration_seed(7, "fresh", tag) for tag in ("milestone-0.10", "milestone-0.20", "drift-step0003")]
+    assert len(set(fresh)) == 3 and fresh == [regeneration_seed(7, "fresh", t) for t in
+                                              ("milestone-0.10", "milestone-0.20", "drift-step0003")]
+    # prompt i samples from base + i, and torch keeps a seed's low 32 bits: a fresh base and the 2**20 prompts
+    # after it stay clear of the dense streams 7 .. 7 + 2**20 - 1, modulo 2**32 too
+    assert all(7 + 2**20 <= f and f + 2**20 <= 7 + 2**32 for f in fresh)
+    assert regeneration_seed(8, "fresh", "milestone-0.10") == fresh[0] + 1
+
+
+def test_fresh_and_common_regeneration_differ_only_in_their_random_numbers(tiny_params, tmp_path):
+    # the tiny random model is peaked at T=0.6: sample hotter so that different streams give different tokens
+    tree = tiny_params.model_dump(mode="json")
+    tree["generation"].update(temperature=1.0, top_k=0, top_p=1.0)
+    tiny_params = type(tiny_params).model_validate(tree)
+    dense = make_traces(tiny_params, "arith", "train", None, tmp_path / "dense.jsonl")
+    prune(tiny_params, "arith", "resp", tmp_path / "fresh", str(dense))
+    prune(tiny_params, "arith", "resp_common", tmp_path / "common", str(dense))
+    fresh = TraceSet.load(tmp_path / "fresh" / "traces" / "milestone-0.05.jsonl")
+    common = TraceSet.load(tmp_path / "common" / "traces" / "milestone-0.05.jsonl")
+    assert common.manifest["sampling"]["seed"] == TraceSet.load(dense).manifest["sampling"]["seed"] == 0
+    assert fresh.manifest["sampling"]["seed"] == regeneration_seed(0, "fresh", "milestone-0.05")
+    assert (fresh.manifest["regeneration_stream"], common.manifest["regeneration_stream"]) == ("fresh", "common")
+    # both sampled the same prompts from the same pruned model (the first step is identical): only the streams differ
+    assert fresh.manifest["mask_digest"] == common.manifest["mask_digest"]
+    assert [t.prompt_id for t in fresh.traces] == [t.prompt_id for t in common.traces]
+    assert [t.completion_ids for t in fresh.traces] != [t.completion_ids for t in common.traces]
