@@ -234,7 +234,8 @@ def evaluate_masks(params: Params, task: str, method: str, mask_paths: dict[floa
         with _vllm_engine(params, model, tokenizer, mask, s) as engine:
             metrics = _evaluate_current(model, tokenizer, items, task_params.format, ev,
                                         heldout.traces if heldout else None, f"{method} {label}", engine)
-        results[label] = {**about, "sparsity": mask.sparsity(s), "structure_ratio": mask.structure_ratio(s), **metrics}
+        results[label] = {**about, "sparsity": mask.sparsity(s), "structure_ratio": mask.structure_ratio(s),
+                          "composition": mask.composition(s), **metrics}
         nll = metrics["nll"]["nll"] if metrics["nll"] else float("nan")
         sampled = metrics["sampled"] or {key: float("nan") for key in ACCURACY_KEYS}
         log.info("%s %s %s: sparsity %.4f, accuracy strict/flexible greedy %.4f/%.4f, sampled %.4f/%.4f, "

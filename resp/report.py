@@ -133,6 +133,7 @@ def _flat(result: dict, path: Path, label: str) -> dict:
         **{f"sampled_{key}": (sampled or {}).get(key)
            for key in (*ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate", "reflection_rate")},
         "nll": result["nll"]["nll"] if result["nll"] else None,
+        "composition": result.get("composition"),   # absent in metrics written before it was recorded
     }
 
 
@@ -376,6 +377,41 @@ def _grid(table: dict, tasks: list[str], methods: list[str], targets: list[float
     return _markdown_table(header, rows)
 
 
+def _without_per_layer(entries: dict) -> dict:
+    """metrics.json keeps composition totals; per-layer lists are for results.md (dvc metrics show wants numbers)."""
+    def strip(entry):
+        if not isinstance(entry, dict):
+            return entry
+        return {k: ({kk: vv for kk, vv in v.items() if kk != "per_layer"} if k == "composition" and v else
+                    strip(v) if isinstance(v, dict) else v) for k, v in entry.items()}
+    return strip(entries)
+
+
+def _composition_section(table: dict, tasks: list[str], methods: list[str], targets: list[float],
+                         names: dict[str, str]) -> list[str]:
+    """What each mask removed: heads / dead KV groups / MLP channels, in total and per layer at the last
+    target, so that a difference in allocation is not read as a difference in calibration data."""
+    def total(r):
+        c = r.get("composition")
+        return "-" if c is None else f"{c['heads_pruned']} / {c['kv_groups_dead']} / {c['channels_pruned']}"
+
+    lines = ["", "## What each mask removed: query heads / dead KV groups / MLP channels", ""]
+    lines += _grid(table, tasks, methods, targets, total, with_dense=False, names=names)
+    last = target_key(targets[-1])
+    for task in tasks:
+        rows = [(names[m], table[task][m][last].get("composition")) for m in methods]
+        rows = [(name, c) for name, c in rows if c is not None]
+        if not rows:
+            continue
+        layers = len(rows[0][1]["per_layer"]["heads_pruned"])
+        lines += ["", f"Per layer, {task} at {last} (heads / channels pruned):", ""]
+        lines += _markdown_table(["method"] + [f"L{i}" for i in range(layers)],
+                                 [[name] + [f"{h} / {ch}" for h, ch in zip(c["per_layer"]["heads_pruned"],
+                                                                           c["per_layer"]["channels_pruned"])]
+                                  for name, c in rows])
+    return lines
+
+
 def _sampling(ev: dict) -> str:
     """The sampled pass as the protocol states it (evaluation.samples/sample_seed, or sample_seeds)."""
     common = f"sampled at T={ev['temperature']}, top-p {ev['top_p']}, top-k {ev['top_k']}"
@@ -531,6 +567,7 @@ def results_markdown(table: dict, headers: dict, diffs: dict, summaries: dict, t
                    with_dense=True, names=names)
     lines += ["", "## Measured parameter sparsity (%)", ""]
     lines += _grid(table, tasks, methods, targets, lambda r: _pct(r["sparsity"]), with_dense=False, names=names)
+    lines += _composition_section(table, tasks, methods, targets, names)
 
     lines += _comparison_sections(table, diffs, summaries, tasks, methods, targets, names, params)
     lines += _drift_section(summaries, tasks, roles["drift"])
@@ -666,7 +703,7 @@ def write_report(metrics_dir: str | Path, out_dir: str | Path, tasks: list[str],
     summaries = {task: {m: load_summary(runs_dir, task, m) for m in roles["drift"]} for task in tasks}
     add_intervals(table, items, params)
     diffs = differences(table, items, tasks, methods, targets, params)
-    flat = {task: {**table[task],
+    flat = {task: {**_without_per_layer(table[task]),
                    "differences": {key: _flat_differences(entry) for key, entry in diffs[task].items()},
                    "regenerations": {m: len(s["trace_sets"]) - 1 for m, s in summaries[task].items()}}
             for task in tasks}

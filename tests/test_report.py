@@ -94,11 +94,20 @@ def summary(strict: float, flexible: float, tokens: float, truncation: float, sh
                          "reflection": ones(reflection, shift)}}
 
 
+def composition(sparsity: float) -> dict:
+    """A mask's composition as Mask.composition writes it, made up from the sparsity (2 layers)."""
+    heads, channels = round(20 * sparsity), round(1000 * sparsity)
+    return {"heads_pruned": heads, "heads_total": 16, "kv_groups_dead": heads // 4, "kv_groups_total": 8,
+            "channels_pruned": channels, "channels_total": 2000,
+            "per_layer": {"heads_pruned": [heads, 0], "kv_groups_dead": [heads // 4, 0],
+                          "channels_pruned": [channels - 7, 7]}}
+
+
 def result(sparsity, greedy, sampled, tokens, truncation, nll, bonus=FLEXIBLE_BONUS) -> dict:
     """One entry of `results` as resp.evaluation.evaluate_masks writes it."""
     samples = [{"sample": k, **summary(sampled, round(sampled + bonus, 4), tokens + 1, truncation / 2, shift=k)}
                for k in range(SAMPLES)]
-    return {"sparsity": sparsity, "structure_ratio": sparsity,
+    return {"sparsity": sparsity, "structure_ratio": sparsity, "composition": composition(sparsity),
             "greedy": summary(greedy, round(greedy + bonus, 4), tokens, truncation),
             "sampled": {**{key: samples[0][key] for key in ("accuracy_strict", "accuracy_flexible",
                                                             "mean_completion_tokens", "truncation_rate",
@@ -194,6 +203,7 @@ def test_files_and_sections(written):
         "## Mean completion length (tokens) / truncation rate (%), greedy",
         "## Self-checks and self-corrections",
         "## Measured parameter sparsity (%)",
+        "## What each mask removed: query heads / dead KV groups / MLP channels",
         "## RESP against the strongest baseline",
         "## Regeneration effect",
         "## Ablations of RESP",
@@ -728,3 +738,12 @@ def test_dvc_report_stage_reads_the_drift_summaries_of_the_run():
     for task in params.run.tasks:
         assert plots[f"drift_{task}"]["x"] == "step"
         assert plots[f"drift_{task}"]["y"] == {f"data/report/plots/drift_{task}.csv": [f"{m}_loss" for m in drift]}
+
+
+def test_mask_composition_section(written):
+    text = (written / "results.md").read_text()
+    section = text.split("## What each mask removed")[1].split("\n## ")[0]
+    # resp at 0.20 (sparsity 0.2012): 4 heads, 1 dead KV group, 201 channels; at 0.40: 8 / 2 / 400
+    assert "\n| resp | 4 / 1 / 201 | 8 / 2 / 400 |" in section
+    assert "Per layer, arith at 0.40 (heads / channels pruned):" in section
+    assert "\n| resp | 8 / 393 | 0 / 7 |" in section
