@@ -141,7 +141,7 @@ def main() -> None:
             dense = TraceSet.load(run["dense"]).traces
             prompt = sum(len(tr.prompt_ids) for tr in dense) / len(dense)
             completion = sum(len(tr.completion_ids) for tr in dense) / len(dense)
-            pred = predict_run(config, run["params"], METHOD, len(dense), prompt, completion, rates, (matmul, scored))
+            pred = predict_run(run["params"], METHOD, len(dense), prompt, completion, rates, (matmul, scored))
             w = run["wall"]["by_step"]
             checks.append({"seed": s, "schedule": name, "rates_source": (s, name) == (args.seeds[0], "paper"),
                            "predicted_score_s": pred.score_seconds, "measured_score_s": w["score"],

@@ -207,7 +207,7 @@ def schedule_passes(targets: list[float], steps: int, milestones: list[float], s
     return passes, regenerations
 
 
-def predict_run(config, params, method: str, prompts: int, prompt_tokens: float, completion_tokens: float,
+def predict_run(params, method: str, prompts: int, prompt_tokens: float, completion_tokens: float,
                 rates: Rates, parameters: tuple[int, int]) -> RunPrediction:
     """The run of `method` under `params` on `prompts` traces of the given mean lengths (module docstring).
     `parameters`: (P, parameters with a gradient) of the model (`matmul_params`-like counts)."""

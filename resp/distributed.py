@@ -77,6 +77,10 @@ def init_distributed(device: str) -> str:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DistributedError(f"model.device is {device} but CUDA is not available: set model.device=cpu (gloo)")
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"worker LOCAL_RANK {local_rank} has no CUDA device (this machine has "
+                                   f"{torch.cuda.device_count()}): start at most that many workers per node "
+                                   "(torchrun --nproc_per_node)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
         backend = "nccl"
