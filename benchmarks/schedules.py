@@ -103,7 +103,8 @@ def main() -> None:
     if "paper" not in args.schedules:
         parser.error("the comparison needs the paper schedule: add paper to --schedules")
 
-    from resp.cost import config_parameters, predict_run
+    from resp.cost import predict_run
+    from resp.memory import config_parameters
     from resp.stats import bootstrap_interval, paired_difference
     from resp.traces import TraceSet
 

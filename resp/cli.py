@@ -467,8 +467,8 @@ def cost_command(
     overrides: Overrides = None,
 ) -> None:
     """Predict a pruning run's GPU-hours from measured rates, split into scoring and generation (resp.cost)."""
-    from resp.cost import Rates, check_rates, config_parameters, load_rates, model_shape, predict_run
-    from resp.memory import load_config
+    from resp.cost import Rates, check_rates, load_rates, model_shape, predict_run
+    from resp.memory import config_parameters, load_config
 
     with user_errors():
         p = load_params(params, overrides)

@@ -233,11 +233,3 @@ def predict_run(params, method: str, prompts: int, prompt_tokens: float, complet
         score_seconds=score_tokens / rates.score_tokens_per_s,
         generate_seconds=generated / rates.generate_tokens_per_s)
 
-
-def config_parameters(config, attention_unit: str) -> tuple[int, int, int]:
-    """(all parameters, P, scored parameters) of a config, counted on a meta-device model."""
-    from resp.memory import parameter_counts
-
-    total, scored, _ = parameter_counts(config, attention_unit)
-    embed = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * config.hidden_size
-    return total, total - embed, scored

@@ -137,6 +137,13 @@ def parameter_counts(config, attention_unit: str) -> tuple[int, int, int]:
     return sum(p.numel() for p in model.parameters()), sum(scored), max(scored)
 
 
+def config_parameters(config, attention_unit: str) -> tuple[int, int, int]:
+    """(all parameters, P of resp.cost.matmul_params, scored parameters) of a config, on a meta-device model."""
+    total, scored, _ = parameter_counts(config, attention_unit)
+    embed = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * config.hidden_size
+    return total, total - embed, scored
+
+
 def layer_activation_bytes(config, batch: int, seq_len: int, b: int, grads_only_scored: bool) -> int:
     """Bytes one decoder layer saves for the backward of `batch` x `seq_len` tokens (module docstring)."""
     h, i = config.hidden_size, config.intermediate_size
