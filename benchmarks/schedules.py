@@ -178,7 +178,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['schedule']} | {over} | {row['scoring_passes']:.1f} | {row['regenerations']:.1f} | "
                      f"{row['score_tokens']} | {row['scoring_reduction']:.2f}x | "
                      + " | ".join(f"{pct(a[0])} [{pct(a[1])}, {pct(a[2])}]" for a in accs) + " | "
-                     + " | ".join(f"{100 * d[0]:+.1f} [{pct(d[1])}, {pct(d[2])}]" for d in diffs) + " |")
+                     + " | ".join(f"{round(100 * d[0], 1) + 0.0:+.1f} [{pct(d[1])}, {pct(d[2])}]" for d in diffs) + " |")
     rt = r["rates"]
     lines += ["", f"Cost model check: rates measured from one run ({rt['source']}): scoring "
               f"{rt['score_tokens_per_s']:.0f} tokens/s, generation {rt['generate_tokens_per_s']:.0f} tokens/s. "

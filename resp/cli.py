@@ -394,7 +394,8 @@ def score_command(
     overrides: Overrides = None,
 ) -> None:
     """Taylor scores of every attention unit and MLP channel on a trace set; data-parallel under
-    `torchrun --nproc_per_node=N --no-python resp score ...` (gloo on cpu, nccl on cuda)."""
+    `torchrun --nproc_per_node=N --no-python resp score ...` (gloo on cpu, nccl on cuda), or with
+    the model sharded over the workers (FSDP2) with `--set scale.scoring=sharded`."""
     from resp.distributed import score_trace_file
 
     with user_errors():
