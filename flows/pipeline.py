@@ -159,7 +159,7 @@ def calibrate(params: Params, task: str, method: str, base: dict, dense_traces: 
 def score(params: Params, task: str, method: str, base: dict, mask: str | None, traces: str, reference: str,
           out: str, part: int) -> dict:
     with one_model_at_a_time():
-        return stamped(steps.score(params, task, method, base, mask, traces, reference, out, part))
+        return stamped(steps.score(params, task, method, base, mask, traces, reference, out, part=part))
 
 
 @_step_task("apply", files=("scores", "mask"))
