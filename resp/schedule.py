@@ -16,6 +16,12 @@ The loop holds no model and no tensors across steps, only paths and a few number
 workflow engine can run each step as a cached task of its own (flows/pipeline.py): a run
 killed at step k and started again takes steps <= k from its cache.
 
+Cheaper schedules (prune.score_*): with `score_every` k a step scores only when k steps have
+passed since the last scoring or the traces were regenerated, and otherwise re-ranks the last
+scores among the units still kept; the score step's `part` (the count of scoring passes so far)
+picks the rotating trace subset of `score_subsets` (`scheduled_subset`). Every file a score or
+regenerate step writes is listed in `PruneState.spent`, from which the run's cost is counted.
+
 Options (reflection): `verify_select` branches at each milestone (refresh vs keep traces),
 prunes both to the next milestone and keeps the branch whose regenerated answers on the
 calibration questions are more often correct. Trace filtering is the score step's
