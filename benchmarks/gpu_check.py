@@ -192,6 +192,10 @@ def main(argv=None) -> None:
     report["generation"] = generation_run(model, args, shape["vocab_size"], device, cuda)
     report["total_seconds"] = time.perf_counter() - started
     write(report, args.out)
+    from resp.cost import rates_from_gpu_check
+
+    rates = rates_from_gpu_check(report).save(args.out.with_name(args.out.stem + "-rates.json"))  # for `resp cost --rates`
+    print(f"rates for resp cost in {rates}", file=sys.stderr)
     print(json.dumps(report, indent=2))
 
 

@@ -157,9 +157,9 @@ def calibrate(params: Params, task: str, method: str, base: dict, dense_traces: 
 
 @_step_task("score", files=("mask", "traces", "reference"))
 def score(params: Params, task: str, method: str, base: dict, mask: str | None, traces: str, reference: str,
-          out: str) -> dict:
+          out: str, part: int) -> dict:
     with one_model_at_a_time():
-        return stamped(steps.score(params, task, method, base, mask, traces, reference, out))
+        return stamped(steps.score(params, task, method, base, mask, traces, reference, out, part=part))
 
 
 @_step_task("apply", files=("scores", "mask"))

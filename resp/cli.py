@@ -394,7 +394,8 @@ def score_command(
     overrides: Overrides = None,
 ) -> None:
     """Taylor scores of every attention unit and MLP channel on a trace set; data-parallel under
-    `torchrun --nproc_per_node=N --no-python resp score ...` (gloo on cpu, nccl on cuda)."""
+    `torchrun --nproc_per_node=N --no-python resp score ...` (gloo on cpu, nccl on cuda), or with
+    the model sharded over the workers (FSDP2) with `--set scale.scoring=sharded`."""
     from resp.distributed import score_trace_file
 
     with user_errors():
@@ -414,11 +415,15 @@ def memory_command(
     per_sample_abs: Annotated[bool | None, typer.Option("--per-sample-abs/--no-per-sample-abs", help="default: importance.per_sample_abs")] = None,
     grads_only_scored: Annotated[bool | None, typer.Option("--grads-only-scored/--all-grads", help="default: importance.grads_only_scored")] = None,
     grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="default: importance.grad_checkpointing")] = None,
+    nproc: Annotated[int, typer.Option(help="workers of sharded scoring (scale.scoring: sharded): per-worker peak")] = 1,
+    gpu_memory: Annotated[float | None, typer.Option(help="GiB per device: say whether it fits, else by how much not and "
+                                                          "how many devices would do (default: this machine's CUDA device)")] = None,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
-    """Predict the peak memory of one Taylor scoring pass, by component (resp.memory)."""
-    from resp.memory import predict_scoring_memory
+    """Predict the peak memory of one Taylor scoring pass, by component (resp.memory); with --nproc N,
+    per worker of sharded scoring."""
+    from resp.memory import GIB, fit_verdict, predict_scoring_memory
 
     with user_errors():
         p = load_params(params, overrides)
@@ -430,10 +435,67 @@ def memory_command(
             grad_checkpointing=imp.grad_checkpointing if grad_checkpointing is None else grad_checkpointing)
         config, dtype = config or p.model.name_or_path, dtype or p.model.dtype
         batch_size = batch_size or imp.batch_size
-        estimate = predict_scoring_memory(config, dtype, seq_len, batch_size, **settings)
-    typer.echo(f"scoring memory of {config}: {dtype}, batch {batch_size} x {seq_len} tokens, "
-               + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    typer.echo(estimate.table())
+        import torch
+
+        devices = torch.cuda.device_count()
+        if gpu_memory is None and devices:
+            if nproc > devices:
+                raise ValueError(f"--nproc {nproc} exceeds the {devices} CUDA device(s) here: use at most {devices}, or "
+                                 "pass --gpu-memory GIB to predict for another machine's devices")
+            gpu_memory = torch.cuda.get_device_properties(0).total_memory / GIB
+        predict = lambda n: predict_scoring_memory(config, dtype, seq_len, batch_size, **settings, nproc=n)  # noqa: E731
+        estimate = predict(nproc)
+        typer.echo(f"scoring memory of {config}: {dtype}, batch {batch_size} x {seq_len} tokens, "
+                   + ", ".join(f"{k}={v}" for k, v in settings.items())
+                   + (f", sharded over {nproc} workers (per worker)" if nproc > 1 else ""))
+        typer.echo(estimate.table())
+        if gpu_memory is not None:
+            typer.echo(fit_verdict(predict, nproc, int(gpu_memory * GIB)))
+
+
+@app.command("cost")
+def cost_command(
+    prompt_tokens: Annotated[float, typer.Option(help="mean prompt tokens per calibration trace")],
+    completion_tokens: Annotated[float | None, typer.Option(help="mean completion tokens per trace (default: generation.max_new_tokens)")] = None,
+    prompts: Annotated[int | None, typer.Option(help="calibration traces (default: calibration.num_prompts)")] = None,
+    method: Annotated[str | None, typer.Option(help="method (default: report.reference)")] = None,
+    config: Annotated[str | None, typer.Option(help="model directory, hub id or config.json (default: params model.name_or_path)")] = None,
+    rates: Annotated[Path | None, typer.Option(help="rates file (benchmarks/gpu_check.py writes one)")] = None,
+    score_tok_s: Annotated[float | None, typer.Option(help="instead of --rates: scoring tokens/s (forward + backward)")] = None,
+    generate_tok_s: Annotated[float | None, typer.Option(help="instead of --rates: generated tokens/s")] = None,
+    gpu: Annotated[str | None, typer.Option(help="the device the run will use; refused when the rates were measured on another")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Predict a pruning run's GPU-hours from measured rates, split into scoring and generation (resp.cost)."""
+    from resp.cost import Rates, check_rates, load_rates, model_shape, predict_run
+    from resp.memory import config_parameters, load_config
+
+    with user_errors():
+        p = load_params(params, overrides)
+        method = method or p.report.reference
+        declared_method(p, method)
+        config = config or p.model.name_or_path
+        model_config = load_config(config)
+        total, matmul, scored = config_parameters(model_config, p.prune.attention_unit)
+        if (rates is None) == (score_tok_s is None or generate_tok_s is None):
+            raise ValueError("give either --rates FILE or both --score-tok-s and --generate-tok-s")
+        if rates is not None:
+            measured = load_rates(rates)
+            check_rates(measured, model_config, total, gpu)
+        else:
+            measured = Rates(gpu or "unnamed", {**model_shape(model_config), "parameters": total}, p.model.dtype,
+                             score_tok_s, generate_tok_s, p.importance.batch_size, p.generation.batch_size, "command line")
+        completion = completion_tokens or p.generation.max_new_tokens
+        n = prompts or p.calibration.num_prompts
+        prediction = predict_run(p, method, n, prompt_tokens, completion, measured, (matmul, scored))
+    pr = p.prune
+    typer.echo(f"{method} on {config} ({total / 1e9:.2f}B parameters): {n} prompts x ({prompt_tokens:g} + {completion:g}) "
+               f"tokens, {pr.steps} steps to {max(pr.targets)}, {prediction.regenerations} regenerations, "
+               f"score_every {pr.score_every}, score_subsets {pr.score_subsets}, score_tokens {pr.score_tokens}")
+    typer.echo(f"rates: {measured.device} ({measured.source}): scoring {measured.score_tokens_per_s:.0f} tokens/s, "
+               f"generation {measured.generate_tokens_per_s:.0f} tokens/s")
+    typer.echo(prediction.table())
 
 
 @app.command("register")

@@ -155,6 +155,10 @@ class PruneParams(Strict):
     # calibration traces' own loss under the dense model (relative, so it scales with the model)
     drift_threshold: float = Field(gt=0)
     seed: int
+    # Cheaper schedules (1, 1, null: the paper's, every step scores every token of every trace):
+    score_every: int = Field(ge=1)       # score every k-th step, the steps between re-rank the last scores (rescored after a regeneration)
+    score_subsets: int = Field(ge=1)     # each scoring pass reads one of m rotating subsets of the traces (trace i in subset i mod m)
+    score_tokens: int | None = Field(gt=0)   # score only the first N completion tokens of each trace (null: all)
 
     @field_validator("targets", "milestones")
     @classmethod
@@ -169,6 +173,9 @@ class PruneParams(Strict):
         if fine:
             raise ValueError(f"targets {fine} have more than two decimals: mask files and metrics key a target as "
                              "sparsity-0.30, so use at most two (e.g. 0.12 or 0.13)")
+        if self.score_every > self.steps:
+            raise ValueError(f"score_every ({self.score_every}) exceeds steps ({self.steps}): only the first step would "
+                             "score and the schedule is one-shot; use score_every <= steps")
         late = [m for m in self.milestones if m >= self.targets[-1]]
         if late:
             raise ValueError(f"milestones {late} are not below the last target {self.targets[-1]}: a milestone "
@@ -304,6 +311,7 @@ class ScheduleParams(Strict):
 
 class ScaleParams(Strict):
     vllm_gpu_memory_utilization: float = Field(gt=0, le=1)   # GPU share vLLM may take (generation/evaluation.backend vllm)
+    scoring: Literal["data_parallel", "sharded"]   # `resp score` under torchrun: replicate the model, or shard it (FSDP2)
 
 
 class FlowParams(Strict):
@@ -353,6 +361,10 @@ class Params(Strict):
         if unknown or undeclared:
             raise ValueError(f"study names unknown tasks {unknown} / undeclared methods {undeclared}; "
                              "declare them under `tasks` / `methods`")
+        if self.prune.score_subsets > self.calibration.num_prompts:
+            raise ValueError(f"prune.score_subsets ({self.prune.score_subsets}) exceeds calibration.num_prompts "
+                             f"({self.calibration.num_prompts}): some scoring passes would have no trace and no target "
+                             "is reachable; use at most num_prompts subsets")
         named = [self.report.reference, self.report.no_regeneration, *self.report.ablations, self.report.drift_triggered]
         undeclared = [m for m in named if m not in self.methods]
         if undeclared:

@@ -8,6 +8,10 @@ reduced to per-unit sums right away, one sample per backward, without a full gra
 
 Memory: only the scored projections require grad (optionally all weights, for comparison);
 each `.grad` is folded into its accumulator by a post-accumulate-grad hook and freed at once.
+With FSDP2-sharded parameters (`sharded`, resp.distributed) the accumulators are sharded too:
+FSDP reduce-scatters each backward's gradients (summed in fp32 across workers) into the
+sharded `.grad`, which is folded into the fp32 shard accumulator after the backward; the
+element scores are computed shard-wise and each weight's is gathered to reduce it to units.
 """
 
 from __future__ import annotations
@@ -92,13 +96,19 @@ def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
 def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pad_id: int,
                   per_sample_abs: bool = False, grads_only_scored: bool = True,
                   grad_checkpointing: bool = False, desc: str = "taylor scores",
-                  reduce: Reduce | None = None) -> UnitScores:
+                  reduce: Reduce | None = None, sharded: bool = False, lockstep_batches: int = 0) -> UnitScores:
     """Score every attention unit and MLP channel of `model` on `traces` (see module docstring).
 
     With `reduce`, `traces` is this worker's shard: the partial sums (gradient sums, or unit
     sums in per-sample-abs mode) and the counts are summed across workers before scoring, so
-    every worker returns the scores of the union of the shards.
+    every worker returns the scores of the union of the shards. With `sharded` (FSDP2 parameters,
+    mean mode only) gradients are already summed across workers, `reduce` sums only the counts,
+    and every worker runs `lockstep_batches` backward passes (a worker short of batches runs
+    label-less ones, which add nothing): FSDP's collectives need all workers in every pass.
     """
+    if sharded and per_sample_abs:
+        raise ImportanceError("per_sample_abs is not implemented for sharded parameters: score in per-sample-abs "
+                              "mode data-parallel (resp score under torchrun), it needs no gradient accumulators")
     device = next(model.parameters()).device
     weights = scored_weights(model, s)
     was_training = model.training
@@ -127,8 +137,15 @@ def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pa
             param.grad = None
         return hook
 
+    def fold_sharded():  # FSDP sets the reduce-scattered shard's .grad itself, after the backward: no hook fires
+        for key, w in weights.items():
+            if w.grad is not None:
+                accumulators[key] += w.grad.float()
+                w.grad = None
+
     for key, w in weights.items():
-        hooks.append(w.register_post_accumulate_grad_hook(fold(key)))
+        if not sharded:
+            hooks.append(w.register_post_accumulate_grad_hook(fold(key)))
     if grad_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # HF only checkpoints in train mode; our families have no dropout at 0.0 rates
@@ -138,6 +155,9 @@ def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pa
     try:
         per_step = 1 if per_sample_abs else batch_size
         batches = list(decode_only_batches(traces, per_step, pad_id))
+        idle = {"input_ids": torch.full((1, 2), pad_id), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+                "labels": torch.full((1, 2), IGNORE_INDEX)}
+        batches += [idle] * (lockstep_batches - len(batches))
         for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -148,6 +168,8 @@ def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pa
                 raise ImportanceError(f"non-finite loss ({loss.item()}) while scoring: check the model dtype "
                                       "(use float32 or bfloat16, not float16) and the traces")
             loss.backward()
+            if sharded:
+                fold_sharded()
             n_samples += int(valid.sum())
             n_tokens += int(counts.sum())
             loss_sum += float(loss.detach())
@@ -163,13 +185,15 @@ def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pa
 
     if reduce is not None:
         counts = torch.tensor([n_samples, n_tokens, loss_sum], dtype=torch.float64)
-        reduce([counts, *([attention, channels] if per_sample_abs else accumulators.values())])
+        reduce([counts] if sharded else [counts, *([attention, channels] if per_sample_abs else accumulators.values())])
         n_samples, n_tokens, loss_sum = int(counts[0]), int(counts[1]), float(counts[2])
     if n_samples == 0:
         raise ImportanceError("no trace had a completion token to score: the trace set is empty")
     if not per_sample_abs:
         for (layer, name), acc in accumulators.items():
             elem = (weights[(layer, name)].detach().float() * (acc / n_samples)).abs()
+            if sharded:  # a DTensor: gather this weight's element scores (one full fp32 tensor at a time)
+                elem = elem.full_tensor()
             kind, unit = reduce_to_units(name, elem, s)
             (attention if kind == "attention" else channels)[layer] += unit.double().cpu()
     mean_loss = loss_sum / n_samples

@@ -29,6 +29,14 @@ the norm weights' products also keep the normalised inputs (2*h*b, and (H+KV)*d*
 norms). Memory-efficient attention kernels (CUDA; CPU's flash kernel) are assumed: no [T, T]
 score matrix per head. Allocator caching and fragmentation are not modelled (see
 benchmarks/bench_scoring.py for a measurement with and without them).
+
+Sharded over `nproc` workers (`scale.scoring: sharded`, FSDP2, mean mode): each worker holds
+1/nproc of the weights and of the fp32 accumulators, plus what FSDP un-shards: the root's
+parameters (embeddings, final norm, LM head: gathered for the forward and kept until the
+backward ends), two decoder layers' parameters (the current one and the prefetched next),
+and during a layer's backward its gradients in the model dtype with their fp32 reduce-scatter
+copy; at the end one weight's element scores, gathered in fp32. Activations and loss buffers
+are per worker as in one process (each worker scores batch_size traces at a time).
 """
 
 from __future__ import annotations
@@ -60,10 +68,11 @@ class ScoringMemory:
     loss_buffers: int
     layer_buffers: int
     other_grads: int
+    unsharded: int = 0   # sharded scoring: what FSDP gathers on each worker (module docstring)
 
     @property
     def peak(self) -> int:
-        return (self.weights + self.accumulators + self.saved_activations
+        return (self.weights + self.accumulators + self.saved_activations + self.unsharded
                 + max(self.loss_buffers, self.layer_buffers + self.other_grads))
 
     def breakdown(self) -> dict[str, int]:
@@ -71,7 +80,7 @@ class ScoringMemory:
 
     def table(self) -> str:
         rows = [f"{name:<18} {value:>16} bytes {value / GIB:10.3f} GiB" for name, value in self.breakdown().items()]
-        return "\n".join(rows + ["(peak = weights + accumulators + saved_activations"
+        return "\n".join(rows + ["(peak = weights + accumulators + saved_activations + unsharded"
                                  " + max(loss_buffers, layer_buffers + other_grads))"])
 
 
@@ -99,6 +108,21 @@ def load_config(config):
                                "pass a model directory, a config.json, or a hub id while online") from None
 
 
+def layer_parameter_counts(config, attention_unit: str) -> tuple[int, int, int]:
+    """(root parameters: embeddings, final norm, LM head; one decoder layer's parameters; its scored ones)."""
+    from transformers import AutoModelForCausalLM
+
+    from resp.importance import scored_weights
+    from resp.structures import structures_for
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = adapter_for(config).layers(model)
+    layer = sum(p.numel() for p in layers[0].parameters())
+    scored = sum(w.numel() for (i, _), w in scored_weights(model, structures_for(model, attention_unit, [])).items() if i == 0)
+    return sum(p.numel() for p in model.parameters()) - len(layers) * layer, layer, scored
+
+
 def parameter_counts(config, attention_unit: str) -> tuple[int, int, int]:
     """(all parameters, scored weight elements, largest scored weight) from a meta-device model."""
     from transformers import AutoModelForCausalLM
@@ -111,6 +135,13 @@ def parameter_counts(config, attention_unit: str) -> tuple[int, int, int]:
     s = structures_for(model, attention_unit, [])
     scored = [w.numel() for w in scored_weights(model, s).values()]
     return sum(p.numel() for p in model.parameters()), sum(scored), max(scored)
+
+
+def config_parameters(config, attention_unit: str) -> tuple[int, int, int]:
+    """(all parameters, P of resp.cost.matmul_params, scored parameters) of a config, on a meta-device model."""
+    total, scored, _ = parameter_counts(config, attention_unit)
+    embed = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * config.hidden_size
+    return total, total - embed, scored
 
 
 def layer_activation_bytes(config, batch: int, seq_len: int, b: int, grads_only_scored: bool) -> int:
@@ -132,10 +163,16 @@ def layer_activation_bytes(config, batch: int, seq_len: int, b: int, grads_only_
 
 def predict_scoring_memory(config, dtype: str, seq_len: int, batch_size: int, *, attention_unit: str = "query_head",
                            per_sample_abs: bool = False, grads_only_scored: bool = True,
-                           grad_checkpointing: bool = False) -> ScoringMemory:
-    """Predicted peak of one scoring pass of `batch_size` x `seq_len` tokens (module docstring)."""
+                           grad_checkpointing: bool = False, nproc: int = 1) -> ScoringMemory:
+    """Predicted peak of one scoring pass of `batch_size` x `seq_len` tokens (module docstring);
+    `nproc` > 1: per worker of sharded scoring."""
     if dtype not in DTYPES:
         raise MemoryModelError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if nproc < 1:
+        raise MemoryModelError(f"nproc {nproc} must be >= 1")
+    if nproc > 1 and per_sample_abs:
+        raise MemoryModelError("sharded scoring (nproc > 1) runs in mean mode only: drop --per-sample-abs "
+                               "(per-sample-abs needs no accumulators and is scored data-parallel)")
     if seq_len < 2 or batch_size < 1:
         raise MemoryModelError(f"seq_len {seq_len} must be >= 2 and batch_size {batch_size} >= 1")
     config = load_config(config)
@@ -158,11 +195,33 @@ def predict_scoring_memory(config, dtype: str, seq_len: int, batch_size: int, *,
     hook = (2 * copies + 2 * FP32) if per_sample_abs else copies
     mlp_grads = 3 * tokens * i * b + tokens * h * b
     layer_buffers = tokens * v * b + (layer if grad_checkpointing else 0) + mlp_grads + largest * (b + hook)
+    unsharded = 0
+    if nproc > 1:
+        root, per_layer, layer_scored = layer_parameter_counts(config, attention_unit)
+        layer_grads = layer_scored if grads_only_scored else per_layer
+        unsharded = (root + 2 * per_layer) * b + layer_grads * (b + FP32) + largest * FP32
     return ScoringMemory(
-        weights=n_params * b,
-        accumulators=0 if per_sample_abs else n_scored * FP32,
+        weights=-(-n_params * b // nproc),
+        accumulators=0 if per_sample_abs else -(-n_scored * FP32 // nproc),
+        unsharded=unsharded,
         saved_activations=saved,
         loss_buffers=tokens * v * (b + 3 * FP32),
         layer_buffers=layer_buffers,
-        other_grads=0 if grads_only_scored else (n_params - n_scored) * b,
+        other_grads=0 if grads_only_scored else -(-(n_params - n_scored) * b // nproc),
     )
+
+
+def fit_verdict(predict, nproc: int, device_bytes: int, max_nproc: int = 64) -> str:
+    """One line: whether `predict(nproc)` (a ScoringMemory) fits a device of `device_bytes`, and if not,
+    by how much and the fewest workers that fit; MemoryModelError when it does not fit at `nproc`."""
+    m = predict(nproc)
+    if m.peak <= device_bytes:
+        return (f"fits: per-worker peak {m.peak / GIB:.1f} GiB of {device_bytes / GIB:.1f} GiB on each of {nproc} "
+                f"device(s) ({(device_bytes - m.peak) / GIB:.1f} GiB spare)")
+    enough = next((n for n in range(nproc + 1, max_nproc + 1) if predict(n).peak <= device_bytes), None)
+    where = (f"it fits sharded over {enough} devices (per-worker peak {predict(enough).peak / GIB:.1f} GiB)" if enough
+             else f"not even sharded over {max_nproc} devices: what every worker holds unsharded (activations, loss "
+                  f"buffers, root parameters: {(predict(max_nproc).peak - predict(max_nproc).weights - predict(max_nproc).accumulators) / GIB:.1f} GiB) "
+                  "is too much; lower importance.batch_size or the trace length, or enable grad_checkpointing")
+    raise MemoryModelError(f"does not fit: per-worker peak {m.peak / GIB:.1f} GiB on {nproc} device(s) exceeds "
+                           f"{device_bytes / GIB:.1f} GiB by {(m.peak - device_bytes) / GIB:.1f} GiB; {where}")

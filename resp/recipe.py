@@ -17,7 +17,7 @@ from resp.generation import SamplingSpec
 from resp.lineage import check_dense_traces
 from resp.locking import run_dir_lock
 from resp import steps
-from resp.artifacts import parse_target, read_manifest, target_key
+from resp.artifacts import parse_target, read_manifest, target_key, write_json
 from resp.masks import Mask
 from resp.models import load_model, model_identity
 from resp.schedule import PruneState, ScheduleConfig, iterative_prune, trace_record
@@ -141,9 +141,9 @@ class RunSteps:
         self.common = {"params": params, "base": base}
         self.run = {**self.common, "task": task, "method": method}
 
-    def score(self, mask, traces, name):
+    def score(self, mask, traces, name, part):
         path = self.call(steps.score, **self.run, mask=mask, traces=traces, reference=self.reference,
-                         out=str(self.out_dir / "steps" / f"{name}.safetensors"))
+                         out=str(self.out_dir / "steps" / f"{name}.safetensors"), part=part)
         return path, read_manifest(path)["mean_loss"]
 
     def apply(self, scores, mask, sparsity, name):
@@ -155,11 +155,29 @@ class RunSteps:
                          out=str(self.out_dir / "traces" / f"{tag}.jsonl"))
 
 
+def write_wall_seconds(out_dir: Path, seconds: dict[str, float], total: float) -> Path:
+    """Wall seconds by step kind, next to the run directory (`<run>.wall.json`, git-ignored): they vary
+    between reruns, so they stay out of the run directory, whose bytes a rerun must reproduce."""
+    return write_json(Path(f"{out_dir}.wall.json"), {"run": str(out_dir), "total": total, "by_step": seconds})
+
+
+def timed(call, seconds: dict):
+    """`call`, adding each step's wall seconds to `seconds[step name]`."""
+    def run(step, **kwargs):
+        start = time.perf_counter()
+        try:
+            return call(step, **kwargs)
+        finally:
+            seconds[step.__name__] = seconds.get(step.__name__, 0.0) + time.perf_counter() - start
+    return run
+
+
 def _prune(params: Params, task: str, method: str, out_dir: Path, dense_traces: str | None, base: dict,
            call) -> dict[float, Path]:
     declared, p = params.methods[method], params.prune
     run = {"params": params, "task": task, "method": method, "base": base}
     start = time.time()
+    call = timed(call, seconds := {})
     calibration = call(steps.calibrate, **run, dense_traces=str(dense_traces) if dense_traces else None,
                        out=str(out_dir / "traces" / "calibration.jsonl"))
     history = []
@@ -167,16 +185,21 @@ def _prune(params: Params, task: str, method: str, out_dir: Path, dense_traces: 
         history = [trace_record(calibration, at_step=0, tag="initial" if declared.scorer == "taylor" else "calibration")]
     if declared.scorer != "taylor":
         saved = call(steps.baseline, **run, calibration=calibration, out_dir=str(out_dir))
-        record = {"saved": saved, "trace_sets": history, "used_by": {k: len(history) for k in saved}, "steps": []}
+        record = {"saved": saved, "trace_sets": history, "used_by": {k: len(history) for k in saved}, "steps": [],
+                  "spent": []}
     else:
         cfg = ScheduleConfig(p.targets, p.steps, p.milestones if declared.regenerate == "milestones" else [],
-                             declared.verify_select, p.drift_threshold if declared.regenerate == "drift" else None)
+                             declared.verify_select, p.drift_threshold if declared.regenerate == "drift" else None,
+                             p.score_every)
         s = steps.loaded_model(params, base).masked.s
         initial = PruneState(0, None, calibration, trace_history=history)
         state = iterative_prune(s, cfg, initial, RunSteps(call, params, task, method, base, out_dir, calibration),
                                 regenerate=declared.regenerate != "none")
         record = {"saved": {target_key(t): path for t, path in state.saved.items()}, "trace_sets": state.trace_history,
-                  "used_by": {target_key(t): n for t, n in state.saved_after.items()}, "steps": state.log}
+                  "used_by": {target_key(t): n for t, n in state.saved_after.items()}, "steps": state.log,
+                  "spent": state.spent}
     written = call(steps.write_run, **run, record=record, out_dir=str(out_dir))
-    log.info("%s %s: pruned in %.1f s; masks and summary in %s", method, task, time.time() - start, out_dir)
+    wall = write_wall_seconds(out_dir, seconds, time.time() - start)
+    log.info("%s %s: pruned in %.1f s (%s); masks and summary in %s, wall seconds by step in %s", method, task,
+             time.time() - start, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), out_dir, wall)
     return {parse_target(k): Path(v) for k, v in written.items()}

@@ -17,6 +17,12 @@ The loop holds no model and no tensors across steps, only paths and a few number
 workflow engine can run each step as a cached task of its own (flows/pipeline.py): a run
 killed at step k and started again takes steps <= k from its cache.
 
+Cheaper schedules (prune.score_*): with `score_every` k a step scores only when k steps have
+passed since the last scoring or the traces were regenerated, and otherwise re-ranks the last
+scores among the units still kept; the score step's `part` (the count of scoring passes so far)
+picks the rotating trace subset of `score_subsets` (`scheduled_subset`). Every file a score or
+regenerate step writes is listed in `PruneState.spent`, from which the run's cost is counted.
+
 Options (reflection): `verify_select` branches at each milestone (refresh vs keep traces),
 prunes both to the next milestone and keeps the branch whose regenerated answers on the
 calibration questions are more often correct. Trace filtering is the score step's
@@ -31,7 +37,7 @@ from typing import Protocol
 
 from resp.masks import Mask, MaskError
 from resp.structures import Structures
-from resp.traces import TraceSet
+from resp.traces import Trace, TraceSet
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +46,9 @@ class Steps(Protocol):
     """The step functions a schedule is made of; `name` is where a step's output goes
     (unique per call within a run)."""
 
-    def score(self, mask: str | None, traces: str, name: str) -> tuple[str, float]:
-        """Scores file of the model under `mask` (None: dense) on `traces`, and its mean decode-only loss."""
+    def score(self, mask: str | None, traces: str, name: str, part: int) -> tuple[str, float]:
+        """Scores file of the model under `mask` (None: dense) on `traces` (scoring pass `part`, which picks
+        the rotating subset under prune.score_subsets), and its mean decode-only loss."""
 
     def apply(self, scores: str, mask: str | None, sparsity: float, name: str) -> str:
         """The mask file pruned from `mask` by `scores` up to parameter sparsity `sparsity`."""
@@ -73,6 +80,11 @@ class PruneState:
     dense_loss: float | None = None       # loss of the dense traces under the dense model (drift threshold's unit)
     regenerated: bool = False             # traces were regenerated since the last step
     branch: str = ""                      # output-name prefix of a verify_select branch
+    scored: int = 0                       # scoring passes done (rotates the trace subsets)
+    last_scores: str | None = None        # the latest scores file and its loss, re-ranked by
+    last_loss: float = 0.0                # steps that do not score (score_every)
+    last_scored_step: int = 0             # the step that made them
+    spent: list[dict] = field(default_factory=list)   # every file a score or regenerate step wrote (cost accounting)
 
 
 @dataclass
@@ -82,6 +94,16 @@ class ScheduleConfig:
     milestones: list[float]      # regenerate: milestones (empty: never at milestones)
     verify_select: bool
     drift_threshold: float | None = None   # regenerate: drift, as a fraction of the dense loss (None: never on drift)
+    score_every: int = 1                   # score every k-th step (and after a regeneration); the others reuse
+
+
+def scheduled_subset(traces: list[Trace], part: int, subsets: int, tokens: int | None) -> list[Trace]:
+    """The traces scoring pass `part` reads under prune.score_subsets / score_tokens: trace i when
+    i = part (mod subsets), each cut to its first `tokens` completion tokens (None: all)."""
+    chosen = traces[part % subsets::subsets]
+    if tokens is None:
+        return chosen
+    return [replace(t, completion_ids=t.completion_ids[:tokens]) for t in chosen]
 
 
 def trace_record(path: str, **extra) -> dict:
@@ -103,7 +125,8 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
     """Score on the current traces (regenerating first if they drifted past the threshold), keep
     masks at targets passed, prune to the next point."""
     k = st.step
-    scores, loss = steps.score(st.mask, st.traces, _name(st, "scores"))
+    fresh = st.last_scores is None or st.regenerated or k - st.last_scored_step >= cfg.score_every
+    scores, loss = _score(st, steps, "scores") if fresh else (st.last_scores, st.last_loss)
     if st.reference_loss is None or st.regenerated:
         st.reference_loss = loss
     if st.dense_loss is None:
@@ -113,7 +136,7 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
     if cfg.drift_threshold is not None and regenerate and drift > cfg.drift_threshold * st.dense_loss:
         drifted = drift
         _regenerate(st, steps, f"drift-step{st.step:04d}")
-        scores, loss = steps.score(st.mask, st.traces, _name(st, "scores-regenerated"))
+        scores, loss = _score(st, steps, "scores-regenerated")
         st.reference_loss, drift = loss, 0.0
     previous = st.sparsity
     for t in cfg.targets:
@@ -129,6 +152,8 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
              "regenerated": st.regenerated or drifted is not None, "traces": st.traces, "kept": mask.kept_per_layer()}
     if cfg.drift_threshold is not None:
         entry["drift_threshold_nats"] = cfg.drift_threshold * st.dense_loss
+    if not fresh:
+        entry["reused_scores"] = scores
     if drifted is not None:
         entry["drift_before_regeneration"] = drifted
     st.regenerated = False
@@ -138,8 +163,17 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
              " after regenerating" if entry["regenerated"] else "")
 
 
+def _score(st: PruneState, steps: Steps, what: str) -> tuple[str, float]:
+    st.last_scores, st.last_loss = steps.score(st.mask, st.traces, _name(st, what), st.scored)
+    st.scored += 1
+    st.last_scored_step = st.step
+    st.spent.append({"kind": "score", "path": st.last_scores})
+    return st.last_scores, st.last_loss
+
+
 def _regenerate(st: PruneState, steps: Steps, tag: str) -> None:
     st.traces = steps.regenerate(st.mask, tag)
+    st.spent.append({"kind": "regenerate", "path": st.traces})
     st.regenerations += 1
     st.regenerated = True
     st.trace_history.append(trace_record(st.traces, at_step=st.step, sparsity=st.sparsity, tag=tag))
@@ -147,7 +181,7 @@ def _regenerate(st: PruneState, steps: Steps, tag: str) -> None:
 
 def _copy(st: PruneState, branch: str) -> PruneState:
     return replace(st, milestones_done=list(st.milestones_done), saved=dict(st.saved), saved_after=dict(st.saved_after),
-                   trace_history=list(st.trace_history), log=list(st.log), branch=branch)
+                   trace_history=list(st.trace_history), log=list(st.log), branch=branch, spent=list(st.spent))
 
 
 def iterative_prune(s: Structures, cfg: ScheduleConfig, initial: PruneState, steps: Steps,
@@ -182,8 +216,11 @@ def _verify_select(st, crossed, points, cfg, s, steps) -> PruneState:
     accuracy = {}
     for name, branch in (("refresh", refresh), ("keep", keep)):
         probe = steps.regenerate(branch.mask, f"verify-{name}-step{branch.step}")
+        branch.spent.append({"kind": "regenerate", "path": probe})
         accuracy[name] = TraceSet.load(probe).stats()["answer_accuracy"] or 0.0
     winner = refresh if accuracy["refresh"] >= accuracy["keep"] else keep
+    shared = len(st.spent)  # both branches were paid for
+    winner.spent = st.spent + refresh.spent[shared:] + keep.spent[shared:]
     name = "refresh" if winner is refresh else "keep"
     winner.log.append({"verify_select": accuracy, "chosen": name, "at_step": winner.step})
     log.info("verify_select at milestone %s: accuracy refresh %.3f vs keep %.3f -> %s",

@@ -223,10 +223,13 @@ def calibrate(params: Params, task: str, method: str, base: dict, dense_traces: 
 
 
 def score(params: Params, task: str, method: str, base: dict, mask: str | None, traces: str, reference: str,
-          out: str) -> str:
+          out: str, part: int = 0) -> str:
     """Taylor scores of every unit of the model under `mask` on `traces` (filtered by the
-    method's trace_filter against the answers of the `reference` traces)."""
+    method's trace_filter against the answers of the `reference` traces), on the `part`-th
+    rotating subset and the first completion tokens the schedule options (prune.score_*) keep."""
+    from resp.cost import scoring_spent
     from resp.importance import save_scores, taylor_scores
+    from resp.schedule import scheduled_subset
     from resp.traces import TraceSet, filter_traces
 
     loaded = loaded_model(params, base)
@@ -234,14 +237,18 @@ def score(params: Params, task: str, method: str, base: dict, mask: str | None, 
     current = TraceSet.load(traces)
     dense_answers = {tr.prompt_id: tr.answer for tr in TraceSet.load(reference).traces}
     used = filter_traces(current, params.methods[method].trace_filter, dense_answers)
+    p = params.prune
+    scored = scheduled_subset(used.traces, part, p.score_subsets, p.score_tokens)
     m = _load_mask(mask, s)
     loaded.masked.set(m)
     imp = params.importance
-    scores = taylor_scores(loaded.model, used.traces, s, imp.batch_size, loaded.tokenizer.pad_token_id,
+    scores = taylor_scores(loaded.model, scored, s, imp.batch_size, loaded.tokenizer.pad_token_id,
                            imp.per_sample_abs, imp.grads_only_scored, imp.grad_checkpointing, desc=f"{method} scores")
+    spent = scoring_spent(scored, imp.batch_size, imp.per_sample_abs, imp.grad_checkpointing, imp.grads_only_scored,
+                          loaded.model, s)
     return str(save_scores(scores, out, {"model": base, "mask_digest": m.digest(), "traces": traces,
                                          "traces_digest": current.manifest["digest"], "importance": imp.model_dump(),
-                                         "used_traces": len(used.traces)}))
+                                         "used_traces": len(used.traces), "part": part, "spent": spent}))
 
 
 def apply(params: Params, base: dict, scores: str, mask: str | None, sparsity: float, out: str) -> str:
@@ -341,9 +348,11 @@ def run_manifest(params: Params, task: str, method: str, base: dict) -> dict:
 
 def write_run(params: Params, task: str, method: str, base: dict, record: dict, out_dir: str) -> dict[str, str]:
     """The run's outputs: `masks/sparsity-<t>.safetensors` with manifests saying what produced them,
-    and `summary.json` (no wall-clock time in it: a rerun with the same params writes the same bytes).
+    and `summary.json` (no wall-clock time in it: a rerun with the same params writes the same bytes;
+    its `cost` counts what the score and regenerate steps processed, `resp.cost.run_cost`).
     `record`: {"saved": {target key: mask file}, "trace_sets": [...], "used_by": {target key: n},
-    "steps": [...]}."""
+    "steps": [...], "spent": [files the score and regenerate steps wrote]}."""
+    from resp.cost import matmul_params, run_cost
     from resp.masks import Mask
     from resp.traces import TraceSet
 
@@ -365,6 +374,7 @@ def write_run(params: Params, task: str, method: str, base: dict, record: dict, 
         log.info("%s %s: mask at target %.2f has parameter sparsity %.4f, structure ratio %.4f -> %s",
                  method, task, target, manifest["sparsity"], manifest["structure_ratio"], written[key])
     summary = {"method": method, "task": task, "trace_sets": history, "steps": record["steps"],
+               "cost": run_cost(record["spent"], matmul_params(loaded_model(params, base).model)),
                "masks": {artifacts.target_key(t): {"path": written[artifacts.target_key(t)],
                                                    "sparsity": masks[t].sparsity(s)} for t in p.targets}}
     artifacts.write_json(Path(out_dir) / "summary.json", summary)

@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from resp.distributed import (DistributedError, distributed_taylor_scores, init_distributed,
-                              launched_by_torchrun, score_trace_file, shard)
-from resp.importance import load_scores
-from resp.importance import taylor_scores
+from resp.distributed import (DistributedError, distributed_taylor_scores, init_distributed, launched_by_torchrun,
+                              lockstep_batches, score_trace_file, shard, shard_model, sharded_taylor_scores)
+from resp.importance import ImportanceError, load_scores, taylor_scores
 from resp.models import load_model
 from resp.structures import structures_for
 from resp.traces import Trace, TraceSet
@@ -89,6 +88,73 @@ def test_two_gloo_workers_equal_one_process(tiny_params, tmp_path):
         assert abs_scores.n_samples == 7
         torch.testing.assert_close(abs_scores.attention, single_abs.attention, rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(abs_scores.channels, single_abs.channels, rtol=1e-5, atol=1e-12)
+
+
+def sharded_worker(rank: int, params, traces_path, out_dir, ports):
+    """A torchrun-like worker scoring on FSDP2-sharded parameters: through the file entry (mean mode,
+    params' importance settings), then with all weights requiring grad under gradient checkpointing."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(ports[0]), GLOO_SOCKET_IFNAME="lo")
+    written = score_trace_file(params, traces_path, out_dir / "sharded.safetensors")
+    assert (written is not None) == (rank == 0)
+
+    os.environ["MASTER_PORT"] = str(ports[1])
+    device = init_distributed("cpu")
+    try:
+        model, tokenizer = load_model(params.model.name_or_path, None, "float32", device)
+        model = shard_model(model, device)
+        weight = model.model.layers[1].mlp.up_proj.weight
+        assert weight.to_local().shape[0] == weight.shape[0] // 2  # each worker holds half the rows
+        s = structures_for(model, "kv_group", [])
+        scores = sharded_taylor_scores(model, TRACES, s, 3, tokenizer.pad_token_id, grads_only_scored=False,
+                                       grad_checkpointing=True)
+        torch.save(scores, out_dir / f"sharded-all-grads-rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sharded_scoring_equals_one_process(tiny_params, tmp_path):
+    """FSDP2 over two gloo workers (shards of 4 and 3 traces, so one worker runs a label-less lockstep
+    batch): the scores of one process up to fp32 summation order (rtol 1e-5), and the same masks."""
+    from resp.masks import Mask, prune_step
+
+    traces_path = tmp_path / "traces.jsonl"
+    TraceSet(TRACES, {"kind": "test"}).save(traces_path)
+    params = tiny_params.model_copy(update={
+        "importance": tiny_params.importance.model_copy(update={"batch_size": 2}),
+        "scale": tiny_params.scale.model_copy(update={"scoring": "sharded"})})
+    assert lockstep_batches(TRACES, 2, 2, 0) == 2 and lockstep_batches(TRACES, 2, 3, 0) == 2
+    mp.start_processes(sharded_worker, args=(params, traces_path, tmp_path, (free_port(), free_port())), nprocs=2,
+                       start_method="fork")
+
+    model, tokenizer = load_model(params.model.name_or_path)
+    s = structures_for(model, params.prune.attention_unit, params.prune.protected_layers)
+    single = taylor_scores(model, TRACES, s, 7, tokenizer.pad_token_id)
+    got, manifest = load_scores(tmp_path / "sharded.safetensors")
+    assert manifest["scoring"] == "sharded" and manifest["world_size"] == 2
+    assert (got.n_samples, got.n_tokens) == (7, 27) and got.mean_loss == pytest.approx(single.mean_loss, rel=1e-6)
+    torch.testing.assert_close(got.attention, single.attention, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(got.channels, single.channels, rtol=1e-5, atol=1e-12)
+    assert not torch.equal(got.channels, torch.zeros_like(got.channels))
+    for target in (0.2, 0.4):
+        ours = prune_step(*got.normalized(s, "paper"), Mask.dense(s), s, target)
+        theirs = prune_step(*single.normalized(s, "paper"), Mask.dense(s), s, target)
+        assert ours.digest() == theirs.digest()
+
+    s_kv = structures_for(model, "kv_group", [])
+    all_grads = taylor_scores(model, TRACES, s_kv, 7, tokenizer.pad_token_id, grads_only_scored=False)
+    for rank in (0, 1):  # every worker gathers the unit scores of all traces
+        sharded = torch.load(tmp_path / f"sharded-all-grads-rank{rank}.pt", weights_only=False)
+        assert sharded.n_samples == 7
+        torch.testing.assert_close(sharded.attention, all_grads.attention, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(sharded.channels, all_grads.channels, rtol=1e-5, atol=1e-12)
+
+
+def test_sharded_scoring_refuses_per_sample_abs(tiny_qwen3):
+    s = structures_for(tiny_qwen3, "query_head", [])
+    with pytest.raises(ImportanceError, match="per_sample_abs is not implemented for sharded parameters"):
+        taylor_scores(tiny_qwen3, TRACES, s, 2, 0, per_sample_abs=True, sharded=True)
 
 
 def test_one_process_without_torchrun_writes_the_same_scores(tiny_params, tmp_path, monkeypatch):

@@ -103,3 +103,50 @@ def test_cli_prints_the_breakdown(tmp_path):
     bad = CliRunner().invoke(app, ["memory", "--config", str(config_json), "--seq-len", "5", "--dtype", "int8",
                                    "--params", str(ROOT / "params.yaml")])
     assert bad.exit_code == 2 and "error: dtype 'int8' is not one of" in bad.output
+
+
+def test_hand_computed_sharded_over_two_workers():
+    m = predict_scoring_memory(HAND, "float32", seq_len=5, batch_size=2, nproc=2)
+    assert m.weights == 968 // 2 and m.accumulators == 480 // 2
+    # unsharded: root (embed 40 + lm_head 40 + final norm 4) and two layers (158 each) in fp32,
+    # one layer's scored gradients (120) in the model dtype and their fp32 reduce-scatter copy,
+    # one gathered fp32 weight score (24 elements)
+    assert m.unsharded == (84 + 2 * 158) * 4 + 120 * (4 + 4) + 24 * 4 == 2656
+    one = predict_scoring_memory(HAND, "float32", seq_len=5, batch_size=2)
+    assert (m.saved_activations, m.loss_buffers, m.layer_buffers) == (one.saved_activations, one.loss_buffers,
+                                                                      one.layer_buffers)
+    assert m.peak == 484 + 240 + 3610 + 2656 + 1600 == 8590
+    with pytest.raises(MemoryModelError, match="sharded scoring .* mean mode only"):
+        predict_scoring_memory(HAND, "float32", 5, 2, per_sample_abs=True, nproc=2)
+
+
+def test_fit_verdicts_say_by_how_much_and_what_fits():
+    from resp.memory import fit_verdict
+
+    predict = lambda n: predict_scoring_memory(HAND, "float32", 5, 2, nproc=n)  # noqa: E731
+    assert fit_verdict(predict, 2, 8590).startswith("fits: per-worker peak 0.0 GiB")
+    # 7866 bytes do not shrink with workers; the sharded 968 + 480 do: 11 workers need 88 + 44
+    with pytest.raises(MemoryModelError, match=r"exceeds 0.0 GiB by 0.0 GiB; it fits sharded over 11 devices"):
+        fit_verdict(predict, 2, 8000)
+    assert predict(11).peak == 7866 + 88 + 44 <= 8000 < predict(10).peak
+    with pytest.raises(MemoryModelError, match="not even sharded over 64 devices"):
+        fit_verdict(predict, 2, 7000)
+
+
+def test_cli_nproc_per_worker_and_device_checks(tmp_path, monkeypatch):
+    import torch
+
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps(HAND))
+    args = ["memory", "--config", str(config_json), "--seq-len", "5", "--batch-size", "2", "--dtype", "float32",
+            "--no-grad-checkpointing", "--no-per-sample-abs", "--grads-only-scored", "--params", str(ROOT / "params.yaml")]
+    result = CliRunner().invoke(app, [*args, "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split()[1] for line in result.output.splitlines() if line[:1].isalpha()}
+    assert lines["unsharded"] == "2656" and lines["peak"] == "8590" and "sharded over 2 workers" in result.output
+    too_small = CliRunner().invoke(app, [*args, "--nproc", "2", "--gpu-memory", "0.000007"])
+    assert too_small.exit_code == 2 and "error: does not fit: per-worker peak" in too_small.output
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    more = CliRunner().invoke(app, [*args, "--nproc", "2"])
+    assert more.exit_code == 2
+    assert "error: --nproc 2 exceeds the 1 CUDA device(s) here: use at most 1, or pass --gpu-memory GIB" in more.output

@@ -35,7 +35,7 @@ class FileSteps:
         self.names.append(name)
         return self.dir / "steps" / f"{name}.safetensors"
 
-    def score(self, mask, traces, name):
+    def score(self, mask, traces, name, part):
         scores = self.fake.score(load(mask, self.s), TraceSet.load(traces))
         return str(save_scores(scores, self._out(name), {})), scores.mean_loss
 
