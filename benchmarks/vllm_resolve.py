@@ -1,17 +1,18 @@
 """Does a vLLM install resolve, and how fast? pip's dry run in fresh virtual environments, timed.
 
 Two plans, each in its own new venv (nothing is installed; pip only resolves):
+- separate: `pip install --dry-run vllm==<V>` - the generation environment the README sets up for
+  `RESP_VLLM_PYTHON` (resp sends it prompt token ids and gets token ids back). 0.33.0 is the newest
+  vLLM that resolves from the package index (0.34.0 pins flashinfer-python==0.7.3, which it lacks).
 - together: `pip install --dry-run -e <repo> vllm` - vLLM in resp's own environment. vLLM pins
-  transformers (0.34.0: >=5.16.1,<5.20) below resp's range (>=5.24, see pyproject.toml), so this
-  cannot resolve; the run records how pip ends (a conflict, or still backtracking at --timeout).
-- separate: `pip install --dry-run torch==<T> vllm==<V>` - the generation environment the README
-  sets up for `RESP_VLLM_PYTHON` (resp's steps send it prompt token ids and get token ids back).
+  transformers below resp's range (0.33/0.34: < 5.21 / < 5.20; resp: >= 5.24, see pyproject.toml),
+  so this cannot resolve; the run records how pip ends (a conflict, or still backtracking at --timeout).
 
 Results: benchmarks/results/vllm_resolve.json (or --out): per plan, the command, the wall time, pip's
 exit status, whether it resolved, the versions it would install (torch, transformers, vllm) or the
 last lines pip printed. Needs the package index; not part of the tests.
 
-    python benchmarks/vllm_resolve.py                 # a few minutes at most
+    python benchmarks/vllm_resolve.py                 # about 4 minutes
 """
 
 from __future__ import annotations
@@ -59,13 +60,12 @@ def dry_run(requirements: list[str], timeout: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vllm", default="0.34.0", help="vLLM version of the separate environment")
-    parser.add_argument("--torch", default="2.13.0", help="torch version vLLM pins (0.34.0: 2.13.0)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds before a plan counts as unresolved")
+    parser.add_argument("--vllm", default="0.33.0", help="vLLM version of the separate environment")
+    parser.add_argument("--timeout", type=float, default=180, help="seconds before a plan counts as unresolved")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vllm_resolve.json")
     args = parser.parse_args()
     results = {"python": sys.version.split()[0], "limit_s": args.timeout, "plans": {}}
-    for name, requirements in (("separate", [f"torch=={args.torch}", f"vllm=={args.vllm}"]),
+    for name, requirements in (("separate", [f"vllm=={args.vllm}"]),
                                ("together", ["-e", str(ROOT), "vllm"])):
         print(f"{name}: pip install --dry-run {' '.join(requirements)} ...", flush=True)
         results["plans"][name] = outcome = dry_run(requirements, args.timeout)
