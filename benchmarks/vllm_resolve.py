@@ -1,6 +1,6 @@
 """Does a vLLM install resolve, and how fast? pip's dry run in fresh virtual environments, timed.
 
-Two plans, each in its own new venv (nothing is installed; pip only resolves):
+Two plans, each in its own new venv with pip upgraded first (nothing else is installed; pip only resolves):
 - separate: `pip install --dry-run vllm==<V>` - the generation environment the README sets up for
   `RESP_VLLM_PYTHON` (resp sends it prompt token ids and gets token ids back). 0.33.0 is the newest
   vLLM that resolves from the package index (0.34.0 pins flashinfer-python==0.7.3, which it lacks).
@@ -34,6 +34,9 @@ def dry_run(requirements: list[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="vllm-resolve-") as tmp:
         venv.create(tmp, with_pip=True)
         python = str(Path(tmp) / "bin" / "python")
+        # the pip a venv bundles can be years old (3.11.7: pip 23.2, which took over 180 s for vLLM alone)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True, capture_output=True)
+        pip_version = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True).stdout.split()[1]
         report = Path(tmp) / "report.json"
         command = [python, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), *requirements]
         start = time.perf_counter()
@@ -44,7 +47,7 @@ def dry_run(requirements: list[str], timeout: float) -> dict:
             status = None
             output = (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
         seconds = time.perf_counter() - start
-        result = {"command": "pip install --dry-run " + " ".join(requirements), "seconds": round(seconds, 1),
+        result = {"command": "pip install --dry-run " + " ".join(requirements), "pip": pip_version, "seconds": round(seconds, 1),
                   "exit_status": status, "resolved": status == 0}
         if status == 0:
             plan = {item["metadata"]["name"].lower(): item["metadata"]["version"]
