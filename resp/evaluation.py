@@ -10,7 +10,8 @@ truncation rate, with one record per item (`answer_strict`, `correct_strict`,
 `decode_only_nll` is the token-weighted mean NLL over completion tokens of a trace set (the
 loss RESP calibrates on, measured on held-out prompts). `evaluate_masks` loads a model once
 and runs all of it for the dense model and each pruned mask (method step 10), writing one
-JSON file per method with no wall-clock times in it, so a rerun writes identical bytes.
+JSON file per method with no wall-clock times in it, so a rerun writes identical bytes (the NLL
+at `NLL_DIGITS` significant digits, so that another CPU's float rounding does not change them).
 
 Completions come from Hugging Face `generate` or, with `evaluation.backend: vllm`, from vLLM,
 which loads each evaluated model from a masked export (pruned units zeroed, stock shapes) in a
@@ -46,6 +47,15 @@ ACCURACY_KEYS = tuple(f"accuracy_{extractor}" for extractor in EXTRACTORS)  # ac
 SUMMARY_KEYS = ("n", *ACCURACY_KEYS, "mean_completion_tokens", "truncation_rate", "reflection_rate", "per_item")
 PER_ITEM_KEYS = (*(f"correct_{e}" for e in EXTRACTORS), "completion_tokens", "truncated", "reflection")
 BACKEND_KNOB = "evaluation.backend"
+# Significant digits of the held-out NLL in metrics files: their 7th digit depends on the CPU's float
+# reduction order, and the files are committed, so that `dvc repro` on another machine leaves them as
+# they are (a value this close to a rounding boundary is rare: about 1 in 1000 at 4 digits).
+NLL_DIGITS = 4
+
+
+def reported_nll(nll: float) -> float:
+    """`nll` at NLL_DIGITS significant digits, as metrics files hold it."""
+    return float(f"{nll:.{NLL_DIGITS}g}")
 
 
 class EvaluationError(ValueError):
@@ -188,6 +198,7 @@ def _evaluate_current(model, tokenizer, items: list[Item], fmt: str, ev: Evaluat
     nll = None
     if heldout is not None:
         nll = decode_only_nll(model, heldout, ev.nll_batch_size, tokenizer.pad_token_id, desc=f"nll {label}")
+        nll["nll"] = reported_nll(nll["nll"])
     return {"greedy": greedy, "sampled": sampled, "nll": nll}
 
 

@@ -28,7 +28,10 @@ in some tokenizers (the embedded one) and answer extraction needs them.
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -238,16 +241,58 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_siz
 
 
 BACKENDS = ("hf", "vllm")
-VLLM_MISSING = "vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set {knob}: hf"
+# The python of a separate vLLM environment (README, "GPU users"): vLLM pins a torch and a transformers
+# of its own, below resp's range, so it runs there (resp/vllm_worker.py) when this variable is set. A
+# path on this machine, not an experiment knob: it changes where tokens are computed, not which.
+VLLM_PYTHON = "RESP_VLLM_PYTHON"
+VLLM_MISSING = (f"vllm is not installed here: set {VLLM_PYTHON} to the python of a vLLM environment "
+                "(README, GPU users), or set {knob}: hf")
+WORKER = Path(__file__).with_name("vllm_worker.py")
 
 
 def require_vllm(backend_knob: str):
-    """The vllm module, or a one-line error naming the params knob (`backend_knob`) that asked for it."""
+    """The vllm module; None when VLLM_PYTHON names a separate vLLM environment's python; else a
+    one-line error naming the params knob (`backend_knob`) that asked for vLLM."""
+    python = os.environ.get(VLLM_PYTHON)
+    if python:
+        if not (Path(python).is_file() and os.access(python, os.X_OK)):
+            raise GenerationError(f"{VLLM_PYTHON}={python} is not an executable file: point it at the python of the "
+                                  "vLLM environment (e.g. /opt/vllm-env/bin/python)")
+        return None
     try:
         import vllm
     except ImportError:
         raise GenerationError(VLLM_MISSING.format(knob=backend_knob)) from None
     return vllm
+
+
+class VllmWorker:
+    """`vllm.LLM` in the vLLM environment of `python`: resp/vllm_worker.py there, token ids over a pipe."""
+
+    def __init__(self, python: str, llm_kwargs: dict):
+        self.process = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._ask(llm_kwargs)
+
+    def _ask(self, message: dict) -> dict:
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker ended: its last line (or none) says why
+        line = self.process.stdout.readline()
+        reply = json.loads(line) if line else {"error": f"exited with status {self.process.wait()} (its stderr above)"}
+        if "error" in reply:
+            self.close()
+            raise GenerationError(f"the vLLM worker ({VLLM_PYTHON}) failed: {reply['error']}")
+        return reply
+
+    def generate(self, prompt_ids: list[list[int]], sampling: list[dict]) -> list[list[int]]:
+        return self._ask({"prompts": prompt_ids, "sampling": sampling})["token_ids"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait()
 
 
 class VllmEngine:
@@ -256,7 +301,8 @@ class VllmEngine:
     Starting an engine takes long on a real model, so evaluation keeps one per evaluated model
     for all its sampling passes. For a pruned model, load a masked export (pruned units zeroed in
     the stock shapes, so vLLM loads it like the base model). `close()` (or leaving the `with`
-    block) gives the GPU memory back to the model being pruned.
+    block) gives the GPU memory back to the model being pruned. With VLLM_PYTHON set, the engine
+    runs in that environment (`VllmWorker`); otherwise vllm is imported here.
     """
 
     def __init__(self, model_dir: str | Path, gpu_memory_utilization: float, backend_knob: str = "generation.backend",
@@ -272,21 +318,27 @@ class VllmEngine:
             generation_config = GenerationConfig()
         self.eos = eos_token_ids(SimpleNamespace(generation_config=generation_config), self.tokenizer)
         # every request carries its own seed (see generate), so the engine's seed is never used
-        self.llm = self.vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, revision=revision,
-                                 tokenizer_revision=revision, gpu_memory_utilization=gpu_memory_utilization)
+        llm_kwargs = dict(model=self.model_dir, tokenizer=self.model_dir, revision=revision, tokenizer_revision=revision,
+                          gpu_memory_utilization=gpu_memory_utilization)
+        self.llm = self.vllm.LLM(**llm_kwargs) if self.vllm else VllmWorker(os.environ[VLLM_PYTHON], llm_kwargs)
 
     def generate(self, prompts: list[str], spec: SamplingSpec, seed: int) -> list[Completion]:
         """One completion per prompt (already chat-templated). Prompt i is sampled with seed + i, so
         a completion does not depend on how vLLM batches requests. EOS ids, the cut and the
         decoding are those of `generate`."""
         prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        sampling = [self.vllm.SamplingParams(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k or -1,
-                                             max_tokens=spec.max_new_tokens, seed=seed + i, stop_token_ids=self.eos,
-                                             skip_special_tokens=False) for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling)
+        sampling = [dict(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k or -1,
+                         max_tokens=spec.max_new_tokens, seed=seed + i, stop_token_ids=self.eos,
+                         skip_special_tokens=False) for i in range(len(prompts))]
+        if self.vllm:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
+                                        [self.vllm.SamplingParams(**kwargs) for kwargs in sampling])
+            generated = [list(output.outputs[0].token_ids) for output in outputs]
+        else:
+            generated = self.llm.generate(prompt_ids, sampling)
         results = []
-        for ids, output in zip(prompt_ids, outputs):
-            completion_ids, truncated = _cut(list(output.outputs[0].token_ids), set(self.eos))
+        for ids, tokens in zip(prompt_ids, generated, strict=True):
+            completion_ids, truncated = _cut(tokens, set(self.eos))
             body = completion_ids if truncated else completion_ids[:-1]
             results.append(Completion(list(ids), completion_ids, self.tokenizer.decode(body, skip_special_tokens=False),
                                       truncated))
@@ -294,6 +346,8 @@ class VllmEngine:
         return results
 
     def close(self) -> None:
+        if isinstance(self.llm, VllmWorker):
+            self.llm.close()
         self.llm = None
         gc.collect()
 

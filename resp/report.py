@@ -629,7 +629,9 @@ def _plot_png(table: dict, task: str, methods: list[str], targets: list[float], 
 
 
 def _loss(x: float) -> float:
-    return float(f"{x:.6g}")   # losses of a small model are tiny: six significant digits, not decimals
+    """Four significant digits (losses of a small model are tiny: digits, not decimals): the 7th digit of a
+    drift loss depends on the CPU's float reduction order, and the plots are committed."""
+    return float(f"{x:.4g}")
 
 
 def _drift_csv(summaries: dict, task: str, drift: list[str]) -> bytes:
@@ -654,10 +656,10 @@ def _drift_png(summaries: dict, task: str, drift: list[str]) -> bytes:
     circles = dict(linestyle="none", marker="o", markersize=9, markerfacecolor="none")
     for method in drift:
         steps = sorted(summaries[task][method]["steps"], key=lambda s: s["step"])
-        (line,) = ax.plot([100 * s["scored_sparsity"] for s in steps], [s["loss"] for s in steps], marker=".",
+        (line,) = ax.plot([100 * s["scored_sparsity"] for s in steps], [_loss(s["loss"]) for s in steps], marker=".",
                           label=method)
         again = [s for s in steps if s["regenerated"]]
-        ax.plot([100 * s["scored_sparsity"] for s in again], [s["loss"] for s in again], color=line.get_color(),
+        ax.plot([100 * s["scored_sparsity"] for s in again], [_loss(s["loss"]) for s in again], color=line.get_color(),
                 label="_nolegend_", **circles)
     if any(s["regenerated"] for m in drift for s in summaries[task][m]["steps"]):
         ax.plot([], [], color="black", label="traces regenerated", **circles)   # one legend entry for all circles

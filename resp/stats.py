@@ -1,4 +1,7 @@
-"""Bootstrap intervals over evaluation items, for the report (pure numpy).
+"""Bootstrap intervals over evaluation items, for the report (pure numpy): the percentile bootstrap of
+`scipy.stats.bootstrap` (method="percentile", the same generator), which tests/test_stats.py checks
+number for number. Kept as these few lines because scipy refuses a single item ("two or more
+observations"), which a one-item study or a smoke run gives.
 
 An item's value is a 0/1 score (or any number); with several sampled seeds per item it is the
 item's mean over its seeds (`per_item` of shape items x seeds). Items are resampled with

@@ -96,7 +96,7 @@ def test_benchmark_with_vllm_generates_from_the_model_directory(saved_model, tas
 
 
 @pytest.mark.parametrize("args,message", [
-    ([], "error: vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, or set evaluation.backend: hf"),
+    ([], "error: vllm is not installed here: set RESP_VLLM_PYTHON to the python of a vLLM environment (README, GPU users), or set evaluation.backend: hf"),
     (["--model", "/nonexistent"], "error: model directory /nonexistent does not exist: check model.name_or_path"),
 ])
 def test_benchmark_with_vllm_bad_input_is_one_line(args, message, task_file, stand_in_vllm, monkeypatch):

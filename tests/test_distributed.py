@@ -226,12 +226,12 @@ def test_vllm_backend_without_vllm_says_how_to_fix(monkeypatch, tiny_model_dir):
     spec = SamplingSpec(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=4)
     with pytest.raises(GenerationError) as err:
         generate_with_backend("vllm", None, None, ["x"], spec, 1, 0, "g", model_dir=tiny_model_dir, gpu_memory_utilization=0.5)
-    assert str(err.value) == ("vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, "
+    assert str(err.value) == ("vllm is not installed here: set RESP_VLLM_PYTHON to the python of a vLLM environment (README, GPU users), "
                               "or set generation.backend: hf")
     with pytest.raises(GenerationError) as err:  # evaluation chose vllm: the message names its knob
         generate_with_backend("vllm", None, None, ["x"], spec, 1, 0, "g", model_dir=tiny_model_dir, gpu_memory_utilization=0.5,
                               backend_knob="evaluation.backend")
-    assert str(err.value) == ("vllm is not installed: pip install 'resp[vllm]' on a CUDA machine, "
+    assert str(err.value) == ("vllm is not installed here: set RESP_VLLM_PYTHON to the python of a vLLM environment (README, GPU users), "
                               "or set evaluation.backend: hf")
     with pytest.raises(GenerationError, match=r"needs a saved model directory \(a masked export"):
         generate_with_backend("vllm", None, None, ["x"], spec, 1, 0, "g")

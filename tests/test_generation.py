@@ -13,8 +13,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from resp.checkpoints.compact import compact_model
-from resp.generation import (Completion, GenerationError, SamplingSpec, _BufferedLayer, _cut, _rows_to_keep,
-                             eos_token_ids, generate, next_tokens, processed_scores)
+from resp.generation import (Completion, GenerationError, SamplingSpec, VllmEngine, _BufferedLayer, _cut, _rows_to_keep,
+                             eos_token_ids, generate, next_tokens, processed_scores, require_vllm)
 from resp.masks import Mask
 from resp.models import load_model
 from resp.structures import structures_for
@@ -328,3 +328,81 @@ def test_buffered_layer_equals_dynamic_layer():
     select([3, 0])
     step(2, 1)
     assert buffered.get_seq_length() == dynamic.get_seq_length() == 8
+
+
+STAND_IN_VLLM = '''
+"""A stand-in vllm for the worker tests: scripted token ids, no GPU."""
+import json, os
+from types import SimpleNamespace
+
+SamplingParams = dict
+
+
+class LLM:
+    def __init__(self, **kwargs):
+        print("stand-in vllm: loading", kwargs["model"])   # on stdout, as vLLM logs: must not reach the replies
+        if os.environ.get("STAND_IN_FAIL"):
+            raise RuntimeError(os.environ["STAND_IN_FAIL"])
+        with open(os.environ["STAND_IN_RECORD"], "a") as record:
+            record.write(json.dumps(kwargs, sort_keys=True) + "\\n")
+
+    def generate(self, prompts, sampling):
+        # the prompt's last 3 tokens, one token named by the seed, then the first stop token
+        return [SimpleNamespace(outputs=[SimpleNamespace(
+                    token_ids=p["prompt_token_ids"][-3:] + [5 + s["seed"] % 7] + s["stop_token_ids"][:1])])
+                for p, s in zip(prompts, sampling)]
+'''
+
+
+@pytest.fixture
+def vllm_environment(tmp_path, monkeypatch):
+    """A separate "vLLM environment": a python that imports the stand-in vllm, named by RESP_VLLM_PYTHON."""
+    import os
+    import sys
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "vllm.py").write_text(STAND_IN_VLLM)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{tmp_path / "site"}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv("RESP_VLLM_PYTHON", str(python))
+    monkeypatch.setenv("STAND_IN_RECORD", str(tmp_path / "llms.jsonl"))
+    monkeypatch.setitem(sys.modules, "vllm", None)  # nothing here may import vllm: it is in the other environment
+    assert not os.environ.get("STAND_IN_FAIL")
+    return tmp_path
+
+
+def test_vllm_runs_in_its_own_environment(vllm_environment, tiny_model_dir, tiny_tokenizer):
+    """RESP_VLLM_PYTHON: resp/vllm_worker.py under that python serves the engine; resp tokenizes, cuts at
+    EOS and decodes, as for an in-process vLLM."""
+    import json
+
+    spec = SamplingSpec(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=8)
+    with VllmEngine(tiny_model_dir, 0.5) as engine:
+        first = engine.generate(PROMPTS, spec, seed=10)
+        second = engine.generate(PROMPTS[:2], GREEDY, seed=0)  # one engine, several passes
+    [llm] = [json.loads(line) for line in (vllm_environment / "llms.jsonl").read_text().splitlines()]
+    assert llm == {"model": str(tiny_model_dir), "tokenizer": str(tiny_model_dir), "revision": None,
+                   "tokenizer_revision": None, "gpu_memory_utilization": 0.5}
+    eos = engine.eos[0]
+    for i, (prompt, completion) in enumerate(zip(PROMPTS, first)):
+        ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert completion == Completion(ids, ids[-3:] + [5 + (10 + i) % 7, eos],
+                                        tiny_tokenizer.decode(ids[-3:] + [5 + (10 + i) % 7], skip_special_tokens=False),
+                                        truncated=False)
+    assert [c.completion_ids[3] for c in second] == [5, 6]
+
+
+def test_vllm_worker_failure_is_one_line(vllm_environment, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("STAND_IN_FAIL", "no CUDA device")
+    with pytest.raises(GenerationError) as error:
+        VllmEngine(tiny_model_dir, 0.5)
+    assert str(error.value) == "the vLLM worker (RESP_VLLM_PYTHON) failed: RuntimeError: no CUDA device"
+
+
+def test_vllm_python_that_is_not_a_program_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESP_VLLM_PYTHON", str(tmp_path / "missing" / "python"))
+    with pytest.raises(GenerationError) as error:
+        require_vllm("evaluation.backend")
+    assert str(error.value) == (f"RESP_VLLM_PYTHON={tmp_path / 'missing' / 'python'} is not an executable file: point "
+                                "it at the python of the vLLM environment (e.g. /opt/vllm-env/bin/python)")

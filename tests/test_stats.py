@@ -143,3 +143,28 @@ def test_cluster_bootstrap_refuses_other_shapes():
         cluster_bootstrap(np.zeros(4), 100, 0.95, 0)
     with pytest.raises(ValueError, match=r"not shape \(0, 3\)"):
         cluster_bootstrap(np.zeros((0, 3)), 100, 0.95, 0)
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.9])
+def test_intervals_are_scipys_percentile_bootstrap(confidence):
+    """resp.stats is scipy.stats.bootstrap (method "percentile") with the same generator: the same resamples,
+    the same interval, and for a paired difference scipy's paired=True on (a, b)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    a = (rng.random((60, 3)) < 0.6).astype(float)   # items x seeds: an item's value is its mean over seeds
+    b = (rng.random((60, 3)) < 0.4).astype(float)
+
+    def scipy_interval(data, statistic, **kwargs):
+        result = stats.bootstrap(data, statistic, n_resamples=SAMPLES, confidence_level=confidence, method="percentile",
+                                 rng=np.random.default_rng(SEED), vectorized=True, **kwargs)
+        return result.confidence_interval.low, result.confidence_interval.high
+
+    mean, low, high = bootstrap_interval(a, SAMPLES, confidence, SEED)
+    assert mean == item_values(a).mean()
+    assert (low, high) == pytest.approx(scipy_interval((item_values(a),), np.mean), abs=1e-12)
+
+    difference, low, high = paired_difference(a, b, SAMPLES, confidence, SEED)
+    assert difference == pytest.approx(item_values(a).mean() - item_values(b).mean(), abs=1e-12)
+    paired = scipy_interval((item_values(a), item_values(b)), lambda x, y, axis: (x - y).mean(axis=axis), paired=True)
+    assert (low, high) == pytest.approx(paired, abs=1e-12)
