@@ -526,7 +526,8 @@ def audit_command(
         typer.echo(f"restored {path} from DVC (sha256 verified against the registry)")
     for line in lineage_lines(report):
         typer.echo(line)
-    checked = len(report["checks"]) + len(report.get("joins", [])) + (report["base_check"] in ("ok", "mismatch"))
+    checked = (len(report["checks"]) + len(report.get("joins", [])) + len(report.get("tag_checks", []))
+               + (report["base_check"] in ("ok", "mismatch")))
     if report["problems"]:
         for problem in report["problems"]:
             typer.echo(f"MISMATCH {problem}")

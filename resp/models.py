@@ -1,7 +1,8 @@
 """Model loading and model identity (for lineage).
 
 A model is a Hugging Face hub id (with optional revision) or a local directory. Its identity
-is the hub commit sha when known, otherwise a content hash of its weight and config files.
+is the hub commit sha when known, otherwise a content hash of every file that decides its
+behaviour: weights, config, tokenizer, chat template and generation config.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from resp.artifacts import is_local
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IDENTITY_FILES = ("*.safetensors", "*.bin", "config.json")
+# What a local model's content hash covers: a changed tokenizer, chat template or generation config
+# changes what the model does as much as its weights. Lineage records the scheme (IDENTITY_SCHEME);
+# records without one were hashed over LEGACY_IDENTITY_FILES.
+IDENTITY_FILES = ("*.safetensors", "*.bin", "config.json", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json",
+                  "added_tokens.json", "chat_template.jinja", "chat_template.json")
+IDENTITY_SCHEME = "weights+config+tokenizer+chat_template+generation_config"
+LEGACY_IDENTITY_FILES = ("*.safetensors", "*.bin", "config.json")
 
 
 class ModelLoadError(ValueError):
@@ -50,12 +58,12 @@ def check_model_ref(name_or_path: str) -> None:
 _HASHES: dict[tuple, str] = {}
 
 
-def content_hash(directory: str | Path) -> str:
-    """sha256 over the (sorted) weight and config files of a local model directory (memoised per
-    process by the files' paths, sizes and modification times: a check and a run hash once)."""
+def content_hash(directory: str | Path, patterns: tuple[str, ...] = IDENTITY_FILES) -> str:
+    """sha256 over the (sorted) IDENTITY_FILES of a local model directory (memoised per process by the
+    files' paths, sizes and modification times: a check and a run hash once)."""
     directory = Path(directory)
-    files = sorted({f for pattern in IDENTITY_FILES for f in directory.glob(pattern)})
-    if not files:
+    files = sorted({f for pattern in patterns for f in directory.glob(pattern)})
+    if not any(f.suffix in (".safetensors", ".bin") for f in files):
         raise ModelLoadError(f"{directory} holds no weight files (*.safetensors or *.bin): point model.name_or_path at a saved model")
     stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if stamp in _HASHES:
