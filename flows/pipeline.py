@@ -264,6 +264,7 @@ def _export_run_name() -> str:
 def export_mask(params: Params, mask: str, formats: list[str], out_root: str, base: dict) -> dict:
     """Write the base model pruned by `mask` in every format to `<out_root>/<format>/`."""
     from resp.checkpoints import export_mask_file
+    from resp.locking import export_dir_lock
     from resp.models import load_model
 
     m = params.model
@@ -272,9 +273,10 @@ def export_mask(params: Params, mask: str, formats: list[str], out_root: str, ba
     with one_model_at_a_time():
         model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device, m.trust_remote_code)
         for fmt in formats:
-            written[fmt] = str(export_mask_file(model, tokenizer, identity, mask, fmt, Path(out_root) / fmt,
-                                                params.export.channel_multiple, params.prune.attention_unit,
-                                                params.prune.protected_layers))
+            with export_dir_lock(Path(out_root) / fmt):   # `resp export` into the same directory waits its turn
+                written[fmt] = str(export_mask_file(model, tokenizer, identity, mask, fmt, Path(out_root) / fmt,
+                                                    params.export.channel_multiple, params.prune.attention_unit,
+                                                    params.prune.protected_layers))
     return stamped(written)
 
 

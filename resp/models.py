@@ -143,6 +143,38 @@ def check_tokenizer_files(directory: str | Path) -> None:
                          "as benchmarks/real_model.py prepare does)")
 
 
+def _check_layer_count(name_or_path: str, config) -> None:
+    """Before loading: the layers stored in a local directory's safetensors files are the layers config.json
+    declares (the common way a config and its weights part; `_check_weights_fit_config` catches the rest)."""
+    import re
+
+    from safetensors import safe_open
+
+    stored = set()
+    for f in Path(name_or_path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            stored.update(int(m.group(1)) for k in st.keys() if (m := re.match(r"model\.layers\.(\d+)\.", k)))
+    declared = getattr(config, "num_hidden_layers", None)
+    if stored and declared is not None and len(stored) != declared:
+        raise ModelLoadError(f"model {name_or_path}: config.json disagrees with the weights (num_hidden_layers "
+                             f"{declared}, {len(stored)} layers stored): fix config.json or re-save the model with "
+                             "save_pretrained")
+
+
+def _check_weights_fit_config(name_or_path: str, loading: dict) -> None:
+    """Weights and config.json must describe the same model: transformers drops stored tensors the
+    config has no place for (8 layers stored, 4 declared: a 4-layer model) and randomly initialises
+    declared ones that are not stored, with a log line only."""
+    unused, missing = loading.get("unexpected_keys") or [], loading.get("missing_keys") or []
+    mismatched = loading.get("mismatched_keys") or []
+    if unused or missing or mismatched:
+        parts = [f"{len(v)} {what} (e.g. {sorted(v)[0] if what != 'of another shape' else v[0][0]})"
+                 for what, v in (("stored tensors it has no place for", unused), ("tensors not stored", missing),
+                                 ("of another shape", mismatched)) if v]
+        raise ModelLoadError(f"model {name_or_path}: config.json disagrees with the weights ({'; '.join(parts)}): fix "
+                             "config.json (e.g. num_hidden_layers) or re-save the model with save_pretrained")
+
+
 def load_model(name_or_path: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu",
                trust_remote_code: bool = False):
     """Load (model, tokenizer) for pruning; the model is in eval mode on `device`.
@@ -174,11 +206,15 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
                                      "--trust-remote-code (model.trust_remote_code=true) only if you trust that code")
             config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
             adapter_for(config)  # fail early, naming the supported families
+            if local is not None:
+                _check_layer_count(name_or_path, config)
             architectures = getattr(config, "architectures", None) or []
             if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
                 raise ModelLoadError(f"{name_or_path} is a {architectures[0]}, not a causal language model (*ForCausalLM)")
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype],
-                                                         trust_remote_code=trust_remote_code)
+            model, loading = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype],
+                                                                  trust_remote_code=trust_remote_code,
+                                                                  output_loading_info=True)
+            _check_weights_fit_config(name_or_path, loading)
         if local is not None:
             check_tokenizer_files(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
