@@ -103,7 +103,7 @@ def _task_items(task_params: TaskParams, split: str) -> None:
         load_items(task_params, split)
     except ValueError:
         raise
-    except Exception as e:  # datasets' errors (offline hub: ConnectionError, unknown dataset) name no file
+    except Exception as e:  # noqa: BLE001 - datasets' errors (offline hub: ConnectionError, unknown dataset) name no file
         raise ValueError(f"task data {task_params.source!r} (split {split!r}) cannot be loaded ({type(e).__name__}: "
                          f"{str(e).strip()[:160]}): check the source and network, or point the task's source at a "
                          "local directory") from None
@@ -207,7 +207,7 @@ def export_command(
     overrides: Overrides = None,
 ) -> None:
     """Export a pruned model: masked (zeroed, stock shapes), compact (smaller per-layer shapes) or uniform (stock config)."""
-    from resp.artifacts import masks_in_dir, parse_target, target_name
+    from resp.artifacts import masks_in_dir, target_name
     from resp.checkpoints import check_export_dir, check_format, export_mask_file
     from resp.lineage import check_mask_file
     from resp.locking import export_dir_lock
@@ -225,8 +225,7 @@ def export_command(
                 [(path, out / target_name(target) / f, f) for target, path in masks_in_dir(masks_dir).items() for f in formats])
         _early_checks(p)
         for mask_path, target_dir, fmt in jobs:  # before the model is loaded: every mask reads, every --out may be written
-            named = mask_path.name.removesuffix(".safetensors").removeprefix("sparsity-")
-            check_mask_file(mask_path, parse_target(named) if mask_path.name.startswith("sparsity-") else None)
+            check_mask_file(mask_path)
             check_export_dir(target_dir, overwrite)
         locks = ExitStack()   # a second export into one of these directories fails at once
         for target_dir in dict.fromkeys(d for _, d, _ in jobs):
@@ -388,8 +387,8 @@ def evaluate_command(
 
         _early_checks(p, [(out, "file")])
         check_replaceable_json(out, METRICS_KEYS, "a `resp evaluate` metrics file", overwrite)
-        for target, mask_path in masks.items():  # the masks are what their names and --method say
-            check_mask_file(mask_path, target, method)
+        for mask_path in masks.values():  # the masks are what their names and --method say
+            check_mask_file(mask_path, method=method)
         if heldout is not None:
             check_heldout_traces(p, task, heldout)
         path = evaluate_masks(p, task, method or DENSE, masks, heldout, out, include_dense=dense)

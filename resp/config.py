@@ -406,7 +406,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ParamsError(f"{path} is not UTF-8 text (byte 0x{body[e.start]:02x} at offset {e.start}): "
                           "save it as UTF-8") from None
     try:
-        tree = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:

@@ -43,7 +43,7 @@ def check_dense_traces(params, task: str, method: str, traces_path: str | Path |
         raise LineageError(f"traces {traces_path} were generated from {what}, not the dense model on the calibration "
                            f"split {split!r} of {task}: regenerate them with `resp traces --task {task}`")
     prompts = len({t.prompt_id for t in traces.traces})
-    if declared.calibration == "self" and prompts != params.calibration.num_prompts:
+    if declared.calibration == "self" and traces.traces and prompts != params.calibration.num_prompts:
         raise LineageError(f"traces {traces_path} hold {prompts} prompts, but calibration.num_prompts is "
                            f"{params.calibration.num_prompts}: regenerate them with `resp traces --task {task}` under "
                            "these params")
@@ -98,9 +98,15 @@ def check_trace_records(traces, path: str | Path) -> None:
 
 def check_mask_file(path: str | Path, target: float | None = None, method: str | None = None,
                     task: str | None = None) -> dict:
-    """A mask read by name: its manifest must record the target its file name says, and the method and
-    task it is used as. Returns the manifest."""
-    mask, meta = read_mask(path)
+    """A mask read by name: its manifest must record the target its file name (`sparsity-0.30`) or
+    `target` says, and the method and task it is used as. Returns the manifest."""
+    _, meta = read_mask(path)
+    name = Path(path).name.removesuffix(".safetensors")
+    if target is None and name.startswith("sparsity-"):
+        try:
+            target = parse_target(name.removeprefix("sparsity-"))
+        except ValueError:
+            target = None
     recorded = meta.get("target")
     if target is not None and (recorded is None or round(float(recorded), 6) != round(float(target), 6)):
         raise LineageError(f"mask {path} was made for target {recorded}, not the {target:.2f} its file name says: "

@@ -153,7 +153,8 @@ def _check_layer_count(name_or_path: str, config) -> None:
     stored = set()
     for f in Path(name_or_path).glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
-            stored.update(int(m.group(1)) for k in st.keys() if (m := re.match(r"model\.layers\.(\d+)\.", k)))
+            names = st.keys()   # a safe_open handle has no __contains__/__iter__
+            stored.update(int(m.group(1)) for k in names if (m := re.match(r"model\.layers\.(\d+)\.", k)))
     declared = getattr(config, "num_hidden_layers", None)
     if stored and declared is not None and len(stored) != declared:
         raise ModelLoadError(f"model {name_or_path}: config.json disagrees with the weights (num_hidden_layers "
@@ -168,7 +169,7 @@ def _check_weights_fit_config(name_or_path: str, loading: dict) -> None:
     unused, missing = loading.get("unexpected_keys") or [], loading.get("missing_keys") or []
     mismatched = loading.get("mismatched_keys") or []
     if unused or missing or mismatched:
-        parts = [f"{len(v)} {what} (e.g. {sorted(v)[0] if what != 'of another shape' else v[0][0]})"
+        parts = [f"{len(v)} {what} (e.g. {min(v) if what != 'of another shape' else v[0][0]})"
                  for what, v in (("stored tensors it has no place for", unused), ("tensors not stored", missing),
                                  ("of another shape", mismatched)) if v]
         raise ModelLoadError(f"model {name_or_path}: config.json disagrees with the weights ({'; '.join(parts)}): fix "

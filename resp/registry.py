@@ -418,9 +418,11 @@ def _killed(run, host: str) -> bool:
 
 def _unfinished(client, version) -> str | None:
     """Why a version can never verify (its run was not finished: killed mid-registration), or None."""
+    from mlflow.exceptions import MlflowException
+
     try:
         run = client.get_run(version.run_id)
-    except Exception:
+    except MlflowException:
         return f"its run {version.run_id} is gone"
     if run.info.lifecycle_stage == "deleted":
         return f"its run {version.run_id} was deleted"

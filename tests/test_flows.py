@@ -191,8 +191,8 @@ def plant_pickle_in_the_cache(tmp_path, masks, calls, caplog, run):
     assert not marker.exists()                                   # nothing executed
     assert dict(calls) == {"write_run": 1}                       # the step recomputed, nothing else
     warnings = [r.getMessage() for r in caplog.records if r.name == "resp.flow"]
-    assert warnings == [f"cached result {target.name} in flow.results_dir was not written by resp (serializer pickle, "
-                        f"not json): moved to {target.name}.refused unread; its task runs again"]
+    assert warnings == [(f"cached result {target.name} in flow.results_dir was not written by resp (serializer pickle, "
+                         f"not json): moved to {target.name}.refused unread; its task runs again")]
     assert json.loads(target.read_text())["metadata"]["serializer"]["type"] == "json"   # rewritten by the rerun
     assert json.loads(target.with_name(f"{target.name}.refused").read_text()) == planted  # kept, never read
 
@@ -410,11 +410,11 @@ def test_unwritable_results_dir_and_empty_lists_end_in_one_line(tiny_params, tmp
     blocker.write_text("")
     for override, line in [
         (f"flow.results_dir={blocker}/results",
-         f"error: flow.results_dir {blocker}/results: {blocker} is a file, not a directory: choose another "
-         "flow.results_dir"),
-        ("run.methods=[]", f"error: {params} is invalid: run.methods: Value error, is empty, so a run would do nothing: "
-                           "name at least one"),
-        ("run.tasks=[]", f"error: {params} is invalid: run.tasks: Value error, is empty, so a run would do nothing: "
-                         "name at least one")]:
+         (f"error: flow.results_dir {blocker}/results: {blocker} is a file, not a directory: choose another "
+          "flow.results_dir")),
+        ("run.methods=[]", (f"error: {params} is invalid: run.methods: Value error, is empty, so a run would do "
+                            "nothing: name at least one")),
+        ("run.tasks=[]", (f"error: {params} is invalid: run.tasks: Value error, is empty, so a run would do nothing: "
+                          "name at least one"))]:
         result = runner.invoke(app, ["run", "--params", str(params), "--set", override])
         assert (result.exit_code, result.output.strip().splitlines()) == (2, [line])
