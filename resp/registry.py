@@ -13,7 +13,10 @@ so lineage answers both ways: `audit` walks from a version to its inputs and ver
 digest; `versions_with_traces` lists the versions a trace set went into.
 
 A version is created only after its files are logged and their logged copies verified; any
-failure before that deletes the half-made run. Registering the same mask of the same base
+failure before that deletes the half-made run. A registration killed after creating its version
+but before finishing its run leaves a version that can never verify: `audit` names it as broken,
+and the next registration withdraws it and registers the mask again. Reading the registry
+(`audit`, `versions_with_traces`) never creates a store. Registering the same mask of the same base
 model with the same params and byte-identical files again returns the existing version; if any
 file changed (a re-export, new metrics), a new version replaces it. This is the only module of
 `resp` that imports MLflow.

@@ -145,6 +145,11 @@ def _params_bytes(body: bytes):
     return lambda p: _scratch(p, "params", lambda d: (d / "params.yaml").write_bytes(body))
 
 
+def _params_edited(edit: Callable[[str], str]):
+    """The project's own params.yaml, edited by `edit` (a complete file: only the edit is wrong)."""
+    return lambda p: _scratch(p, "params", lambda d: (d / "params.yaml").write_text(edit(p.params.read_text())))
+
+
 def _truncated_model(d: Path, p: Project) -> None:
     shutil.copytree(p.model_dir, d / "model")
     weights = d / "model" / "model.safetensors"
@@ -299,6 +304,16 @@ def _held_export_lock(p: Project):
 
     with export_dir_lock(p.root / "scratch" / "locked-export"):
         yield
+
+
+def _user_note(p: Project):
+    """A user's own JSON file (a command that overwrote it would leave other bytes; checked afterwards)."""
+    @contextlib.contextmanager
+    def kept(p: Project):
+        with _scratch(p, "n", lambda d: (d / "notes.json").write_text('{"mine": true}\n')):
+            yield
+            assert (p.root / S / "n" / "notes.json").read_text() == '{"mine": true}\n', "the user's file was replaced"
+    return kept(p)
 
 
 def _two_format_dirs(p: Project) -> None:
@@ -475,11 +490,12 @@ CASES: list[Case] = [
          setup=lambda p: _scratch(p, "m", lambda d: _fewer_layers(d, p))),
     # ---- --out never destroys
     Case("bad input", "benchmark-out-user-file", "resp benchmark --out <an existing file that is not a report>",
-         "overwritten", lambda p: ["benchmark", "--task", "arith", "--out", str(p.params)],
-         "exists and is not a `resp benchmark` report: choose another --out, or pass --overwrite"),
+         "overwritten", lambda p: ["benchmark", "--task", "arith", "--out", str(p.root / S / "n" / "notes.json")],
+         "exists and is not a `resp benchmark` report: choose another --out, or pass --overwrite", setup=_user_note),
     Case("bad input", "evaluate-out-user-file", "resp evaluate --out <an existing file that is not a metrics file>",
-         "overwritten", lambda p: ["evaluate", "--task", "arith", "--dense", "--out", str(p.params)],
-         "exists and is not a `resp evaluate` metrics file: choose another --out, or pass --overwrite"),
+         "overwritten", lambda p: ["evaluate", "--task", "arith", "--dense", "--heldout", str(p.traces["heldout"]), "--out",
+                                  str(p.root / S / "n" / "notes.json")],
+         "exists and is not a `resp evaluate` metrics file: choose another --out, or pass --overwrite", setup=_user_note),
     Case("bad input", "export-two-formats-one-dir", "resp export --mask X --out D (export.formats: masked, compact)",
          "masked then compact written into the same D, both reported",
          lambda p: ["export", "--mask", str(_mask(p)), "--out", str(p.root / S / "two-formats"), "--set",
@@ -492,8 +508,9 @@ CASES: list[Case] = [
          setup=lambda p: _scratch(p, "u", _user_files)),
     Case("bad input", "prune-out-other-method", "resp prune --method random --out <a magnitude run>",
          "mixed the two runs' steps/ and traces/",
-         lambda p: ["prune", "--task", "arith", "--method", "random", "--out", str(p.run_dir)],
-         "holds the magnitude run of arith, not random on arith: its steps/ and traces/ would mix"),
+         lambda p: ["prune", "--task", "arith", "--method", "random", "--out", str(p.root / S / "o" / "run")],
+         "holds the magnitude run of arith, not random on arith: its steps/ and traces/ would mix",
+         setup=lambda p: _scratch(p, "o", lambda d: shutil.copytree(p.run_dir, d / "run"))),
     Case("concurrency", "export-dir-in-use", "resp export --out <dir another export is writing>", "not locked",
          lambda p: ["export", "--mask", str(_mask(p)), "--out", str(p.root / S / "locked-export"), "--format", "masked"],
          f"export directory {{root}}/{S}/locked-export is in use by pid {os.getpid()}", setup=_held_export_lock),
@@ -501,7 +518,8 @@ CASES: list[Case] = [
     Case("bad input", "evaluate-method-not-the-masks", "resp evaluate --method resp --masks-dir <magnitude masks>",
          "recorded as method resp",
          lambda p: ["evaluate", "--task", "arith", "--method", "resp", "--masks-dir", str(p.run_dir / "masks"),
-                    "--out", str(p.root / S / "m.json")], "was made by magnitude on arith, not method 'resp'"),
+                    "--heldout", str(p.traces["heldout"]), "--out", str(p.root / S / "m.json")],
+         "was made by magnitude on arith, not method 'resp'"),
     Case("bad input", "mask-renamed", "resp export --mask <sparsity-0.10 mask renamed sparsity-0.50>",
          "reported as 0.50", lambda p: ["export", "--mask", str(p.root / S / "k" / "sparsity-0.50.safetensors"), "--out",
                                         str(p.root / S / "e"), "--format", "masked"],
@@ -509,7 +527,8 @@ CASES: list[Case] = [
          setup=lambda p: _scratch(p, "k", lambda d: _renamed_mask(d, p))),
     Case("bad input", "mask-renamed-evaluate", "resp evaluate --masks-dir <dir with the 0.10 mask renamed sparsity-0.50>",
          "reported as 0.50", lambda p: ["evaluate", "--task", "arith", "--method", "magnitude", "--masks-dir",
-                                        str(p.root / S / "k"), "--out", str(p.root / S / "m.json")],
+                                        str(p.root / S / "k"), "--heldout", str(p.traces["heldout"]), "--out",
+                                        str(p.root / S / "m.json")],
          "was made for target 0.1, not the 0.50 its file name says",
          setup=lambda p: _scratch(p, "k", lambda d: _renamed_mask(d, p))),
     Case("bad input", "heldout-from-train-split", "resp evaluate --heldout <calibration (train split) traces>",
@@ -550,12 +569,12 @@ CASES: list[Case] = [
     # ---- smaller
     Case("bad input", "params-duplicate-key", "resp validate --params <prune.steps given twice>", "the last one won",
          lambda p: ["validate", "--params", str(p.root / S / "params" / "params.yaml")],
-         "key 'steps' appears twice in one mapping (lines 2 and 3): keep one",
-         setup=_params_bytes(b"prune:\n  steps: 4\n  steps: 8\n")),
+         "key 'steps' appears twice in one mapping (lines", setup=_params_edited(
+             lambda text: text.replace("\nprune:\n", "\nprune:\n  steps: 99\n", 1))),
     Case("bad input", "params-duplicate-section", "resp validate --params <two prune: sections>", "one section won",
          lambda p: ["validate", "--params", str(p.root / S / "params" / "params.yaml")],
-         "key 'prune' appears twice in one mapping (lines 1 and 3)",
-         setup=_params_bytes(b"prune:\n  steps: 4\nprune:\n  seed: 1\n")),
+         "key 'prune' appears twice in one mapping (lines", setup=_params_edited(
+             lambda text: text + "prune:\n  seed: 1\n")),
     Case("bad input", "cron-invalid", "resp validate --set schedule.cron='not a cron'", "valid",
          lambda p: ["validate", "--set", "schedule.cron=not a cron"], "'not a cron' is not a 5-field cron expression"),
     Case("bad input", "timezone-invalid", "resp validate --set schedule.timezone=Mars/Phobos", "valid",

@@ -521,3 +521,29 @@ def test_audit_checks_registry_tags_against_the_lineage(params, params_file, reg
     assert (f"MISMATCH registry tag mask_digest=0000000000000000 does not match lineage.json ({real[:16]}): the tag was "
             "edited after registration; re-register the model") in result.output.splitlines()
     assert "registry tags: 10 of 11 agree with lineage.json (not: mask_digest)" in result.output.splitlines()
+
+
+def test_a_registration_from_before_the_wider_base_identity_still_audits_with_a_note(params, params_file, tmp_path,
+                                                                                     monkeypatch, tiny_model_dir):
+    """Lineage recorded before the tokenizer, chat template and generation config joined the base model's
+    content hash (no `content_files`, hash over weights and config.json) verifies against that older hash,
+    and the audit says what it does not cover."""
+    import resp.models
+    from resp.models import LEGACY_IDENTITY_FILES, content_hash
+
+    # the code of then: the content hash over weights and config.json, lineage without `content_files`
+    monkeypatch.setattr(resp.models, "content_hash", lambda d: content_hash(d, LEGACY_IDENTITY_FILES))
+    monkeypatch.setattr(registry, "_identity", lambda base: {k: base.get(k) for k in ("name", "revision",
+                                                                                      "content_hash", "key")})
+    run = tmp_path / "run"
+    recipe.prune(params, "arith", "random", run)
+    v = registry.register_method(params, "arith", "random", run / "masks")[0]
+    monkeypatch.undo()
+    result = runner.invoke(app, ["audit", "--model", v["name"], "--version", v["version"], "--params", str(params_file)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    legacy = content_hash(tiny_model_dir, LEGACY_IDENTITY_FILES)
+    assert lines[1:3] == [f"base model {tiny_model_dir} content sha256 {legacy[:16]} [ok]",
+                          "  note: registered before the tokenizer, chat template and generation config joined the base "
+                          "model's identity: only its weights and config.json are checked; re-register to cover them"]
+    assert legacy != content_hash(tiny_model_dir)
