@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
     parser.add_argument("--json", type=Path, help="write each row's outcome as JSON (to compare as a --baseline)")
     parser.add_argument("--baseline", type=Path, help="a --json file of the same rows measured on another checkout")
+    parser.add_argument("--baseline-label", default="baseline", help="what the --baseline measured, for the table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)   # the CLI's INFO logs would mix into the measured output
 
@@ -72,6 +73,8 @@ def main() -> None:
                 last = (lines[-1] if lines else "(no output)") if case.code != 1 else next(
                     (line for line in lines if line.startswith("MISMATCH")), lines[-1] if lines else "(no output)")
                 after = f"{last} (exit {result.exit_code}, {time.perf_counter() - started:.1f} s)"
+            except AssertionError as e:  # a row's own check of what the command left (a user's file replaced)
+                verdict, after = "accepted / wrong thing done", str(e)[:120]
             except Exception as e:  # noqa: BLE001 - the harness itself failed on this code (a baseline lacking what a row sets up)
                 verdict, after = "harness error", f"{type(e).__name__}: {str(e)[:120]}"
             outcomes[case.name] = {"verdict": verdict,
@@ -80,14 +83,16 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(outcomes, indent=1))
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
-    head = "| kind | command | before (campaign) |" + (" baseline (measured) |" if baseline else "") + " after (measured) |"
+    head = ("| kind | command | before (campaign) |" + (f" {args.baseline_label} (measured) |" if baseline else "")
+            + " after (measured) |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for case in CASES:
         o = outcomes[case.name]
         was = f" {baseline[case.name]['verdict']}: {baseline[case.name]['after']} |" if baseline else ""
         rows.append(f"| {case.kind} | `{case.command}` | {case.before} |{was} {o['verdict']}: {o['after']} |")
     kinds = sorted({c.kind for c in CASES})
-    summary = ["", f"{len(CASES)} rows; outcome per kind (" + ("baseline -> " if baseline else "") + "after):", ""]
+    summary = ["", f"{len(CASES)} rows; outcome per kind (" + (f"{args.baseline_label} -> " if baseline else "")
+               + "after):", ""]
     for kind in kinds:
         names = [c.name for c in CASES if c.kind == kind]
         now = Counter(outcomes[n]["verdict"] for n in names)

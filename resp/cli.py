@@ -441,6 +441,9 @@ def score_command(
     with user_errors():
         p = load_params(params, overrides)
         _early_checks(p, [(out, "file")])
+        if out.is_file() and not out.with_name(out.name + ".json").is_file():
+            raise ValueError(f"--out {out} exists and is not a scores file (no {out.name}.json manifest beside it): "
+                             "choose another --out; previous scores are replaced, other files never")
         path = score_trace_file(p, traces, out, model)
     if path is not None:  # only rank 0 writes
         typer.echo(f"wrote scores to {path}")
@@ -485,6 +488,8 @@ def register_command(
     exports_dir: Annotated[Path | None, typer.Option(help="holds sparsity-<t>/<format>/ exports (default: <flow.data_dir>/checkpoints/TASK/METHOD)")] = None,
     metrics: Annotated[Path | None, typer.Option(help="evaluation JSON of the method (default: <flow.data_dir>/metrics/TASK/METHOD.json when present)")] = None,
     out: Annotated[Path | None, typer.Option(help="also write the registered versions as JSON to this file")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an --out file that is not a versions file "
+                                                                "(a previous one is always replaced)")] = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
@@ -494,7 +499,7 @@ def register_command(
     that were not are refused; defaults (the data layout) are taken only where their mask digests match."""
     import signal
 
-    from resp.artifacts import Layout, existing_exports, write_json
+    from resp.artifacts import Layout, check_replaceable_json, existing_exports, write_json
     from resp.lineage import export_digest, mask_digests, metrics_digests
     from resp.outputs import check_output
     from resp.registry import mask_files, register_method
@@ -505,6 +510,7 @@ def register_command(
         p = load_params(params, overrides)
         if out is not None:
             check_output(out, "file")
+            check_replaceable_json(out, ("task", "method", "versions"), "a `resp register` versions file", overwrite)
         layout = Layout(Path(p.flow.data_dir))
         masks_dir = (run_dir or layout.run_dir(task, method)) / "masks"
         digests = mask_digests(mask_files(masks_dir))
