@@ -85,7 +85,15 @@ def main() -> None:
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     head = ("| kind | command | before (campaign) |" + (f" {args.baseline_label} (measured) |" if baseline else "")
             + " after (measured) |")
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    intro = ["# The bad-input campaign, measured", "",
+             "Every row is one command a new user could type, run through the real CLI against a small project "
+             "(`tests/bad_inputs.py`; `python benchmarks/bad_inputs.py` re-measures it). *before (campaign)*: what "
+             "the campaign that found the row saw (issue 13 for the first 40 rows, issue 21 for the rest)"
+             + (f"; *{args.baseline_label}*: the same rows measured on that code" if baseline else "")
+             + "; *after*: measured now. Required: one clear line naming the problem and the fix (exit 2), an audit "
+             "that fails naming the tampering (exit 1), or, where the command used to do the wrong thing silently, "
+             "the right thing done and checked.", ""]
+    rows = [*intro, head, "|" + "---|" * (head.count("|") - 1)]
     for case in CASES:
         o = outcomes[case.name]
         was = f" {baseline[case.name]['verdict']}: {baseline[case.name]['after']} |" if baseline else ""

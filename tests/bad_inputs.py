@@ -310,9 +310,9 @@ def _user_note(p: Project):
     """A user's own JSON file (a command that overwrote it would leave other bytes; checked afterwards)."""
     @contextlib.contextmanager
     def kept(p: Project):
-        with _scratch(p, "n", lambda d: (d / "notes.json").write_text('{"mine": true}\n')):
+        with _scratch(p, "n", lambda d: (d / "notes.json").write_bytes(b'{"mine": true}\n')):
             yield
-            assert (p.root / S / "n" / "notes.json").read_text() == '{"mine": true}\n', "the user's file was replaced"
+            assert (p.root / S / "n" / "notes.json").read_bytes() == b'{"mine": true}\n', "the user's file was replaced"
     return kept(p)
 
 
