@@ -169,9 +169,10 @@ def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: st
     out = Path(out)
     _before_loading(p, [(out, "file")])
     from resp.evaluation import evaluate_masks
-    from resp.lineage import read_mask
+    from resp.lineage import check_mask_file
 
-    made_by = {read_mask(path)[1].get("method") for path in paths.values()} - {None}  # every mask reads, before the model loads
+    # every mask reads and is the target its name says, before the model loads
+    made_by = {check_mask_file(path).get("method") for path in paths.values()} - {None}
     if not paths:
         if method not in (None, DENSE):
             raise APIError(f"method {method!r} names who made the masks: pass masks too, or no method for the dense model alone")

@@ -108,11 +108,12 @@ def check_mask_file(path: str | Path, target: float | None = None, method: str |
         except ValueError:
             target = None
     recorded = meta.get("target")
-    if target is not None and (recorded is None or round(float(recorded), 6) != round(float(target), 6)):
+    # a field the manifest does not record is not checked (masks written by other tools, older resp)
+    if target is not None and recorded is not None and round(float(recorded), 6) != round(float(target), 6):
         raise LineageError(f"mask {path} was made for target {recorded}, not the {target:.2f} its file name says: "
                            "it was renamed; use the file `resp prune` wrote")
     for what, asked in (("method", method), ("task", task)):
-        if asked is not None and meta.get(what) != asked:
+        if asked is not None and meta.get(what) is not None and meta.get(what) != asked:
             raise LineageError(f"mask {path} was made by {meta.get('method')} on {meta.get('task')}, not {what} "
                                f"{asked!r}: pass --{what} {meta.get(what)}, or the masks of a {asked} run")
     return meta

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+import prefect.main  # noqa: F401 - sets up Prefect's logging (a root console on sys.stderr) here, not inside
+import yaml           # a `resp run` row, whose sys.stderr is CliRunner's stream (closed afterwards)
 
 ROOT = Path(__file__).resolve().parents[1]
 READ_ONLY = Path("/sys/resp-out") if os.geteuid() == 0 else None   # root writes anywhere else; set per project
@@ -34,6 +35,7 @@ class Project:
     read_only: Path | None = None
     base_copy: Path | None = None                           # a private copy of the model, registered with ...
     registered: dict = field(default_factory=dict)          # ... a magnitude version: name, version
+    copy_params: Path | None = None                         # params.yaml naming that copy as the model
 
 
 def tiny_overrides(model_dir, world_dir) -> list[str]:
@@ -49,7 +51,9 @@ def build_project(root: Path, model_dir: Path, world_dir: Path, store: list[str]
     from resp.config import load_params
 
     root.mkdir(parents=True, exist_ok=True)
-    params = load_params(ROOT / "params.yaml", [*tiny_overrides(model_dir, world_dir), *store, "export.formats=[masked]"])
+    # data and cache inside the project: a `resp run` row that runs (on code that lets it) writes nothing elsewhere
+    params = load_params(ROOT / "params.yaml", [*tiny_overrides(model_dir, world_dir), *store, "export.formats=[masked]",
+                                                f"flow.data_dir={root / 'data'}", f"flow.results_dir={root / 'results'}"])
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     traces = {"arith": recipe.make_traces(params, "arith", "train", None, root / "traces" / "arith.jsonl"),
@@ -72,13 +76,18 @@ def build_project(root: Path, model_dir: Path, world_dir: Path, store: list[str]
     # a registered version whose base model (a private copy) the tampering rows edit and restore
     base_copy = root / "base-copy"
     shutil.copytree(model_dir, base_copy)
-    copy_params = params.model_copy(update={"model": params.model.model_copy(update={"name_or_path": str(base_copy)})})
+    # its own experiment too: other tests of a shared store look runs up by name (task-method-target)
+    copy_params = params.model_copy(update={
+        "model": params.model.model_copy(update={"name_or_path": str(base_copy)}),
+        "registry": params.registry.model_copy(update={"experiment": "resp-bad-inputs"})})
+    copy_path = root / "params-base-copy.yaml"
+    copy_path.write_text(yaml.safe_dump(copy_params.model_dump(mode="json")))
     recipe.prune(copy_params, "arith", "magnitude", root / "runs" / "base-copy-magnitude")
     from resp.registry import register_method
 
     version = register_method(copy_params, "arith", "magnitude", root / "runs" / "base-copy-magnitude" / "masks")[0]
     return Project(root, path, model_dir, traces, run_dir, read_only, base_copy,
-                   {"name": version["name"], "version": version["version"]})
+                   {"name": version["name"], "version": version["version"]}, copy_path)
 
 
 @dataclass
@@ -267,18 +276,21 @@ def _params(p: Project):
 @contextlib.contextmanager
 def _killed_registration(p: Project):
     """A `resp register` killed (SIGKILL) right after it created a model version, before its run was
-    finished; the next registration (afterwards, here) repairs it."""
+    finished; the next registration (afterwards, here) repairs it. On the private base copy: its model
+    names are this project's alone in a shared store."""
     import signal
     import subprocess
     import sys
 
     from resp import recipe
+    from resp.config import load_params
     from resp.registry import register_method
 
     run = p.root / S / "killed-run"
     shutil.rmtree(run, ignore_errors=True)
-    recipe.prune(_params(p), "arith", "random", run)
-    args = ["register", "--task", "arith", "--method", "random", "--run-dir", str(run), "--params", str(p.params)]
+    params = load_params(p.copy_params)
+    recipe.prune(params, "arith", "random", run)
+    args = ["register", "--task", "arith", "--method", "random", "--run-dir", str(run), "--params", str(p.copy_params)]
     killer = ("import os, signal\nfrom mlflow import MlflowClient\nfrom resp.cli import app\n"
               "finish = MlflowClient.set_terminated\n"
               "def kill(self, run_id, status=None, *a, **k):\n"
@@ -295,7 +307,7 @@ def _killed_registration(p: Project):
     try:
         yield
     finally:
-        register_method(_params(p), "arith", "random", run / "masks")   # withdraws the broken version
+        register_method(params, "arith", "random", run / "masks")   # withdraws the broken version
 
 
 @contextlib.contextmanager
