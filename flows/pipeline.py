@@ -26,6 +26,11 @@ worker processes (`flow.task_runner: dask`) runs exports and evaluations in para
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,10 +53,33 @@ from resp.config import FlowParams, Params, load_params
 # Results are paths and plain data: stored as JSON, never pickles (a pickle in .prefect/results would
 # run code when a later run reads the cache).
 RESULTS = "json"
+log = logging.getLogger("resp.flow")   # flow_settings shows "resp" loggers in Prefect's logs
 
 
 class FlowError(ValueError):
     pass
+
+
+def refuse_foreign_record(key: str) -> None:
+    """Prefect takes a cached record's serializer from the file itself, so a record in
+    `flow.results_dir` that names `pickle` would run its payload when the cache is read. Before
+    Prefect looks a key up, a record there that is not a JSON record of the JSON serializer (which
+    is all this project writes) is moved aside to `<key>.refused` with one warning: the lookup
+    misses and the task runs again."""
+    path = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / key
+    if not path.is_file():
+        return
+    try:
+        serializer = json.loads(path.read_bytes())["metadata"]["serializer"]["type"]
+    except (ValueError, KeyError, TypeError):
+        serializer = "none (not a JSON result record)"
+    except OSError:
+        return   # unreadable: Prefect's own read fails the same way, without running anything
+    if serializer != RESULTS:
+        refused = path.with_name(f"{key}.refused")
+        path.replace(refused)
+        log.warning("cached result %s in flow.results_dir was not written by resp (serializer %s, not %s): moved to "
+                    "%s unread; its task runs again", key, serializer, RESULTS, refused.name)
 
 
 # ---------------------------------------------------------------- cache keys
@@ -68,9 +96,25 @@ class ReadsFiles(CachePolicy):
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         fill = {k: inputs[k] for k in ("task", "method") if k in inputs}
         other = {k: v for k, v in inputs.items() if k not in self.files and k != "params"}
-        return hash_objects({"step": self.step, "params": steps.step_params(inputs["params"], self.step, **fill),
-                             "files": {name: content_digest(inputs[name]) for name in self.files},
-                             "inputs": other, "code": steps.code_digest(self.step)}, raise_on_failure=True)
+        key = hash_objects({"step": self.step, "params": steps.step_params(inputs["params"], self.step, **fill),
+                            "files": {name: content_digest(inputs[name]) for name in self.files},
+                            "inputs": other, "code": code_digest(self.step)}, raise_on_failure=True)
+        refuse_foreign_record(key)
+        return key
+
+
+_CODE_LOCK = threading.Lock()
+
+
+def code_digest(step: str) -> str:
+    """`steps.code_digest`, safe under any task runner: the first key computed in a process parses the code
+    of every step at once, under a lock (concurrent `ast.parse` calls failed with "SystemError: AST
+    constructor recursion depth mismatch"); a task body runs only after its key, so it only reads the
+    memoised digests."""
+    with _CODE_LOCK:
+        for name in steps.STEPS:
+            steps.code_digest(name)
+    return steps.code_digest(step)
 
 
 def cache_policy(step: str, files: tuple[str, ...] = ()) -> CachePolicy:
@@ -220,6 +264,7 @@ def _export_run_name() -> str:
 def export_mask(params: Params, mask: str, formats: list[str], out_root: str, base: dict) -> dict:
     """Write the base model pruned by `mask` in every format to `<out_root>/<format>/`."""
     from resp.checkpoints import export_mask_file
+    from resp.locking import export_dir_lock
     from resp.models import load_model
 
     m = params.model
@@ -228,9 +273,10 @@ def export_mask(params: Params, mask: str, formats: list[str], out_root: str, ba
     with one_model_at_a_time():
         model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device, m.trust_remote_code)
         for fmt in formats:
-            written[fmt] = str(export_mask_file(model, tokenizer, identity, mask, fmt, Path(out_root) / fmt,
-                                                params.export.channel_multiple, params.prune.attention_unit,
-                                                params.prune.protected_layers))
+            with export_dir_lock(Path(out_root) / fmt):   # `resp export` into the same directory waits its turn
+                written[fmt] = str(export_mask_file(model, tokenizer, identity, mask, fmt, Path(out_root) / fmt,
+                                                    params.export.channel_multiple, params.prune.attention_unit,
+                                                    params.prune.protected_layers))
     return stamped(written)
 
 
@@ -369,8 +415,67 @@ def flow_settings(fp: FlowParams):
                                PREFECT_LOGGING_EXTRA_LOGGERS: "resp"})
 
 
+# Runs beside a temporary Prefect server: once the process that started the server is gone (however it
+# ended, kill -9 included: it is then no longer this watchdog's parent), the server is stopped too.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, server, started = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def same_server():  # the pid, and the start time it had: never a later process that reuses the pid
+    try:
+        with open(f"/proc/{server}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19] == started
+    except (OSError, IndexError):
+        return False
+while os.getppid() == parent and same_server():
+    time.sleep(0.5)
+if same_server():
+    os.kill(server, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        if not same_server():
+            break
+    else:
+        os.kill(server, signal.SIGKILL)
+"""
+_WATCHED: set[int] = set()
+
+
+def temporary_server_dies_with_this_process() -> int | None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server (a uvicorn process, ~230 MB) and stops
+    it at exit, which a killed process never reaches. Start it now and watch it: the watchdog stops it
+    when this process is gone. Returns the server's pid (None when a configured server is used)."""
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()   # the instance every client of this process uses
+    server.start()
+    pid = server.server_process.pid
+    if pid not in _WATCHED:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                started = f.read().rsplit(")", 1)[1].split()[19]
+        except OSError:   # no /proc (not Linux): Prefect's own stop at exit only
+            return pid
+        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid), started],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+        _WATCHED.add(pid)
+    return pid
+
+
+def check_flow_outputs(fp: FlowParams) -> None:
+    """Before anything runs: the results (cache) and data folders can be written."""
+    from resp.outputs import check_output
+
+    check_output(fp.results_dir, "dir", option="flow.results_dir")
+    check_output(fp.data_dir, "dir", option="flow.data_dir")
+
+
 def run_pipeline(params_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Run the pipeline flow from a params file (what `resp run` does)."""
     p = load_params(params_path, overrides)
+    check_flow_outputs(p.flow)
+    temporary_server_dies_with_this_process()
     with flow_settings(p.flow):
         return pipeline.with_options(task_runner=task_runner(p.flow))(str(params_path), list(overrides or []))

@@ -18,7 +18,8 @@ from prefect import flow, get_run_logger, serve as prefect_serve
 from prefect.schedules import Cron
 from pydantic import ValidationError
 
-from flows.pipeline import FlowError, flow_settings, pipeline, task_runner
+from flows.pipeline import (FlowError, check_flow_outputs, flow_settings, pipeline, task_runner,
+                            temporary_server_dies_with_this_process)
 from resp import registry
 from resp.config import load_params
 from resp.models import model_identity
@@ -70,9 +71,13 @@ def deployment(params_path: str | Path, overrides: list[str] | None = None):
 
 def serve(params_path: str | Path, overrides: list[str] | None = None) -> None:
     """Serve the deployment: runs `reprune` on schedule until interrupted."""
+    check_flow_outputs(load_params(params_path, overrides).flow)
+    temporary_server_dies_with_this_process()
     prefect_serve(deployment(params_path, overrides))
 
 
 def check_once(params_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Run the re-pruning check now (what a scheduled run does)."""
+    check_flow_outputs(load_params(params_path, overrides).flow)
+    temporary_server_dies_with_this_process()
     return reprune(str(params_path), list(overrides or []))

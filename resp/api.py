@@ -119,18 +119,20 @@ def export(params: ParamsArg, mask: str | Path, format: str, out: str | Path, *,
     if isinstance(mask, dict):
         raise APIError("mask is a dict of masks: export one target at a time, e.g. mask=masks[0.3]")
     from resp.checkpoints import check_export_dir, check_format, export_mask_file
-    from resp.lineage import read_mask
+    from resp.lineage import check_mask_file
+    from resp.locking import export_dir_lock
     from resp.models import load_model, model_identity
 
     check_format(format)
-    read_mask(mask)
+    check_mask_file(mask)
     _before_loading(p, [])
     check_export_dir(out, overwrite)
     name, revision = (model, revision) if model else (p.model.name_or_path, revision or p.model.revision)
     identity = model_identity(name, revision)
-    lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device, p.model.trust_remote_code)
-    return export_mask_file(lm, tokenizer, identity, mask, format, out, p.export.channel_multiple,
-                            p.prune.attention_unit, p.prune.protected_layers, overwrite)
+    with export_dir_lock(out):   # a second writer of `out` fails at once
+        lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device, p.model.trust_remote_code)
+        return export_mask_file(lm, tokenizer, identity, mask, format, out, p.export.channel_multiple,
+                                p.prune.attention_unit, p.prune.protected_layers, overwrite)
 
 
 def _mask_paths(masks) -> dict[float, Path]:
@@ -167,9 +169,10 @@ def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: st
     out = Path(out)
     _before_loading(p, [(out, "file")])
     from resp.evaluation import evaluate_masks
-    from resp.lineage import read_mask
+    from resp.lineage import check_mask_file
 
-    made_by = {read_mask(path)[1].get("method") for path in paths.values()} - {None}  # every mask reads, before the model loads
+    # every mask reads and is the target its name says, before the model loads
+    made_by = {check_mask_file(path).get("method") for path in paths.values()} - {None}
     if not paths:
         if method not in (None, DENSE):
             raise APIError(f"method {method!r} names who made the masks: pass masks too, or no method for the dense model alone")

@@ -51,10 +51,29 @@ def atomic_path(path: str | Path):
     tmp = tmp_path(path)
     try:
         yield tmp
+        _umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask would change it for every thread for a moment
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _umask_mode(path: Path) -> None:
+    """Files get the mode the umask gives (safetensors writes 0600 whatever the umask); folders keep theirs."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+    mode = 0o666 & ~_umask()
+    for f in files:
+        os.chmod(f, mode)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -91,6 +110,8 @@ def atomic_dir(path: str | Path):
     tmp.mkdir()
     try:
         yield tmp
+        _umask_mode(tmp)
+        tmp.chmod(0o777 & ~_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -268,3 +289,55 @@ def existing_exports(method_exports: Path, targets: list[float], formats: list[s
         if present:
             found[target] = present
     return found
+
+
+# ---------------------------------------------------------------- outputs the tool may replace
+
+RUN_ENTRIES = {"masks", "steps", "traces", "state", "summary.json"}
+
+
+def check_run_dir(out: str | Path, task: str, method: str) -> None:
+    """A non-empty `prune --out` must be a run directory of the same task and method (resumed or
+    replaced); a folder of other files, or another method's run, is refused (their `steps/` and
+    `traces/` would mix)."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        raise ArtifactError(f"--out {out} is not empty and is not a resp run directory (it holds {', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty directory")
+    made = _run_of(out)
+    if made is not None and made != (task, method):
+        raise ArtifactError(f"--out {out} holds the {made[1]} run of {made[0]}, not {method} on {task}: its steps/ and "
+                            "traces/ would mix; choose another --out")
+
+
+def _run_of(out: Path) -> tuple[str, str] | None:
+    """(task, method) that the run directory `out` records (summary, else any manifest), None if none does."""
+    candidates = [out / "summary.json", *sorted((out / "masks").glob("*.json")), *sorted((out / "state").glob("*.json")),
+                  *sorted((out / "steps").rglob("*.json")), *sorted((out / "traces").glob("*.json"))]
+    for path in candidates:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("task"), str) and isinstance(record.get("method"), str):
+            return record["task"], record["method"]
+    return None
+
+
+def check_replaceable_json(out: str | Path, keys: tuple[str, ...], what: str, overwrite: bool = False) -> None:
+    """An existing `--out` file is replaced only when it is a `what` (a JSON object with `keys`, as the
+    command writes it) or with `overwrite`; any other file is refused before the work."""
+    out = Path(out)
+    if overwrite or not out.is_file():
+        return
+    try:
+        record = json.loads(out.read_text())
+        ours = isinstance(record, dict) and all(k in record for k in keys)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ours = False
+    if not ours:
+        raise ArtifactError(f"--out {out} exists and is not {what}: choose another --out, or pass --overwrite to "
+                            "replace it")

@@ -95,6 +95,20 @@ def _benchmark_task(params: Params, task: str | None, task_file: Path | None, fm
     return str(task_file), task_params, split
 
 
+def _task_items(task_params: TaskParams, split: str) -> None:
+    """Read a task's items now, before any model is loaded; a hub dataset that cannot be fetched is one line."""
+    from resp.tasks import load_items
+
+    try:
+        load_items(task_params, split)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets' errors (offline hub: ConnectionError, unknown dataset) name no file
+        raise ValueError(f"task data {task_params.source!r} (split {split!r}) cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).strip()[:160]}): check the source and network, or point the task's source at a "
+                         "local directory") from None
+
+
 def _model_ref(params: Params, model: str | None, revision: str | None) -> tuple[str, str | None]:
     """(name, revision) from --model/--revision, falling back to params.model."""
     return (model, revision) if model else (params.model.name_or_path, revision or params.model.revision)
@@ -112,6 +126,8 @@ def benchmark_command(
     temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature; 0 = greedy")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed (default: evaluation.sample_seed)")] = None,
     out: Annotated[Path | None, typer.Option(help="write metrics and per-item records to this JSON file")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an --out file that is not a benchmark report "
+                                                                "(a previous report is always replaced)")] = False,
     trust_remote_code: TrustRemoteCode = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
@@ -120,7 +136,7 @@ def benchmark_command(
 
     For the masks of a pruning run (and the metrics file the report reads) use `resp evaluate`."""
     # Imported here so that `resp --help` does not pay for torch and transformers.
-    from resp.artifacts import write_json
+    from resp.artifacts import check_replaceable_json, write_json
     from resp.evaluation import evaluate_task
     from resp.generation import SamplingSpec, VllmEngine
     from resp.models import check_model_ref, load_model
@@ -130,6 +146,8 @@ def benchmark_command(
         p = load_params(params, overrides)
         label, task_params, split = _benchmark_task(p, task, task_file, task_format, split)
         _early_checks(p, [(out, "file")])
+        if out is not None:
+            check_replaceable_json(out, BENCHMARK_KEYS, "a `resp benchmark` report", overwrite)
         seed = p.evaluation.sample_seed if seed is None else seed
         items = load_items(task_params, split)[: limit or p.evaluation.num_items]
         name, revision = _model_ref(p, model, revision)
@@ -162,6 +180,10 @@ def benchmark_command(
         log.info("wrote evaluation of %d items to %s", result["n"], write_json(out, report, newline=True))
 
 
+BENCHMARK_KEYS = ("model", "task", "split", "sampling", "records")   # what `resp benchmark --out` writes
+METRICS_KEYS = ("task", "method", "item_ids", "results")             # what `resp evaluate --out` writes
+
+
 @app.command("eval", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def eval_renamed_command() -> None:
     """Renamed: click would otherwise suggest `resp evaluate`, which evaluates pruning runs instead."""
@@ -187,7 +209,8 @@ def export_command(
     """Export a pruned model: masked (zeroed, stock shapes), compact (smaller per-layer shapes) or uniform (stock config)."""
     from resp.artifacts import masks_in_dir, target_name
     from resp.checkpoints import check_export_dir, check_format, export_mask_file
-    from resp.lineage import read_mask
+    from resp.lineage import check_mask_file
+    from resp.locking import export_dir_lock
     from resp.models import load_model, model_identity
 
     with user_errors():
@@ -197,20 +220,25 @@ def export_command(
         formats = [export_format] if export_format else list(p.export.formats)
         for fmt in formats:
             check_format(fmt)
-        jobs = ([(mask, out, f) for f in formats] if mask is not None else
+        # one directory per format: OUT itself for one format, OUT/FORMAT for several (never one over the other)
+        jobs = ([(mask, out if len(formats) == 1 else out / f, f) for f in formats] if mask is not None else
                 [(path, out / target_name(target) / f, f) for target, path in masks_in_dir(masks_dir).items() for f in formats])
         _early_checks(p)
         for mask_path, target_dir, fmt in jobs:  # before the model is loaded: every mask reads, every --out may be written
-            read_mask(mask_path)
+            check_mask_file(mask_path)
             check_export_dir(target_dir, overwrite)
+        locks = ExitStack()   # a second export into one of these directories fails at once
+        for target_dir in dict.fromkeys(d for _, d, _ in jobs):
+            locks.enter_context(export_dir_lock(target_dir))
         name, revision = _model_ref(p, model, revision)
         identity = model_identity(name, revision)
         lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device,
                                    trust_remote_code or p.model.trust_remote_code)
-        for mask_path, target_dir, fmt in jobs:
-            path = export_mask_file(lm, tokenizer, identity, mask_path, fmt, target_dir, p.export.channel_multiple,
-                                    p.prune.attention_unit, p.prune.protected_layers, overwrite)
-            typer.echo(f"wrote {fmt} export to {path}")
+        with locks:
+            for mask_path, target_dir, fmt in jobs:
+                path = export_mask_file(lm, tokenizer, identity, mask_path, fmt, target_dir, p.export.channel_multiple,
+                                        p.prune.attention_unit, p.prune.protected_layers, overwrite)
+                typer.echo(f"wrote {fmt} export to {path}")
 
 
 @app.command("validate")
@@ -287,6 +315,7 @@ def traces_command(
         if out.is_file() and not out.with_name(out.name + ".json").is_file():
             raise ValueError(f"--out {out} exists and is not a trace set (no {out.name}.json manifest beside it): "
                              "choose another --out; a previous trace set is replaced, other files never")
+        _task_items(p.tasks[task], split or p.tasks[task].calibration_split)  # before the model: a hub dataset offline
         path = make_traces(p, task, split or p.tasks[task].calibration_split, limit, out, model)
     typer.echo(f"wrote traces to {path}")
 
@@ -301,14 +330,21 @@ def prune_command(
     overrides: Overrides = None,
 ) -> None:
     """Prune a model for a task with one method; writes a mask at every target sparsity."""
-    from resp.artifacts import target_key
+    from resp.artifacts import check_run_dir, target_key
+    from resp.config import check_regeneration
     from resp.recipe import prune
 
     with user_errors():
         p = load_params(params, overrides)
         if task not in p.tasks:
             raise ValueError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
+        declared = declared_method(p, method)
+        check_regeneration(p, method)
+        if traces is not None and declared.calibration != "self":
+            raise ValueError(f"--traces is only read by methods calibrated on dense self-generated traces; {method} "
+                             f"(calibration: {declared.calibration}) would ignore it: drop --traces")
         _early_checks(p, [(out, "dir")])
+        check_run_dir(out, task, method)
         started = time.perf_counter()
         written = prune(p, task, method, out, str(traces) if traces else None)
     for target, path in written.items():
@@ -324,6 +360,8 @@ def evaluate_command(
     masks_dir: Annotated[Path | None, typer.Option(help="masks/ of a `resp prune` run (sparsity-*.safetensors), or the run directory")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="evaluate the unpruned model too (alone: the file's method is 'dense')")] = False,
     heldout: Annotated[Path | None, typer.Option(help="held-out dense traces for NLL (`resp traces --split <eval split>`)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an --out file that is not a metrics file "
+                                                                "(a previous one is always replaced)")] = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
@@ -333,7 +371,7 @@ def evaluate_command(
     To benchmark any model (hub id or directory) on a task, use `resp benchmark`."""
     import json
 
-    from resp.artifacts import masks_in_dir
+    from resp.artifacts import check_replaceable_json, masks_in_dir
     from resp.evaluation import DENSE, evaluate_masks
 
     with user_errors():
@@ -345,11 +383,14 @@ def evaluate_command(
         if method is not None:
             declared_method(p, method)
         masks = masks_in_dir(masks_dir) if masks_dir is not None else {}
-        from resp.lineage import read_mask
+        from resp.lineage import check_heldout_traces, check_mask_file
 
         _early_checks(p, [(out, "file")])
-        for mask_path in masks.values():
-            read_mask(mask_path)
+        check_replaceable_json(out, METRICS_KEYS, "a `resp evaluate` metrics file", overwrite)
+        for mask_path in masks.values():  # the masks are what their names and --method say
+            check_mask_file(mask_path, method=method)
+        if heldout is not None:
+            check_heldout_traces(p, task, heldout)
         path = evaluate_masks(p, task, method or DENSE, masks, heldout, out, include_dense=dense)
     report = json.loads(path.read_text())
     for label, r in report["results"].items():
@@ -401,6 +442,9 @@ def score_command(
     with user_errors():
         p = load_params(params, overrides)
         _early_checks(p, [(out, "file")])
+        if out.is_file() and not out.with_name(out.name + ".json").is_file():
+            raise ValueError(f"--out {out} exists and is not a scores file (no {out.name}.json manifest beside it): "
+                             "choose another --out; previous scores are replaced, other files never")
         path = score_trace_file(p, traces, out, model)
     if path is not None:  # only rank 0 writes
         typer.echo(f"wrote scores to {path}")
@@ -506,6 +550,8 @@ def register_command(
     exports_dir: Annotated[Path | None, typer.Option(help="holds sparsity-<t>/<format>/ exports (default: <flow.data_dir>/checkpoints/TASK/METHOD)")] = None,
     metrics: Annotated[Path | None, typer.Option(help="evaluation JSON of the method (default: <flow.data_dir>/metrics/TASK/METHOD.json when present)")] = None,
     out: Annotated[Path | None, typer.Option(help="also write the registered versions as JSON to this file")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an --out file that is not a versions file "
+                                                                "(a previous one is always replaced)")] = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
@@ -515,7 +561,7 @@ def register_command(
     that were not are refused; defaults (the data layout) are taken only where their mask digests match."""
     import signal
 
-    from resp.artifacts import Layout, existing_exports, write_json
+    from resp.artifacts import Layout, check_replaceable_json, existing_exports, write_json
     from resp.lineage import export_digest, mask_digests, metrics_digests
     from resp.outputs import check_output
     from resp.registry import mask_files, register_method
@@ -526,6 +572,7 @@ def register_command(
         p = load_params(params, overrides)
         if out is not None:
             check_output(out, "file")
+            check_replaceable_json(out, ("task", "method", "versions"), "a `resp register` versions file", overwrite)
         layout = Layout(Path(p.flow.data_dir))
         masks_dir = (run_dir or layout.run_dir(task, method)) / "masks"
         digests = mask_digests(mask_files(masks_dir))
@@ -588,7 +635,8 @@ def audit_command(
         typer.echo(f"restored {path} from DVC (sha256 verified against the registry)")
     for line in lineage_lines(report):
         typer.echo(line)
-    checked = len(report["checks"]) + len(report.get("joins", [])) + (report["base_check"] in ("ok", "mismatch"))
+    checked = (len(report["checks"]) + len(report.get("joins", [])) + len(report.get("tag_checks", []))
+               + (report["base_check"] in ("ok", "mismatch")))
     if report["problems"]:
         for problem in report["problems"]:
             typer.echo(f"MISMATCH {problem}")

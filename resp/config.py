@@ -7,6 +7,7 @@ default). Library functions receive the sub-config they need.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -83,6 +84,13 @@ class ModelParams(Strict):
     dtype: Literal["float32", "bfloat16", "float16"]
     device: str                # cpu, cuda, cuda:0, ...
     trust_remote_code: bool = False   # run modeling code shipped in a model directory (never implied by its files)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device: use cpu, cuda, cuda:N or mps")
+        return value
 
 
 class TaskParams(Strict):
@@ -290,6 +298,13 @@ class RunParams(Strict):
     tasks: list[str]
     methods: list[str]   # names declared under `methods`
 
+    @field_validator("tasks", "methods")
+    @classmethod
+    def _not_empty(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("is empty, so a run would do nothing: name at least one")
+        return values
+
 
 class ExportParams(Strict):
     formats: list[Literal["masked", "compact", "uniform"]]
@@ -304,9 +319,35 @@ class RegistryParams(Strict):
     connect_timeout_s: float = Field(default=5.0, gt=0, le=10)   # reachability check of an http(s) tracking server
 
 
+_CRON_NAMES = "jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|sun|mon|tue|wed|thu|fri|sat"
+_CRON_FIELD = re.compile(rf"(\*|(\d+|{_CRON_NAMES})(-(\d+|{_CRON_NAMES}))?)(/\d+)?", re.IGNORECASE)
+_CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
 class ScheduleParams(Strict):
     cron: str
     timezone: str
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if value.strip() in _CRON_ALIASES:
+            return value
+        if len(fields) != 5 or not all(_CRON_FIELD.fullmatch(part) for f in fields for part in f.split(",")):
+            raise ValueError(f"{value!r} is not a 5-field cron expression: use e.g. '0 3 * * *' (daily at 03:00)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone: use e.g. UTC or Europe/Berlin") from None
+        return value
 
 
 class ScaleParams(Strict):
@@ -369,6 +410,8 @@ class Params(Strict):
         undeclared = [m for m in named if m not in self.methods]
         if undeclared:
             raise ValueError(f"report names undeclared methods {undeclared}; declare them under `methods`")
+        for m in self.run.methods:
+            check_regeneration(self, m)
         return self
 
 
@@ -382,6 +425,28 @@ def declared_method(params: Params, method: str, error: type[ValueError] = Param
         raise error(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
                     f"(declared: {', '.join(params.methods)})")
     return params.methods[method]
+
+
+def check_regeneration(params: Params, method: str) -> None:
+    """A method declared to regenerate at milestones needs at least one milestone, or it never regenerates."""
+    declared = params.methods.get(method)
+    if declared is not None and declared.regenerate == "milestones" and not params.prune.milestones:
+        raise ParamsError(f"method {method!r} regenerates at prune.milestones but prune.milestones is empty, so it would "
+                          "never regenerate: list milestones below the last target, or use a method with regenerate: none")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ParamsError(f"key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}): keep one, YAML would silently use the last")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -406,7 +471,9 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ParamsError(f"{path} is not UTF-8 text (byte 0x{body[e.start]:02x} at offset {e.start}): "
                           "save it as UTF-8") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

@@ -29,6 +29,7 @@ def check_dense_traces(params, task: str, method: str, traces_path: str | Path |
     from resp.traces import TraceSet
 
     traces = TraceSet.load(traces_path)  # refuses a missing or edited file
+    check_trace_records(traces, traces_path)
     made = traces.manifest
     made_task, made_key = made.get("task"), (made.get("model") or {}).get("key")
     key = model_key or model_identity(params.model.name_or_path, params.model.revision).key
@@ -41,6 +42,81 @@ def check_dense_traces(params, task: str, method: str, traces_path: str | Path |
         what = "a pruned model" if made.get("mask_digest") is not None else f"split {made.get('split')!r}"
         raise LineageError(f"traces {traces_path} were generated from {what}, not the dense model on the calibration "
                            f"split {split!r} of {task}: regenerate them with `resp traces --task {task}`")
+    prompts = len({t.prompt_id for t in traces.traces})
+    if declared.calibration == "self" and traces.traces and prompts != params.calibration.num_prompts:
+        raise LineageError(f"traces {traces_path} hold {prompts} prompts, but calibration.num_prompts is "
+                           f"{params.calibration.num_prompts}: regenerate them with `resp traces --task {task}` under "
+                           "these params")
+
+
+def check_heldout_traces(params, task: str, traces_path: str | Path, model_key: str | None = None) -> None:
+    """Held-out NLL traces must be the dense model's, on the task's evaluation split (never the
+    calibration split the masks were fitted on), of the model being evaluated."""
+    from resp.models import model_identity
+    from resp.traces import TraceSet
+
+    traces = TraceSet.load(traces_path)
+    check_trace_records(traces, traces_path)
+    made = traces.manifest
+    key = model_key or model_identity(params.model.name_or_path, params.model.revision).key
+    split = params.tasks[task].eval_split
+    fix = f"generate them with `resp traces --task {task} --split {split} --limit {params.evaluation.nll_traces}`"
+    if made.get("task") != task or (made.get("model") or {}).get("key") != key:
+        raise LineageError(f"held-out traces {traces_path} were generated for task {made.get('task')!r} by model "
+                           f"{str((made.get('model') or {}).get('key'))[:16]}, not task {task!r} / model {key[:16]}: {fix}")
+    if made.get("mask_digest") is not None or made.get("split") != split:
+        what = "a pruned model" if made.get("mask_digest") is not None else f"split {made.get('split')!r}"
+        raise LineageError(f"held-out traces {traces_path} were generated from {what}, not the dense model on the "
+                           f"evaluation split {split!r} of {task} (NLL on calibration prompts is not held out): {fix}")
+
+
+def check_trace_records(traces, path: str | Path) -> None:
+    """The records of a trace set must be what its manifest says (count, prompt ids), each once, with
+    token id lists: a manifest rewritten to match edited records is refused here."""
+    from resp.artifacts import text_digest
+
+    made = traces.manifest
+    fix = "regenerate the trace set with `resp traces`"
+    for i, t in enumerate(traces.traces, 1):
+        for field in ("prompt_ids", "completion_ids"):
+            ids = getattr(t, field)
+            if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
+                raise LineageError(f"trace set {path} record {i}: {field} is not a list of token ids "
+                                   f"({type(ids).__name__}): {fix}")
+    if made.get("n") is not None and made["n"] != len(traces.traces):
+        raise LineageError(f"trace set {path} holds {len(traces.traces)} records but its manifest says {made['n']}: {fix}")
+    if made.get("prompt_ids_digest") is not None and made["prompt_ids_digest"] != text_digest(
+            "\n".join(t.prompt_id for t in traces.traces)):
+        raise LineageError(f"trace set {path}: the prompt ids of its records are not the ones its manifest records: {fix}")
+    seen = set()
+    for i, t in enumerate(traces.traces, 1):
+        record = (t.prompt_id, tuple(t.prompt_ids), tuple(t.completion_ids))
+        if record in seen:
+            raise LineageError(f"trace set {path} record {i} repeats an earlier record (prompt {t.prompt_id}): {fix}")
+        seen.add(record)
+
+
+def check_mask_file(path: str | Path, target: float | None = None, method: str | None = None,
+                    task: str | None = None) -> dict:
+    """A mask read by name: its manifest must record the target its file name (`sparsity-0.30`) or
+    `target` says, and the method and task it is used as. Returns the manifest."""
+    _, meta = read_mask(path)
+    name = Path(path).name.removesuffix(".safetensors")
+    if target is None and name.startswith("sparsity-"):
+        try:
+            target = parse_target(name.removeprefix("sparsity-"))
+        except ValueError:
+            target = None
+    recorded = meta.get("target")
+    # a field the manifest does not record is not checked (masks written by other tools, older resp)
+    if target is not None and recorded is not None and round(float(recorded), 6) != round(float(target), 6):
+        raise LineageError(f"mask {path} was made for target {recorded}, not the {target:.2f} its file name says: "
+                           "it was renamed; use the file `resp prune` wrote")
+    for what, asked in (("method", method), ("task", task)):
+        if asked is not None and meta.get(what) is not None and meta.get(what) != asked:
+            raise LineageError(f"mask {path} was made by {meta.get('method')} on {meta.get('task')}, not {what} "
+                               f"{asked!r}: pass --{what} {meta.get(what)}, or the masks of a {asked} run")
+    return meta
 
 
 def read_mask(path: str | Path):

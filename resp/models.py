@@ -1,7 +1,8 @@
 """Model loading and model identity (for lineage).
 
 A model is a Hugging Face hub id (with optional revision) or a local directory. Its identity
-is the hub commit sha when known, otherwise a content hash of its weight and config files.
+is the hub commit sha when known, otherwise a content hash of every file that decides its
+behaviour: weights, config, tokenizer, chat template and generation config.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from resp.artifacts import is_local
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IDENTITY_FILES = ("*.safetensors", "*.bin", "config.json")
+# What a local model's content hash covers: a changed tokenizer, chat template or generation config
+# changes what the model does as much as its weights. Lineage records the scheme (IDENTITY_SCHEME);
+# records without one were hashed over LEGACY_IDENTITY_FILES.
+IDENTITY_FILES = ("*.safetensors", "*.bin", "config.json", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json",
+                  "added_tokens.json", "chat_template.jinja", "chat_template.json")
+IDENTITY_SCHEME = "weights+config+tokenizer+chat_template+generation_config"
+LEGACY_IDENTITY_FILES = ("*.safetensors", "*.bin", "config.json")
 
 
 class ModelLoadError(ValueError):
@@ -50,12 +58,12 @@ def check_model_ref(name_or_path: str) -> None:
 _HASHES: dict[tuple, str] = {}
 
 
-def content_hash(directory: str | Path) -> str:
-    """sha256 over the (sorted) weight and config files of a local model directory (memoised per
-    process by the files' paths, sizes and modification times: a check and a run hash once)."""
+def content_hash(directory: str | Path, patterns: tuple[str, ...] = IDENTITY_FILES) -> str:
+    """sha256 over the (sorted) IDENTITY_FILES of a local model directory (memoised per process by the
+    files' paths, sizes and modification times: a check and a run hash once)."""
     directory = Path(directory)
-    files = sorted({f for pattern in IDENTITY_FILES for f in directory.glob(pattern)})
-    if not files:
+    files = sorted({f for pattern in patterns for f in directory.glob(pattern)})
+    if not any(f.suffix in (".safetensors", ".bin") for f in files):
         raise ModelLoadError(f"{directory} holds no weight files (*.safetensors or *.bin): point model.name_or_path at a saved model")
     stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if stamp in _HASHES:
@@ -135,6 +143,39 @@ def check_tokenizer_files(directory: str | Path) -> None:
                          "as benchmarks/real_model.py prepare does)")
 
 
+def _check_layer_count(name_or_path: str, config) -> None:
+    """Before loading: the layers stored in a local directory's safetensors files are the layers config.json
+    declares (the common way a config and its weights part; `_check_weights_fit_config` catches the rest)."""
+    import re
+
+    from safetensors import safe_open
+
+    stored = set()
+    for f in Path(name_or_path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            names = st.keys()   # a safe_open handle has no __contains__/__iter__
+            stored.update(int(m.group(1)) for k in names if (m := re.match(r"model\.layers\.(\d+)\.", k)))
+    declared = getattr(config, "num_hidden_layers", None)
+    if stored and declared is not None and len(stored) != declared:
+        raise ModelLoadError(f"model {name_or_path}: config.json disagrees with the weights (num_hidden_layers "
+                             f"{declared}, {len(stored)} layers stored): fix config.json or re-save the model with "
+                             "save_pretrained")
+
+
+def _check_weights_fit_config(name_or_path: str, loading: dict) -> None:
+    """Weights and config.json must describe the same model: transformers drops stored tensors the
+    config has no place for (8 layers stored, 4 declared: a 4-layer model) and randomly initialises
+    declared ones that are not stored, with a log line only."""
+    unused, missing = loading.get("unexpected_keys") or [], loading.get("missing_keys") or []
+    mismatched = loading.get("mismatched_keys") or []
+    if unused or missing or mismatched:
+        parts = [f"{len(v)} {what} (e.g. {min(v) if what != 'of another shape' else v[0][0]})"
+                 for what, v in (("stored tensors it has no place for", unused), ("tensors not stored", missing),
+                                 ("of another shape", mismatched)) if v]
+        raise ModelLoadError(f"model {name_or_path}: config.json disagrees with the weights ({'; '.join(parts)}): fix "
+                             "config.json (e.g. num_hidden_layers) or re-save the model with save_pretrained")
+
+
 def load_model(name_or_path: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu",
                trust_remote_code: bool = False):
     """Load (model, tokenizer) for pruning; the model is in eval mode on `device`.
@@ -166,11 +207,15 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
                                      "--trust-remote-code (model.trust_remote_code=true) only if you trust that code")
             config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
             adapter_for(config)  # fail early, naming the supported families
+            if local is not None:
+                _check_layer_count(name_or_path, config)
             architectures = getattr(config, "architectures", None) or []
             if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
                 raise ModelLoadError(f"{name_or_path} is a {architectures[0]}, not a causal language model (*ForCausalLM)")
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype],
-                                                         trust_remote_code=trust_remote_code)
+            model, loading = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype],
+                                                                  trust_remote_code=trust_remote_code,
+                                                                  output_loading_info=True)
+            _check_weights_fit_config(name_or_path, loading)
         if local is not None:
             check_tokenizer_files(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)

@@ -13,7 +13,10 @@ so lineage answers both ways: `audit` walks from a version to its inputs and ver
 digest; `versions_with_traces` lists the versions a trace set went into.
 
 A version is created only after its files are logged and their logged copies verified; any
-failure before that deletes the half-made run. Registering the same mask of the same base
+failure before that deletes the half-made run. A registration killed after creating its version
+but before finishing its run leaves a version that can never verify: `audit` names it as broken,
+and the next registration withdraws it and registers the mask again. Reading the registry
+(`audit`, `versions_with_traces`) never creates a store. Registering the same mask of the same base
 model with the same params and byte-identical files again returns the existing version; if any
 file changed (a re-export, new metrics), a new version replaces it. This is the only module of
 `resp` that imports MLflow.
@@ -42,7 +45,7 @@ import yaml
 from resp.artifacts import ArtifactError, atomic_path, file_digest, manifest_path, masks_in_dir, target_key
 from resp.config import Params
 from resp.masks import Mask
-from resp.models import content_hash
+from resp.models import IDENTITY_FILES, IDENTITY_SCHEME, LEGACY_IDENTITY_FILES, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +111,29 @@ def _store_lock(uri: str):
     if db is None:
         yield
         return
+    _check_sqlite(uri, db)  # before the lock file is made: never a folder for a mistyped path
     with exclusive(db, "tracking store", "wait for the other registration to finish", wait_s=STORE_WAIT_S):
         yield
 
 
-def _check_reachable(uri: str, timeout_s: float) -> None:
-    """Before MLflow's own retries (minutes): a sqlite file's folder exists, a server answers."""
+def _check_sqlite(uri: str, db: Path, must_exist: bool = False) -> None:
+    folder = db.absolute().parent
+    if not folder.is_dir():
+        raise RegistryError(f"tracking store {uri}: folder {folder} does not exist (a mistyped path would create a "
+                            "new, empty store): fix registry.tracking_uri (or MLFLOW_TRACKING_URI) or create the folder")
+    if db.exists() and not db.is_file():
+        raise RegistryError(f"tracking store {uri}: {db} is not a file: fix registry.tracking_uri")
+    if must_exist and not db.exists():
+        raise RegistryError(f"tracking store {uri}: {db} does not exist, so nothing is registered there (nothing was "
+                            "created): fix registry.tracking_uri (or MLFLOW_TRACKING_URI)")
+
+
+def _check_reachable(uri: str, timeout_s: float, must_exist: bool = False) -> None:
+    """Before MLflow's own retries (minutes): a sqlite file's folder exists (and, for reading, the file:
+    MLflow would create an empty store), a server answers."""
     db = _sqlite_path(uri)
     if db is not None:
-        folder = db.absolute().parent
-        if not folder.is_dir():
-            raise RegistryError(f"tracking store {uri}: folder {folder} does not exist (a mistyped path would create a "
-                                "new, empty store): fix registry.tracking_uri (or MLFLOW_TRACKING_URI) or create the folder")
-        if db.exists() and not db.is_file():
-            raise RegistryError(f"tracking store {uri}: {db} is not a file: fix registry.tracking_uri")
+        _check_sqlite(uri, db, must_exist)
         return
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
@@ -137,11 +149,12 @@ def _check_reachable(uri: str, timeout_s: float) -> None:
                                 "registry.tracking_uri (or MLFLOW_TRACKING_URI) to a reachable store") from None
 
 
-def _client(params: Params, lock: bool = True):
+def _client(params: Params, lock: bool = True, must_exist: bool = False):
+    """A client of the tracking store; `must_exist` for queries (audit): a missing sqlite file is an error."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     uri = tracking_uri(params)
-    _check_reachable(uri, params.registry.connect_timeout_s)
+    _check_reachable(uri, params.registry.connect_timeout_s, must_exist)
     from mlflow import MlflowClient
 
     try:
@@ -212,11 +225,28 @@ def dense_model_name(base: dict) -> str:
 
 
 def _identity(base: dict) -> dict:
-    return {k: base.get(k) for k in ("name", "revision", "content_hash", "key")}
+    """The base model as lineage records it; a content hash names the files it covers (old records: weights and config)."""
+    identity = {k: base.get(k) for k in ("name", "revision", "content_hash", "key")}
+    if base.get("content_hash"):
+        identity["content_files"] = IDENTITY_SCHEME
+    return identity
 
 
 def _versions(client, filter_string: str) -> list:
     return sorted(client.search_model_versions(filter_string), key=lambda v: int(v.version))
+
+
+def _finished(client, versions: list) -> list:
+    """`versions` less those whose registration never finished, which are withdrawn (a version left
+    by a killed registration would otherwise count as registered and never verify)."""
+    kept = []
+    for v in versions:
+        why = _unfinished(client, v)
+        if why is None:
+            kept.append(v)
+        else:
+            _withdraw(client, v, why)
+    return kept
 
 
 def _info(version, created: bool) -> dict:
@@ -368,17 +398,47 @@ def _create_version(client, experiment_id: str, run_name: str, name: str, descri
 
 def _clean_stale_runs(client, experiment_id: str) -> None:
     """Runs left RUNNING by a registration that was killed (its process on this host is gone):
-    marked FAILED and deleted with their artifacts."""
-    from resp.locking import pid_alive
-
+    a version already created on such a run is withdrawn (it is registered again by this
+    registration), and the run is marked FAILED and deleted with its artifacts."""
     host = socket.gethostname()
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
-        tags = run.data.tags
-        pid = tags.get("resp.pid", "")
-        if tags.get("resp.host") == host and pid.isdigit() and not pid_alive(int(pid)):
-            log.warning("run %s of a killed registration (pid %s) is marked failed and deleted", run.info.run_id, pid)
+        if _killed(run, host):
+            for v in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+                _withdraw(client, v, f"its registration (pid {run.data.tags.get('resp.pid')}) was killed before it "
+                                     "finished")
+            log.warning("run %s of a killed registration (pid %s) is marked failed and deleted", run.info.run_id,
+                        run.data.tags.get("resp.pid"))
             client.set_terminated(run.info.run_id, "FAILED")
             _discard_run(client, run)
+
+
+def _killed(run, host: str) -> bool:
+    from resp.locking import pid_alive
+
+    pid = run.data.tags.get("resp.pid", "")
+    return run.data.tags.get("resp.host") == host and pid.isdigit() and not pid_alive(int(pid))
+
+
+def _unfinished(client, version) -> str | None:
+    """Why a version can never verify (its run was not finished: killed mid-registration), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(version.run_id)
+    except MlflowException:
+        return f"its run {version.run_id} is gone"
+    if run.info.lifecycle_stage == "deleted":
+        return f"its run {version.run_id} was deleted"
+    if run.info.status == "FINISHED":
+        return None
+    if run.info.status == "RUNNING" and not _killed(run, socket.gethostname()):
+        return None   # being registered right now (or on another host): not ours to judge
+    return f"its run {version.run_id} was never finished (status {run.info.status}: the registration was killed)"
+
+
+def _withdraw(client, version, why: str) -> None:
+    log.warning("%s version %s is withdrawn: %s; the mask is registered again", version.name, version.version, why)
+    client.delete_model_version(version.name, version.version)
 
 
 def _dataset_inputs(trace_entries: list[dict]) -> list:
@@ -417,7 +477,7 @@ def register_dense(params: Params, base: dict) -> dict:
 
 def _register_dense(client, experiment_id: str, base: dict) -> dict:
     name = dense_model_name(base)
-    existing = _versions(client, f"name = '{name}' AND tags.base_key = '{base['key']}'")
+    existing = _finished(client, _versions(client, f"name = '{name}' AND tags.base_key = '{base['key']}'"))
     if existing:
         return _info(existing[-1], created=False)
     identity = _identity(base)
@@ -594,9 +654,10 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
     # so that an audit of the newest version always checks the files now on disk.
     artifacts = _artifacts_digest(entries)
     # params_hash names the model by path only: the base identity decides whether it is the same model
-    existing = _versions(client, f"name = '{name}' AND tags.mask_digest = '{digest}' "
-                                 f"AND tags.params_hash = '{meta['params_hash']}' AND tags.base_key = '{base['key']}' "
-                                 f"AND tags.artifacts_digest = '{artifacts}'")
+    existing = _finished(client, _versions(client, f"name = '{name}' AND tags.mask_digest = '{digest}' "
+                                                   f"AND tags.params_hash = '{meta['params_hash']}' "
+                                                   f"AND tags.base_key = '{base['key']}' "
+                                                   f"AND tags.artifacts_digest = '{artifacts}'"))
     if existing:
         log.info("%s version %s already holds mask %s of this base with these params and files", name,
                  existing[-1].version, digest[:12])
@@ -666,7 +727,7 @@ def versions_with_traces(params: Params, file_or_digest: str) -> dict:
         digest = file_or_digest
     else:
         raise RegistryError(f"{file_or_digest!r} is neither a trace file nor a sha256 digest (8-64 hex characters)")
-    client, uri = _client(params)
+    client, uri = _client(params, must_exist=True)
     with _store_errors(uri):
         found = _versions(client, f"tags.trace_digests LIKE '%{digest}%'")
     matches = []
@@ -808,7 +869,7 @@ def audit(params: Params, name: str, version: str | int, fetch: bool = False) ->
     """
     from mlflow.exceptions import MlflowException
 
-    client, uri = _client(params)
+    client, uri = _client(params, must_exist=True)
     with _store_errors(uri):
         try:
             mv = client.get_model_version(name, str(version))
@@ -817,6 +878,11 @@ def audit(params: Params, name: str, version: str | int, fetch: bool = False) ->
                 raise
             raise RegistryError(f"model {name!r} version {version} is not in the registry at {uri}: "
                                 "find versions with `resp audit --traces FILE` or in the MLflow UI") from None
+        broken = _unfinished(client, mv)
+        if broken is not None:
+            tags = dict(mv.tags)
+            raise RegistryError(f"{name} version {version} is broken: {broken}; `resp register --task {tags.get('task')} "
+                                f"--method {tags.get('method')}` withdraws it and registers its mask again")
         run = client.get_run(mv.run_id)
         tags = dict(mv.tags)
         problems: list[str] = []
@@ -837,17 +903,46 @@ def audit(params: Params, name: str, version: str | int, fetch: bool = False) ->
             joins = _join_checks(lineage, checks, root)
     problems += [p for p in map(_problem, checks) if p]
     problems += [j["problem"] for j in joins if j["problem"]]
+    tag_checks = _tag_checks(tags, lineage)
+    problems += [t["problem"] for t in tag_checks if t["problem"]]
     base = lineage["base"]
     base_check = "not checked (hub revision)" if not base.get("content_hash") else "missing"
+    base_note = None
+    if base.get("content_hash") and base.get("content_files") != IDENTITY_SCHEME:
+        base_note = ("registered before the tokenizer, chat template and generation config joined the base model's "
+                     "identity: only its weights and config.json are checked; re-register to cover them")
     if base.get("content_hash") and Path(base["name"]).is_dir():
-        current = content_hash(base["name"])
+        current = content_hash(base["name"], IDENTITY_FILES if base_note is None else LEGACY_IDENTITY_FILES)
         base_check = "ok" if current == base["content_hash"] else "mismatch"
         if base_check == "mismatch":
             problems.append(f"base model {base['name']}: its content (sha256 {current[:12]}) changed since "
                             f"registration (recorded {base['content_hash'][:12]})")
     return {"name": name, "version": str(version), "run_id": mv.run_id, "tracking_uri": uri, "tags": tags,
-            "lineage": lineage, "checks": checks, "joins": joins, "base_check": base_check, "problems": problems,
-            "restored": sorted(restored)}
+            "lineage": lineage, "checks": checks, "joins": joins, "tag_checks": tag_checks, "base_check": base_check,
+            "base_note": base_note, "problems": problems, "restored": sorted(restored)}
+
+
+def _tag_checks(tags: dict, lineage: dict) -> list[dict]:
+    """The version's searchable tags must say what its (digest-verified) lineage.json says: a tag edited
+    in the registry would send `--traces` queries and re-registration to the wrong version."""
+    base = lineage.get("base") or {}
+    expected = {"kind": lineage.get("kind"), "base_key": base.get("key"),
+                "base_content_hash": str(base.get("content_hash")), "base_revision": str(base.get("revision"))}
+    if lineage.get("kind") == "pruned":
+        trace_sets = lineage.get("trace_sets") or []
+        expected.update({"task": lineage.get("task"), "method": lineage.get("method"),
+                         "target": target_key(float(lineage["target"])), "mask_digest": lineage["mask"]["digest"],
+                         "params_hash": lineage.get("params_hash"),
+                         "prompt_ids_digest": str(lineage.get("prompt_ids_digest")),
+                         "trace_digests": ",".join(t["digest"] for t in trace_sets)})
+    checks = []
+    for tag, value in expected.items():
+        found = tags.get(tag)
+        checks.append({"tag": tag, "value": found,
+                       "problem": None if found == value else
+                       f"registry tag {tag}={str(found)[:16]} does not match lineage.json ({str(value)[:16]}): the tag "
+                       "was edited after registration; re-register the model"})
+    return checks
 
 
 def _readable(check: dict, root: Path) -> Path | None:
@@ -902,6 +997,8 @@ def lineage_lines(report: dict) -> list[str]:
     lines = [f"{report['name']} version {report['version']} (run {report['run_id']}, {report['tracking_uri']})"]
     ident = f"revision {base['revision']}" if base.get("revision") else f"content sha256 {str(base.get('content_hash'))[:16]}"
     lines.append(f"base model {base['name']} {ident} [{report['base_check']}]")
+    if report.get("base_note"):
+        lines.append(f"  note: {report['base_note']}")
     if lin["kind"] == "dense":
         lines += [f"  {c['role']} {c['artifact']} sha256 {c['sha256'][:16]} [{_status(c)}]" for c in report["checks"]]
         return lines
@@ -941,4 +1038,8 @@ def lineage_lines(report: dict) -> list[str]:
                  f"dirty: {source.get('dirty')}), "
                  f"dvc stage {dvc['stage'] + ' md5 ' + str(dvc['md5']) if dvc else 'none'}")
     lines.append(f"parent {tags.get('parent')}" + (f", replaces version {tags['replaces']}" if tags.get("replaces") else ""))
+    tag_checks = report.get("tag_checks", [])
+    wrong = [t["tag"] for t in tag_checks if t["problem"]]
+    lines.append(f"registry tags: {len(tag_checks) - len(wrong)} of {len(tag_checks)} agree with {LINEAGE}"
+                 + (f" (not: {', '.join(wrong)})" if wrong else ""))
     return lines

@@ -110,7 +110,7 @@ BAD = [
     (lambda p, d, m: resp.make_traces(p, "arith", d),
      "out {d} is a directory, not a file: give a file path"),
     (lambda p, d, m: resp.make_traces(ROOT / "params.yaml", "arith", d / "t.jsonl", overrides=["model.device=tpu"]),
-     "model.device 'tpu' is not a device torch knows here: use cpu, cuda or cuda:N"),
+     f"{ROOT / 'params.yaml'} is invalid: model.device: Value error, 'tpu' is not a device: use cpu, cuda, cuda:N or mps"),
     (lambda p, d, m: resp.prune(p, "arith", "nope", d / "run"),
      "method 'nope' is not declared; declare it under `methods` in params.yaml (declared: {methods})"),
     (lambda p, d, m: resp.prune(p, "arith", "resp", d / "run"),

@@ -286,3 +286,27 @@ def test_trace_set_files_are_byte_identical_to_the_format_before(tmp_path):
     assert Path(f"{path}.json").read_bytes() == json.dumps(expected, indent=2, sort_keys=True).encode()
     assert names(path.parent) == ["dense.jsonl", "dense.jsonl.json"]
     assert TraceSet.load(path).traces == traces
+
+
+def test_written_files_take_the_umask_mode(tmp_path):
+    """safetensors writes 0600 whatever the umask: every file the tool writes (one file, or a directory of
+    them) gets the mode the umask gives, as any other tool's output would."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from resp.artifacts import atomic_dir, atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        with atomic_dir(tmp_path / "export") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp / "model.safetensors"))
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.safetensors", tmp_path / "export" / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o755

@@ -184,7 +184,8 @@ def save_heldout(path, tokenizer, model_key: str, n: int = 4):
         prompt = tokenizer(render_prompt(tokenizer, f"Tom has {i + 2} apples. How many?"), add_special_tokens=False)["input_ids"]
         completion = tokenizer(f"<think>\n{i + 2}+1={i + 3}\n</think>\n\nThe answer is {i + 3}.", add_special_tokens=False)["input_ids"]
         traces.append(Trace(f"test-{i}", prompt, completion + [tokenizer.eos_token_id], "", False))
-    TraceSet(traces, {"model": {"key": model_key}}).save(path)
+    # what `resp traces --split test` records: `resp evaluate --heldout` checks it is the eval split's
+    TraceSet(traces, {"model": {"key": model_key}, "task": "arith", "split": "test", "mask_digest": None}).save(path)
     return path
 
 

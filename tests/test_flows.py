@@ -112,7 +112,7 @@ def test_a_step_caches_on_its_own_code_only():
 
 
 def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, tiny_model_dir, tiny_world_dir,
-                                                    tmp_path, calls):
+                                                    tmp_path, calls, caplog):
     base = base_copy(tiny_model_dir, tmp_path / "cachebase")
     params = write_params(tmp_path / "run", base, tiny_world_dir, mlflow_store)
     first = run_pipeline(params)
@@ -143,7 +143,10 @@ def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, t
     for v in first["registered"]:
         assert f"registered {v['name']} version {v['version']} (target {v['target']}), already registered" in result.output
 
+    plant_pickle_in_the_cache(tmp_path, masks, calls, caplog, lambda: run_pipeline(params))
+
     # a changed evaluation knob reruns the evaluations only; a deleted export is recomputed
+    calls.clear()
     shutil.rmtree(first["exports"]["arith/resp/0.20"]["masked"])
     again = run_pipeline(params, ["evaluation.num_items=3"])
     assert dict(calls) == {"evaluate_masks": 2, "export_model": 1}
@@ -153,6 +156,45 @@ def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, t
     run_pipeline(params, ["flow.cache=false"])                         # every task reruns
     assert dict(calls) == {"make_traces": 2, "calibrate": 1, "score": 4, "apply": 6, "regenerate": 2, "write_run": 1,
                            "export_model": 2, "evaluate_masks": 2}
+
+
+class RunsCode:
+    """A pickle payload: unpickling it creates `marker` (what `os.system` would do, visibly)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def plant_pickle_in_the_cache(tmp_path, masks, calls, caplog, run):
+    """The cached result of write_run rewritten as a record that names the pickle serializer, with a payload
+    that runs code when unpickled: the next run reads nothing from it (the payload never runs), warns once,
+    and runs write_run again, which replaces the record with JSON."""
+    import base64
+    import logging
+
+    import cloudpickle
+
+    records = {f: json.loads(f.read_text()) for f in (tmp_path / "run" / "results").iterdir() if f.is_file()}
+    target = next(f for f, r in records.items() if r["result"].startswith("{")
+                                and json.loads(r["result"]).get("result") == masks)
+    marker = tmp_path / "payload-ran"
+    planted = records[target]
+    planted["metadata"]["serializer"] = {"type": "pickle", "picklelib": "cloudpickle", "picklelib_version": None}
+    planted["result"] = base64.b64encode(cloudpickle.dumps(RunsCode(marker))).decode()
+    target.write_text(json.dumps(planted))
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="resp.flow"):
+        run()
+    assert not marker.exists()                                   # nothing executed
+    assert dict(calls) == {"write_run": 1}                       # the step recomputed, nothing else
+    warnings = [r.getMessage() for r in caplog.records if r.name == "resp.flow"]
+    assert warnings == [(f"cached result {target.name} in flow.results_dir was not written by resp (serializer pickle, "
+                         f"not json): moved to {target.name}.refused unread; its task runs again")]
+    assert json.loads(target.read_text())["metadata"]["serializer"]["type"] == "json"   # rewritten by the rerun
+    assert json.loads(target.with_name(f"{target.name}.refused").read_text()) == planted  # kept, never read
 
 
 def task_run_names(states: bool = False):
@@ -301,8 +343,8 @@ def test_deployment_runs_reprune_on_the_params_cron(prefect_api):
     assert (applied.name, applied.schedules[0].schedule.cron) == ("resp-reprune", "*/5 * * * *")
     result = runner.invoke(app, ["schedule", "--params", str(params), "--set", "schedule.cron=every day"])
     assert result.exit_code == 2
-    assert result.output == ("error: schedule.cron 'every day' / schedule.timezone 'UTC' is invalid (Invalid cron string: "
-                             "\"every day\"): use a 5-field cron such as '0 3 * * *' and an IANA zone such as UTC\n")
+    assert result.output == (f"error: {params} is invalid: schedule.cron: Value error, 'every day' is not a 5-field cron "
+                             "expression: use e.g. '0 3 * * *' (daily at 03:00)\n")
 
 
 def test_task_runner_from_params(tiny_params):
@@ -314,3 +356,65 @@ def test_task_runner_from_params(tiny_params):
     remote = flow_module.task_runner(tiny_params.flow.model_copy(update={"task_runner": "dask",
                                                                          "dask_address": "tcp://10.0.0.1:8786"}))
     assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.1:8786"
+
+
+def test_the_temporary_prefect_server_dies_with_a_killed_run(tmp_path):
+    """`resp run` without PREFECT_API_URL starts a temporary server; after kill -9 of the run it kept running
+    (~230 MB, orphaned). Now a watchdog stops it once its parent is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time\nfrom flows.pipeline import temporary_server_dies_with_this_process\n"
+              "print(temporary_server_dies_with_this_process(), flush=True)\ntime.sleep(300)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           env=env)
+    server = int(run.stdout.readline())
+    try:
+        assert "uvicorn" in Path(f"/proc/{server}/cmdline").read_text()
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    for _ in range(100):
+        if not Path(f"/proc/{server}").exists() or "Z" in Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1][:3]:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(server, signal.SIGKILL)
+        raise AssertionError(f"temporary server {server} outlived its killed parent by 10 s")
+
+
+def test_cache_keys_are_computed_safely_from_many_threads(tiny_params, tmp_path, monkeypatch):
+    """With the thread runner, 2 of 3 runs failed to compute a cache key (concurrent ast.parse in
+    steps.code_digest: "SystemError: AST constructor recursion depth mismatch"). The flow now parses the
+    code of every step once, under a lock, before any key is used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps.code_digest.cache_clear()
+    steps.code_files.cache_clear()
+    names = list(steps.STEPS) * 8
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        digests = list(pool.map(flow_module.code_digest, names))
+    assert dict(zip(names, digests)) == {name: steps.code_digest(name) for name in steps.STEPS}
+
+
+def test_unwritable_results_dir_and_empty_lists_end_in_one_line(tiny_params, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params.model_dump(mode="json")))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for override, line in [
+        (f"flow.results_dir={blocker}/results",
+         (f"error: flow.results_dir {blocker}/results: {blocker} is a file, not a directory: choose another "
+          "flow.results_dir")),
+        ("run.methods=[]", (f"error: {params} is invalid: run.methods: Value error, is empty, so a run would do "
+                            "nothing: name at least one")),
+        ("run.tasks=[]", (f"error: {params} is invalid: run.tasks: Value error, is empty, so a run would do nothing: "
+                          "name at least one"))]:
+        result = runner.invoke(app, ["run", "--params", str(params), "--set", override])
+        assert (result.exit_code, result.output.strip().splitlines()) == (2, [line])

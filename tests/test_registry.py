@@ -162,13 +162,16 @@ def test_audit_prints_lineage_and_verifies(params_file, pruned, registered, tiny
                for line in lines)
     assert any(line.strip().startswith(f"export masked {pruned['exports'][0.2]['masked']} (") and line.endswith("[ok]")
                for line in lines)
-    assert lines[-2] == f"parent {v['parent']}"
+    assert lines[-3] == f"parent {v['parent']}"
     digest = Mask.load(pruned["masks"][0.2])[0].digest()
     assert f"          metrics made from mask {digest[:16]} [ok]" in lines
     assert f"          export masked made from mask {digest[:16]} [ok]" in lines
+    # every searchable tag (kind, base x3, task, method, target, mask, params, prompt ids, trace digests) says
+    # what lineage.json says
+    assert lines[-2] == "registry tags: 11 of 11 agree with lineage.json"
     # 3 trace sets + 3 manifests + mask + manifest + summary + 7 export files + metrics + params + base model
-    # + 2 joins (the metrics and the export were computed from this version's mask)
-    assert lines[-1] == "audit passed: 21 checks verify"
+    # + 2 joins (the metrics and the export were computed from this version's mask) + 11 tags
+    assert lines[-1] == "audit passed: 32 checks verify"
 
 
 def test_reverse_query_finds_every_version_that_used_a_trace_set(params, params_file, pruned, registered):
@@ -202,8 +205,8 @@ def test_audit_and_registration_detect_an_edited_trace_file(params, params_file,
         assert result.exit_code == 1
         assert (f"MISMATCH trace set {path}: local file does not match the recorded sha256 {recorded[:12]} "
                 "(edited after registration)") in result.output.splitlines()
-        # the 0.10 mask used 2 trace sets: 19 checks of the 0.20 version less one trace set and its manifest
-        assert result.output.splitlines()[-1] == "audit failed: 1 of 19 checks do not verify"
+        # the 0.10 mask used 2 trace sets: 30 checks of the 0.20 version less one trace set and its manifest
+        assert result.output.splitlines()[-1] == "audit failed: 1 of 30 checks do not verify"
         with pytest.raises(RegistryError, match=rf"^trace set {path} was edited after pruning \(sha256 [0-9a-f]{{12}} != "
                                                 rf"recorded {recorded[:12]} in sparsity-0.10.safetensors.json\): restore it"):
             registry.register_method(params, "arith", "resp", pruned["root"] / "resp" / "masks")
@@ -434,3 +437,113 @@ def test_a_racing_duplicate_is_withdrawn_and_killed_runs_are_cleaned(params, pru
     assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'")) == before
     run = client.get_run(stale.info.run_id)
     assert (run.info.status, run.info.lifecycle_stage) == ("FAILED", "deleted")
+
+
+def test_a_mistyped_sqlite_path_creates_nothing(params, pruned, tmp_path):
+    """`register` with a missing folder refused before any lock file or folder is made; `audit` and the reverse
+    query against a missing sqlite file refused without creating an empty store."""
+    def with_uri(uri):
+        return params.model_copy(update={"registry": params.registry.model_copy(update={"tracking_uri": uri})})
+
+    missing = tmp_path / "typo" / "mlflow.db"
+    with pytest.raises(RegistryError, match=rf"^tracking store sqlite:///{missing}: folder {missing.parent} does not "
+                                            r"exist \(a mistyped path would create a new, empty store\)"):
+        registry.register_method(with_uri(f"sqlite:///{missing}"), "arith", "resp", pruned["root"] / "resp" / "masks")
+    assert not missing.parent.exists()
+    absent = tmp_path / "absent.db"
+    for query in (lambda p: registry.audit(p, "m", 1), lambda p: registry.versions_with_traces(p, "0" * 64)):
+        with pytest.raises(RegistryError, match=rf"^tracking store sqlite:///{absent}: {absent} does not exist, so "
+                                                r"nothing is registered there \(nothing was created\)"):
+            query(with_uri(f"sqlite:///{absent}"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_registration_killed_after_creating_its_version_is_repaired_by_the_next(params, params_file, tmp_path,
+                                                                                  client):
+    """kill -9 between creating a model version and finishing its run left a version that never verified and
+    that `register` reported as "already registered" for good. Now `audit` names it as broken and the next
+    `register` withdraws it and registers the mask again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    recipe.prune(params, "arith", "magnitude", run)
+    args = ["register", "--task", "arith", "--method", "magnitude", "--run-dir", str(run), "--params", str(params_file)]
+    killer = ("import os, signal\nfrom mlflow import MlflowClient\nfrom resp.cli import app\n"
+              "finish = MlflowClient.set_terminated\n"
+              "def kill(self, run_id, status=None, *a, **k):\n"
+              "    if status == 'FINISHED' and self.get_run(run_id).data.tags.get('kind') == 'pruned':\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)  # the version exists, its run is not finished\n"
+              "    return finish(self, run_id, status, *a, **k)\n"
+              "MlflowClient.set_terminated = kill\n"
+              f"app({args!r})\n")
+    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    name = registry.model_name(model_identity(params.model.name_or_path).to_dict() | {
+        "key": model_identity(params.model.name_or_path).key}, "arith", "magnitude")
+    broken = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    assert client.get_run(broken.run_id).info.status == "RUNNING"
+
+    result = runner.invoke(app, ["audit", "--model", name, "--version", broken.version, "--params", str(params_file)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: {name} version {broken.version} is broken: its run {broken.run_id} was never finished (status RUNNING: "
+        "the registration was killed); `resp register --task arith --method magnitude` withdraws it and registers its "
+        "mask again")
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    created = [line for line in result.output.splitlines() if line.startswith(f"{name} version ")]
+    assert len(created) == 2 and not any("already registered" in line for line in created), result.output
+    versions = {v.version for v in client.search_model_versions(f"name = '{name}'")}
+    assert broken.version not in versions
+    assert (client.get_run(broken.run_id).info.status, client.get_run(broken.run_id).info.lifecycle_stage) == (
+        "FAILED", "deleted")
+    for line in created:
+        version = line.split(" version ")[1].split(":")[0]
+        audited = runner.invoke(app, ["audit", "--model", name, "--version", version, "--params", str(params_file)])
+        assert audited.exit_code == 0 and audited.output.splitlines()[-1].startswith("audit passed"), audited.output
+
+
+def test_audit_checks_registry_tags_against_the_lineage(params, params_file, registered, client):
+    v = registered["wanda_sp"][0]
+    real = client.get_model_version(v["name"], v["version"]).tags["mask_digest"]
+    client.set_model_version_tag(v["name"], v["version"], "mask_digest", "0" * 64)
+    try:
+        result = runner.invoke(app, ["audit", "--model", v["name"], "--version", v["version"], "--params",
+                                     str(params_file)])
+    finally:
+        client.set_model_version_tag(v["name"], v["version"], "mask_digest", real)
+    assert result.exit_code == 1
+    assert (f"MISMATCH registry tag mask_digest=0000000000000000 does not match lineage.json ({real[:16]}): the tag was "
+            "edited after registration; re-register the model") in result.output.splitlines()
+    assert "registry tags: 10 of 11 agree with lineage.json (not: mask_digest)" in result.output.splitlines()
+
+
+def test_a_registration_from_before_the_wider_base_identity_still_audits_with_a_note(params, params_file, tmp_path,
+                                                                                     monkeypatch, tiny_model_dir):
+    """Lineage recorded before the tokenizer, chat template and generation config joined the base model's
+    content hash (no `content_files`, hash over weights and config.json) verifies against that older hash,
+    and the audit says what it does not cover."""
+    import resp.models
+    from resp.models import LEGACY_IDENTITY_FILES, content_hash
+
+    # the code of then: the content hash over weights and config.json, lineage without `content_files`
+    monkeypatch.setattr(resp.models, "content_hash", lambda d: content_hash(d, LEGACY_IDENTITY_FILES))
+    monkeypatch.setattr(registry, "_identity", lambda base: {k: base.get(k) for k in ("name", "revision",
+                                                                                      "content_hash", "key")})
+    run = tmp_path / "run"
+    recipe.prune(params, "arith", "random", run)
+    v = registry.register_method(params, "arith", "random", run / "masks")[0]
+    monkeypatch.undo()
+    result = runner.invoke(app, ["audit", "--model", v["name"], "--version", v["version"], "--params", str(params_file)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    legacy = content_hash(tiny_model_dir, LEGACY_IDENTITY_FILES)
+    assert lines[1:3] == [f"base model {tiny_model_dir} content sha256 {legacy[:16]} [ok]",
+                          "  note: registered before the tokenizer, chat template and generation config joined the base "
+                          "model's identity: only its weights and config.json are checked; re-register to cover them"]
+    assert legacy != content_hash(tiny_model_dir)
