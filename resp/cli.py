@@ -279,15 +279,18 @@ def world_train_command(params: ParamsPath = Path("params.yaml"), overrides: Ove
 @world_app.command("check")
 def world_check_command(
     out: Annotated[Path | None, typer.Option(help="also write the measurements as JSON here")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an --out file that is not a world check")] = False,
     params: ParamsPath = Path("params.yaml"), overrides: Overrides = None,
 ) -> None:
     """Measure the committed model against the world's targets (accuracy, entropy, length, self-checks)."""
-    from resp.artifacts import write_json
+    from resp.artifacts import check_replaceable_json, write_json
     from resp.world.check import format_measurements, measure_world
 
     with user_errors():
         p = load_params(params, overrides)
         _early_checks(p, [(out, "file")] if out else [])
+        if out is not None:
+            check_replaceable_json(out, ("arith", "choice"), "a `resp world check` file", overwrite)
         results = measure_world(p)
     typer.echo(format_measurements(results))
     if out is not None:
@@ -409,18 +412,21 @@ def report_command(
     metrics_dir: Annotated[Path, typer.Option(help="directory holding {task}/{method}.json and {task}/dense.json")],
     out: Annotated[Path, typer.Option(help="report directory: results.md, metrics.json, plots/")],
     runs_dir: Annotated[Path, typer.Option(help="directory holding {task}/{method}/summary.json (trace drift, regenerations)")] = Path("data/runs"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace results.md/metrics.json in --out that resp did "
+                                                                   "not write")] = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
     """Write the results table (intervals, paired differences), flat metrics and plots for
     run.tasks x run.methods x prune.targets, as params `report` says."""
-    from resp.report import write_report
+    from resp.report import check_report_dir, write_report
 
     with user_errors():
         p = load_params(params, overrides)
         from resp.outputs import check_output
 
         check_output(out, "dir")
+        check_report_dir(out, overwrite)
         written = write_report(metrics_dir, out, p.run.tasks, list(p.run.methods), p.prune.targets,
                                runs_dir=runs_dir, params=p.report)
     typer.echo(f"wrote {len(written)} files to {out} (table: {out / 'results.md'})")
@@ -542,6 +548,9 @@ def cost_command(
     typer.echo(prediction.table())
 
 
+STABLE_VERSION_KEYS = ("base_key", "name", "sparsity", "target")   # what `register --out` writes (a tracked file)
+
+
 @app.command("register")
 def register_command(
     task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
@@ -586,9 +595,9 @@ def register_command(
             if _derived(layout.metrics(task, method), all(made_from.get(t) == d for t, d in digests.items())):
                 metrics = layout.metrics(task, method)
         versions = register_method(p, task, method, masks_dir, exports, metrics)
-    if out is not None:  # the same bytes whether this run created the versions or found them
+    if out is not None:  # the same bytes whatever the store: version numbers and run ids are the store's own
         write_json(out, {"task": task, "method": method,
-                         "versions": [{k: v[k] for k in sorted(v) if k != "created"} for v in versions]}, newline=True)
+                         "versions": [{k: v[k] for k in STABLE_VERSION_KEYS} for v in versions]}, newline=True)
     for v in versions:
         typer.echo(f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']}"
                    + (f", replaces version {v['replaces']}" if v["replaces"] else "")

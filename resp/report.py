@@ -689,6 +689,25 @@ def report_files(out_dir: str | Path, tasks: list[str]) -> list[Path]:
     return [out_dir / "results.md", out_dir / "metrics.json", *plots]
 
 
+def check_report_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """A report goes into a directory whose results.md and metrics.json, where present, are a report's
+    (results.md opens with its title): anything else is the user's and is refused unless `overwrite`."""
+    out_dir = Path(out_dir)
+    if overwrite:
+        return
+    results = out_dir / "results.md"
+    foreign = results.is_file() and not results.read_text(errors="replace").startswith("# Results\n")
+    metrics = out_dir / "metrics.json"
+    if metrics.is_file() and not foreign:
+        try:
+            foreign = not isinstance(json.loads(metrics.read_text()), dict)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            foreign = True
+    if foreign:
+        raise ReportError(f"--out {out_dir} holds a results.md or metrics.json that is not a resp report: choose another "
+                          "--out, or pass --overwrite to replace them")
+
+
 def write_report(metrics_dir: str | Path, out_dir: str | Path, tasks: list[str], methods: list[str],
                  targets: list[float], *, runs_dir: str | Path, params: ReportParams) -> list[Path]:
     """Read every task's metrics (and the drift methods' run summaries under `runs_dir`) and write

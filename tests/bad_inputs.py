@@ -328,6 +328,16 @@ def _user_note(p: Project):
     return kept(p)
 
 
+def _user_results(p: Project):
+    """A user's own results.md in the report directory (checked unchanged afterwards)."""
+    @contextlib.contextmanager
+    def kept(p: Project):
+        with _scratch(p, "r", lambda d: (d / "results.md").write_bytes(b"my notes\n")):
+            yield
+            assert (p.root / S / "r" / "results.md").read_bytes() == b"my notes\n", "the user's file was replaced"
+    return kept(p)
+
+
 def _two_format_dirs(p: Project) -> None:
     out = p.root / S / "two-formats"
     try:
@@ -513,6 +523,14 @@ CASES: list[Case] = [
                                    "--out", str(p.root / S / "n" / "notes.json")],
          "exists and is not a `resp register` versions file: choose another --out, or pass --overwrite",
          setup=_user_note),
+    Case("bad input", "world-check-out-user-file", "resp world check --out <an existing file that is not a world check>",
+         "overwritten", lambda p: ["world", "check", "--out", str(p.root / S / "n" / "notes.json")],
+         "exists and is not a `resp world check` file: choose another --out, or pass --overwrite", setup=_user_note),
+    Case("bad input", "report-out-user-results", "resp report --out <a directory holding the user's results.md>",
+         "overwritten", lambda p: ["report", "--metrics-dir", str(p.root / "data" / "metrics"), "--out",
+                                   str(p.root / S / "r")],
+         "holds a results.md or metrics.json that is not a resp report: choose another --out, or pass --overwrite",
+         setup=_user_results),
     Case("bad input", "score-out-user-file", "resp score --out <an existing file that is not a scores file>",
          "overwritten", lambda p: ["score", "--traces", str(p.traces["arith"]), "--out", str(p.root / S / "n" / "notes.json")],
          "exists and is not a scores file (no notes.json.json manifest beside it): choose another --out",
