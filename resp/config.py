@@ -184,6 +184,37 @@ class EvaluationParams(Strict):
     nll_batch_size: int = Field(gt=0)
 
 
+class HealParams(Strict):
+    """Recovery of a pruned model on the dense model's own traces (resp.heal): the dense model teaches."""
+    steps: int                   # optimizer steps (validated below: the message names the fix)
+    lr: float = Field(gt=0)
+    schedule: Literal["constant", "linear", "cosine"]   # after the linear warmup
+    warmup_steps: int = Field(ge=0)
+    batch_size: int = Field(gt=0)   # traces per step
+    loss: Literal["kl", "ce"]       # kl: KL(teacher || student) per completion token; ce: cross-entropy on the teacher's samples
+    mode: Literal["full", "lora"]   # full: every remaining weight; lora: peft adapters merged back before export
+    lora_rank: int = Field(gt=0)    # used by mode lora; at most the narrowest kept block of a pruned layer
+    lora_alpha: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(ge=0)   # 0: no clipping
+    num_prompts: int = Field(gt=0)  # healing traces: the dense model's on the first N calibration prompts (`resp traces --limit N`)
+    seed: int
+    checkpoint_every: int = Field(ge=0)  # resumable checkpoint every N steps (0: none)
+
+    @field_validator("steps")
+    @classmethod
+    def _budget(cls, steps: int) -> int:
+        if steps <= 0:
+            raise ValueError(f"heal.steps is {steps}: the healing budget must be a positive number of optimizer steps")
+        return steps
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"heal.warmup_steps ({self.warmup_steps}) exceeds heal.steps ({self.steps}): lower it")
+        return self
+
+
 SCORERS = ("taylor", "wanda_sp", "owl_sp", "flap", "magnitude", "random")
 CALIBRATION_SOURCES = ("self", "self_selected", "gold", "generic", "none")
 SELF_SOURCES = ("self", "self_selected")   # the dense model's own traces
@@ -197,6 +228,7 @@ class MethodParams(Strict):
     regenerate: Literal["none", "milestones", "drift"] = "none"   # milestones: at prune.milestones; drift: past prune.drift_threshold
     verify_select: bool = False                # at each regeneration, branch refresh vs keep and keep the better
     trace_filter: Literal["none", "correct", "correct_or_agree"] = "none"
+    heal: HealParams | None = None             # recovery after pruning (resp heal); None: the masks are used as pruned
 
     @model_validator(mode="after")
     def _combination(self):
