@@ -83,7 +83,7 @@ def heal_and_evaluate(work: Path, name: str) -> dict:
     heal(h, p.model, task, p.tasks[task].calibration_split, mask, [traces], healed_dir, p.prune.attention_unit,
          p.prune.protected_layers, code_record("heal"))
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    model, tokenizer, _, _, manifest = load_healed(healed_dir)
+    model, tokenizer, _, manifest = load_healed(healed_dir)
     t = p.tasks[task]
     items = load_items(t, t.eval_split)[: p.evaluation.num_items]
     metrics = _evaluate_current(model, tokenizer, items, t.format, p.evaluation, None, name, None)

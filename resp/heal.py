@@ -47,7 +47,7 @@ from resp.traces import IGNORE_INDEX, TraceError, TraceSet, decode_only_batches
 log = logging.getLogger(__name__)
 
 MANIFEST = "resp_heal.json"
-MASK_FILE = "mask.safetensors"
+MASK_DIR = "mask"   # the mask of the healed model (a subdirectory: not part of the model's content hash)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -279,16 +279,24 @@ def heal_run_key(teacher_key: str, mask_digest: str, trace_digests: list[str], h
 
 
 def heal(heal_params, model_params, task: str, split: str, mask_path: str | Path, trace_paths: list[str | Path],
-         out_dir: str | Path, attention_unit: str, protected_layers, code: dict | None = None) -> Path:
+         out_dir: str | Path, attention_unit: str, protected_layers, code: dict | None = None,
+         method: str | None = None) -> Path:
     """Heal the model of `model_params` pruned by `mask_path` on the dense traces `trace_paths`
     (task `task`, calibration split `split`); write the healed model directory `out_dir`.
 
     `heal_params` is a `resp.config.HealParams`, `model_params` a `resp.config.ModelParams`;
-    `code` is what the manifest records of the code (`resp.steps.code_record("heal")`)."""
+    `code` is what the manifest records of the code (`resp.steps.code_record("heal")`); `method` names
+    the method whose heal settings ran (recorded; default the mask's method).
+
+    OUT holds the healed model (stock shapes, pruned units zero), its tokenizer, `resp_heal.json`,
+    and `mask/sparsity-T.safetensors`: the mask, made for the healed model, for export and evaluation."""
     from resp.lineage import read_mask
     from resp.models import load_model, model_identity
 
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise HealError(f"out {out_dir} is not empty and holds no {MANIFEST} (it is not a healed model): choose a new or "
+                        "empty directory; a previous healed model there is replaced, nothing else")
     mask, mask_meta = read_mask(mask_path)
     identity = model_identity(model_params.name_or_path, model_params.revision)
     sets = []
@@ -311,6 +319,7 @@ def heal(heal_params, model_params, task: str, split: str, mask_path: str | Path
         raise HealError(f"{mask_path}: {e}") from None
     if heal_params.mode == "lora":
         check_lora_rank(heal_params.lora_rank, mask, s)
+    target = mask_meta["target"] if mask_meta.get("target") is not None else artifacts.parse_target(Path(mask_path).name)
     student = copy.deepcopy(teacher)
     apply_mask(student, mask, s)   # zeroes pruned units and adds the mask's bias compensation (FLAP) once
     for p in teacher.parameters():
@@ -327,7 +336,7 @@ def heal(heal_params, model_params, task: str, split: str, mask_path: str | Path
     manifest = {
         "kind": "healed",
         "teacher": {**identity.to_dict(), "key": identity.key},
-        "task": task, "split": split,
+        "task": task, "split": split, "method": method or mask_meta.get("method"), "target": target,
         "mask": {"path": str(mask_path), "digest": mask.digest(), "method": mask_meta.get("method"),
                  "target": mask_meta.get("target"), "sparsity": mask.sparsity(s)},
         "traces": [{"path": p, "digest": t.manifest["digest"], "n": len(t.traces),
@@ -344,8 +353,18 @@ def heal(heal_params, model_params, task: str, split: str, mask_path: str | Path
     with artifacts.atomic_dir(out_dir) as tmp:
         healed.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        mask.save(tmp / MASK_FILE, mask_meta)
-        artifacts.write_json(tmp / MANIFEST, manifest, sort_keys=True, newline=True)
+        healed_identity = model_identity(str(tmp))   # content hash: the same wherever the directory lives
+        # The mask again, made for the healed weights (its bias compensation is in them already), so that
+        # `resp export --model OUT --mask OUT/mask/...` and `resp evaluate` read a healed model as any other.
+        mask_meta_out = {**{k: v for k, v in mask_meta.items() if k != "digest"},
+                         "model": {**healed_identity.to_dict(), "name": f"{identity.name} (healed)",
+                                   "key": healed_identity.key},
+                         "method": method or mask_meta.get("method"),
+                         "label": f"{mask_meta.get('label', mask_meta.get('method'))} + heal",
+                         "healed_from": {"mask": str(mask_path), "digest": mask.digest(), "base_model": manifest["teacher"]}}
+        Mask(mask.heads, mask.channels).save(artifacts.mask_file(tmp / MASK_DIR, target), mask_meta_out)
+        artifacts.write_json(tmp / MANIFEST, {**manifest, "healed_model": mask_meta_out["model"]}, sort_keys=True,
+                             newline=True)
     shutil.rmtree(checkpoints, ignore_errors=True)   # the run is complete: nothing left to resume
     log.info("healed %s (%s %s, %d steps, loss %s %.4f -> %.4f) -> %s", mask_path, heal_params.mode, heal_params.loss,
              heal_params.steps, heal_params.loss, manifest["loss"]["mean_first_10"], manifest["loss"]["mean_last_10"],
@@ -361,7 +380,7 @@ def _trained_tokens(traces: list, heal) -> int:
 
 
 def load_healed(directory: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer, mask, structures, manifest) of a healed model directory."""
+    """(model, tokenizer, mask path, manifest) of a healed model directory."""
     from resp.models import load_model
 
     directory = Path(directory)
@@ -369,18 +388,9 @@ def load_healed(directory: str | Path, dtype: str = "float32", device: str = "cp
         raise HealError(f"{directory} holds no {MANIFEST}: it is not a healed model; run `resp heal` first")
     manifest = json.loads((directory / MANIFEST).read_text())
     model, tokenizer = load_model(str(directory), None, dtype, device)
-    mask, _ = Mask.load(directory / MASK_FILE)
-    s = structures_for(model, manifest["attention_unit"], manifest["protected_layers"])
-    return model, tokenizer, mask, s, manifest
+    return model, tokenizer, healed_mask(directory), manifest
 
 
-def export_healed(directory: str | Path, fmt: str, out: str | Path, channel_multiple: int, dtype: str = "float32",
-                  device: str = "cpu", overwrite: bool = False) -> Path:
-    """Export a healed model in `fmt` (masked, compact, uniform); the manifest names its healing."""
-    from resp.checkpoints import export_model
-
-    model, tokenizer, mask, s, manifest = load_healed(directory, dtype, device)
-    extra = {"base_model": manifest["teacher"], "healed": {"dir": str(directory), "run_key": manifest["run_key"],
-                                                           "traces": [t["digest"] for t in manifest["traces"]]}}
-    return export_model(model, tokenizer, Mask(mask.heads, mask.channels), s, fmt, out, channel_multiple,
-                        manifest_extra=extra, overwrite=overwrite)
+def healed_mask(directory: str | Path) -> Path:
+    """The mask file of a healed model directory (made for the healed model)."""
+    return artifacts.mask_file(Path(directory) / MASK_DIR, json.loads((Path(directory) / MANIFEST).read_text())["target"])

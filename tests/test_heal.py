@@ -3,6 +3,7 @@ after kill -9, healed models export compactly, and bad input ends in one line.""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from resp.config import HealParams, ModelParams, ParamsError, load_params
-from resp.heal import (HealError, completion_loss, export_healed, heal, keep_tensors, load_healed)
+from resp.heal import HealError, completion_loss, heal, keep_tensors, load_healed
 from resp.masks import Mask
 from resp.models import load_model, model_identity
 from resp.structures import structures_for
@@ -79,7 +80,9 @@ def test_pruned_units_stay_zero_and_kl_falls(inputs, tmp_path, tiny_model_dir, m
     from resp.masks import apply_mask
 
     out = run_heal(inputs, tmp_path / "healed", mode=mode, steps=8, lr=3e-4 if mode == "full" else 3e-3)
-    healed, tokenizer, mask, s, manifest = load_healed(out)
+    healed, tokenizer, mask_path, manifest = load_healed(out)
+    mask, _ = Mask.load(mask_path)
+    s = structures_for(healed, "query_head", None)
     teacher, _ = load_model(str(tiny_model_dir), None, "float32", "cpu")
     unhealed, _ = load_model(str(tiny_model_dir), None, "float32", "cpu")
     apply_mask(unhealed, mask, s)
@@ -168,25 +171,35 @@ def test_checkpoint_of_other_settings_is_not_resumed(inputs, tmp_path):
     assert (tmp_path / "healed" / "model.safetensors").is_file()
 
 
-def test_compact_export_of_healed_model_keeps_the_pruned_shape(inputs, tmp_path, tiny_model_dir):
-    from resp.checkpoints import export_mask_file
+def test_healed_model_exports_and_evaluates_like_any_pruned_model(inputs, tmp_path, tiny_model_dir, tiny_world_dir,
+                                                                   tiny_params):
+    """The healed directory is a model with its own mask: `export` and `evaluate` read it unchanged."""
     from transformers import AutoModelForCausalLM
 
+    from resp.api import evaluate, export
+
     healed_dir = run_heal(inputs, tmp_path / "healed")
-    base, tokenizer = load_model(str(tiny_model_dir), None, "float32", "cpu")
-    unhealed = export_mask_file(base, tokenizer, model_identity(str(tiny_model_dir)), inputs["mask"], "compact",
-                                tmp_path / "unhealed-compact", 8, "query_head", None)
-    compact = export_healed(healed_dir, "compact", tmp_path / "healed-compact", 8)
+    healed, _, mask_path, manifest = load_healed(healed_dir)
+    assert mask_path == healed_dir / "mask" / "sparsity-0.30.safetensors"
+    assert Mask.load(mask_path)[1]["model"]["key"] == model_identity(str(healed_dir)).key == manifest["healed_model"]["key"]
+    unhealed = export(tiny_params, inputs["mask"], "compact", tmp_path / "unhealed-compact")
+    compact = export(tiny_params, mask_path, "compact", tmp_path / "healed-compact", model=str(healed_dir))
     a = AutoModelForCausalLM.from_pretrained(unhealed, trust_remote_code=True)
     b = AutoModelForCausalLM.from_pretrained(compact, trust_remote_code=True)
     shapes = {n: tuple(p.shape) for n, p in a.named_parameters()}
     assert shapes == {n: tuple(p.shape) for n, p in b.named_parameters()}
-    assert b.num_parameters() < base.num_parameters()
-    healed, *_ = load_healed(healed_dir)
+    assert b.num_parameters() < healed.num_parameters()
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 8]])
     with torch.no_grad():
         assert torch.allclose(b(input_ids=ids).logits, healed(input_ids=ids).logits, atol=1e-5)
         assert not torch.allclose(a(input_ids=ids).logits, b(input_ids=ids).logits, atol=1e-5)
+    from conftest import tiny_overrides
+
+    healed_params = load_params(ROOT / "params.yaml", [*tiny_overrides(tiny_model_dir, tiny_world_dir),
+                                                       f"model.name_or_path={healed_dir}", "evaluation.nll_traces=0"])
+    report = json.loads(evaluate(healed_params, "arith", healed_dir / "mask", tmp_path / "healed.json").read_text())
+    assert report["method"] == "resp" and report["model"]["key"] == manifest["healed_model"]["key"]
+    assert report["results"]["0.30"]["label"] == "resp + heal"
 
 
 # ---------------------------------------------------------------- bad input
