@@ -1,4 +1,4 @@
-"""Healing on the embedded world: RESP masks at 30 % and 50 %, with and without `resp heal`.
+"""Healing on the embedded world: RESP masks at 30 % and 50 %, with and without `resp.healing`.
 
     python benchmarks/heal.py --work /tmp/h23 [--only NAME ...]   # runs what is missing, then writes the tables
 
@@ -66,7 +66,7 @@ def evaluate_unhealed(work: Path, task: str) -> dict:
 
 def heal_and_evaluate(work: Path, name: str) -> dict:
     from resp.evaluation import _evaluate_current
-    from resp.heal import heal, load_healed
+    from resp.healing import heal, load_healed
     from resp.steps import code_record
     from resp.tasks import load_items
 
@@ -96,13 +96,17 @@ def heal_and_evaluate(work: Path, name: str) -> dict:
 
 
 def correct(result: dict, mode: str) -> np.ndarray:
-    return np.asarray(result[mode]["per_item"]["correct_strict"], dtype=float)
+    """Strict correctness per item: greedy [items]; sampled [items x samples] (resp.stats averages the samples)."""
+    if mode == "greedy":
+        return np.asarray(result[mode]["per_item"]["correct_strict"], dtype=float)
+    return np.asarray([s["per_item"]["correct_strict"] for s in result[mode]["per_sample"]], dtype=float).T
 
 
 def ratio_interval(a: np.ndarray, b: np.ndarray, samples: int, confidence: float, seed: int) -> tuple[float, float, float]:
     """mean(a) / mean(b) with a paired percentile bootstrap over items."""
-    from resp.stats import resample_indices
+    from resp.stats import item_values, resample_indices
 
+    a, b = item_values(a), item_values(b)
     idx = resample_indices(a.size, samples, seed)
     ratios = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12)
     tail = 100 * (1 - confidence) / 2
@@ -155,7 +159,7 @@ def _ci(x) -> str:
 def write_tables(summary: dict) -> None:
     ev = summary["evaluation"]
     lines = ["# Healing on the embedded world (benchmarks/heal.py)", "",
-             f"RESP masks (main-job params: calibration.num_prompts, prune.steps, milestones), healed by `resp.heal` on "
+             f"RESP masks (main-job params: calibration.num_prompts, prune.steps, milestones), healed by `resp.healing` on "
              f"the dense model's own traces of the train split. {ev['num_items']} test items, max {ev['max_new_tokens']} "
              "new tokens, greedy and sampled "
              f"(T={ev['temperature']}, {ev['samples']} sample/item). Accuracy is strict; intervals are 95 % paired "

@@ -316,6 +316,29 @@ def prune_command(
     typer.echo(f"{method} on {task}: {len(written)} masks in {time.perf_counter() - started:.1f} s (summary: {out / 'summary.json'})")
 
 
+@app.command("heal")
+def heal_command(
+    task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
+    mask: Annotated[Path, typer.Option(help="mask file written by pruning (MASK.safetensors with MASK.safetensors.json)")],
+    traces: Annotated[list[Path], typer.Option(help="the dense model's traces of the task's calibration split "
+                                                    "(`resp traces --limit N`; repeatable)")],
+    out: Annotated[Path, typer.Option(help="healed model directory (weights, resp_heal.json, mask/)")],
+    method: Annotated[str | None, typer.Option(help="method whose heal: {...} settings run (default: the mask's method)")] = None,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Heal a pruned model on the dense model's own reasoning traces (the dense model teaches); pruned units stay zero."""
+    from resp.api import heal
+    from resp.healing import healed_mask
+
+    with user_errors():
+        p = load_params(params, overrides)
+        started = time.perf_counter()
+        healed = heal(p, task, mask, traces, out, method=method)
+    typer.echo(f"healed {mask} -> {healed} in {time.perf_counter() - started:.1f} s; export it with "
+               f"`resp export --model {healed} --mask {healed_mask(healed)} --format compact --out DIR`")
+
+
 @app.command("evaluate")
 def evaluate_command(
     task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],

@@ -185,7 +185,7 @@ class EvaluationParams(Strict):
 
 
 class HealParams(Strict):
-    """Recovery of a pruned model on the dense model's own traces (resp.heal): the dense model teaches."""
+    """Recovery of a pruned model on the dense model's own traces (resp.healing): the dense model teaches."""
     steps: int                   # optimizer steps (validated below: the message names the fix)
     lr: float = Field(gt=0)
     schedule: Literal["constant", "linear", "cosine"]   # after the linear warmup

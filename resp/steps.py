@@ -56,7 +56,7 @@ STEPS: dict[str, StepDeclaration] = {
                                  "prune.protected_layers"), "resp.evaluation"),
     "register": StepDeclaration(("registry",), "resp.registry"),
     "report": StepDeclaration(("run", "prune.targets", "report", "evaluation"), "resp.report"),
-    "heal": StepDeclaration(("model", "tasks.{task}", "methods.{method}.heal"), "resp.heal"),
+    "heal": StepDeclaration(("model", "tasks.{task}", "methods.{method}.heal"), "resp.healing"),
     # the steps `prune` is made of (Prefect tasks)
     "calibrate": StepDeclaration(PRUNE_SECTIONS, "resp.steps"),
     "score": StepDeclaration(("model", "importance", "prune.attention_unit", "prune.protected_layers",
