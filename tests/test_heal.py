@@ -271,3 +271,50 @@ def test_resp_heal_command_heals_and_refuses_a_method_without_heal_settings(inpu
     manifest = json.loads((tmp_path / "healed" / "resp_heal.json").read_text())
     assert manifest["method"] == "resp_heal" and manifest["heal"]["steps"] == 2
     assert f"--mask {tmp_path / 'healed' / 'mask' / 'sparsity-0.30.safetensors'}" in done.output
+
+
+def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, tiny_model_dir, tiny_world_dir,
+                                                                    mlflow_store):
+    from conftest import tiny_overrides
+    from typer.testing import CliRunner
+
+    from resp import recipe, registry
+    from resp.artifacts import file_digest
+    from resp.cli import app
+
+    # calibration.seed=2: trace digests no other test of the session registers
+    params = load_params(ROOT / "params.yaml", [*tiny_overrides(tiny_model_dir, tiny_world_dir), *mlflow_store,
+                                                "calibration.seed=2", "methods.resp_heal.heal.steps=3",
+                                                "methods.resp_heal.heal.warmup_steps=1"])
+    dense = recipe.make_traces(params, "arith", "train", None, tmp_path / "dense.jsonl")
+    masks = recipe.prune(params, "arith", "resp", tmp_path / "resp", str(dense))
+    healed_dir = tmp_path / "healed"
+    from resp.api import heal as api_heal
+
+    with pytest.raises(registry.RegistryError, match="is not registered: register its run first"):
+        registry.register_healed(params, api_heal(params, "arith", masks[0.2], dense, healed_dir, method="resp_heal"))
+    pruned = registry.register_method(params, "arith", "resp", tmp_path / "resp" / "masks")
+    version = registry.register_healed(params, healed_dir)
+    assert version["created"] and version["parent"] == f"{pruned[1]['name']}/{pruned[1]['version']}"
+    assert registry.register_healed(params, healed_dir)["version"] == version["version"]   # idempotent
+    report = registry.audit(params, version["name"], version["version"])
+    assert report["problems"] == []
+    lineage = report["lineage"]
+    assert lineage["kind"] == "healed" and lineage["healed"]["steps"] == 3
+    assert lineage["healed"]["teacher"]["key"] == model_identity(str(tiny_model_dir)).key
+    assert lineage["trace_sets"] == [{"tag": "heal", "path": str(dense), "digest": file_digest(dense),
+                                      "n": 6, "sparsity": 0.0}]
+    params_file = tmp_path / "params.yaml"
+    import yaml
+
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    shown = CliRunner().invoke(app, ["audit", "--model", version["name"], "--version", version["version"],
+                                     "--params", str(params_file)])
+    assert shown.exit_code == 0, shown.output
+    assert any(line.split()[:1] == ["heal"] and f"  {dense}  sha256 {file_digest(dense)[:16]} [local ok, logged ok, "
+               "manifest ok]" in line for line in shown.output.splitlines()), shown.output
+    assert f"parent {version['parent']}" in shown.output
+    # healing data edited after registration: the audit names it
+    dense.write_text(dense.read_text().replace('"truncated": false', '"truncated": true', 1))
+    assert any("trace set" in p and str(dense) in p for p in registry.audit(params, version["name"],
+                                                                            version["version"])["problems"])
