@@ -318,3 +318,33 @@ def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, ti
     dense.write_text(dense.read_text().replace('"truncated": false', '"truncated": true', 1))
     assert any("trace set" in p and str(dense) in p for p in registry.audit(params, version["name"],
                                                                             version["version"])["problems"])
+
+
+def test_flow_heals_every_mask_of_a_healing_method_once(prefect_api, mlflow_store, tiny_model_dir, tiny_world_dir,
+                                                        tmp_path, monkeypatch):
+    import shutil as sh
+
+    import resp.healing
+    from test_flows import write_params
+
+    from flows.pipeline import run_pipeline
+
+    runs = []
+    original = resp.healing.heal
+    monkeypatch.setattr(resp.healing, "heal", lambda *a, **k: runs.append(a[4]) or original(*a, **k))
+    base = tmp_path / "healbase"
+    sh.copytree(tiny_model_dir, base)
+    params = write_params(tmp_path / "run", base, tiny_world_dir, mlflow_store, "run.methods=[resp_heal]",
+                          "methods.resp_heal.heal.steps=2", "methods.resp_heal.heal.warmup_steps=1",
+                          "methods.resp_heal.heal.num_prompts=6")
+    first = run_pipeline(params)
+    assert sorted(first["healed"]) == ["arith/resp_heal/0.10", "arith/resp_heal/0.20"]
+    for target, healed in first["healed"].items():
+        manifest = json.loads((Path(healed) / "resp_heal.json").read_text())
+        assert manifest["mask"]["path"] == first["masks"]["arith/resp_heal"][target.rsplit("/", 1)[1]]
+        assert manifest["traces"][0]["path"].endswith("traces/heal-6.jsonl") and manifest["heal"]["steps"] == 2
+    assert len(runs) == 2
+    again = run_pipeline(params)
+    assert again["healed"] == first["healed"] and len(runs) == 2   # cached: nothing healed again
+    run_pipeline(params, ["methods.resp_heal.heal.steps=3"])         # a heal setting reruns healing
+    assert len(runs) == 4
