@@ -32,13 +32,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # name: (task, target, heal overrides of methods.resp_heal.heal); the first rows are the main table
 HEALS = {
-    "arith-0.50-kl-full": ("arith", 0.5, []),
-    "arith-0.30-kl-full": ("arith", 0.3, []),
-    "choice-0.50-kl-full": ("choice", 0.5, []),
-    "choice-0.30-kl-full": ("choice", 0.3, []),
-    "arith-0.50-ce-full": ("arith", 0.5, ["loss=ce"]),
-    "arith-0.50-kl-lora8": ("arith", 0.5, ["mode=lora", "lora_rank=8", "lr=0.003"]),
-    "arith-0.50-kl-full-seed1": ("arith", 0.5, ["seed=1"]),
+    # learning rate (full fine-tuning, KL, 100 steps of 8 traces): 1e-3 first, then 3e-4
+    "arith-0.30-kl-full-lr1e-3": ("arith", 0.3, ["lr=0.001"]),
+    "arith-0.50-kl-full-lr1e-3": ("arith", 0.5, ["lr=0.001"]),
+    "arith-0.30-kl-full-lr3e-4": ("arith", 0.3, ["lr=0.0003"]),
+    "arith-0.50-kl-full-lr3e-4": ("arith", 0.5, ["lr=0.0003"]),
+    "arith-0.30-kl-full-lr1e-4": ("arith", 0.3, ["lr=0.0001"]),
+    "arith-0.50-kl-full-lr1e-4": ("arith", 0.5, ["lr=0.0001"]),
+    # the other task at the chosen settings
+    "choice-0.30-kl-full-lr3e-4": ("choice", 0.3, ["lr=0.0003"]),
+    "choice-0.50-kl-full-lr3e-4": ("choice", 0.5, ["lr=0.0003"]),
+    # loss and adapter at the same budget
+    "arith-0.50-ce-full-lr3e-4": ("arith", 0.5, ["lr=0.0003", "loss=ce"]),
+    "arith-0.50-kl-lora8-lr3e-3": ("arith", 0.5, ["lr=0.003", "mode=lora", "lora_rank=8"]),
+    # another healing seed (batch order)
+    "arith-0.50-kl-full-lr3e-4-seed1": ("arith", 0.5, ["lr=0.0003", "seed=1"]),
 }
 
 
