@@ -39,7 +39,7 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from resp.artifacts import ArtifactError, atomic_path, file_digest, manifest_path, masks_in_dir, target_key
+from resp.artifacts import ArtifactError, atomic_path, file_digest, manifest_path, mask_file, masks_in_dir, target_key
 from resp.config import Params
 from resp.masks import Mask
 from resp.models import content_hash
@@ -649,6 +649,9 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
 
 # ---------------------------------------------------------------- healed versions (resp heal)
 
+HEAL_MANIFEST = "resp_heal.json"   # resp.healing.MANIFEST (not imported: it pulls in torch)
+HEALED_MASK_DIR = "mask"           # resp.healing.MASK_DIR
+
 def register_healed(params: Params, healed_dir: str | Path, exports: dict[str, str | Path] | None = None,
                     metrics: str | Path | None = None) -> dict:
     """Register a healed model directory (`resp heal`) as a version of `resp-{base}-{task}-{method}`, the
@@ -656,19 +659,18 @@ def register_healed(params: Params, healed_dir: str | Path, exports: dict[str, s
     (register that run first); its lineage names the teacher, the healing traces (logged and verified
     by `resp audit` like any trace set), the heal settings and steps, and the code. `exports` maps
     formats to export directories of the healed model; `metrics` is `resp evaluate` on it."""
-    from resp.healing import MANIFEST, healed_mask
     from resp.lineage import read_mask
 
     healed_dir = Path(healed_dir)
-    if not (healed_dir / MANIFEST).is_file():
-        raise RegistryError(f"{healed_dir} holds no {MANIFEST}: it is not a healed model; run `resp heal` first")
-    heal = json.loads((healed_dir / MANIFEST).read_text())
+    if not (healed_dir / HEAL_MANIFEST).is_file():
+        raise RegistryError(f"{healed_dir} holds no {HEAL_MANIFEST}: it is not a healed model; run `resp heal` first")
+    heal = json.loads((healed_dir / HEAL_MANIFEST).read_text())
     _check_request(params, heal["task"], heal["method"])
-    mask_path = healed_mask(healed_dir)
+    mask_path = mask_file(healed_dir / HEALED_MASK_DIR, heal["target"])
     mask, meta = read_mask(mask_path)
     for t in heal["traces"]:
         if not Path(t["path"]).is_file() or file_digest(t["path"]) != t["digest"]:
-            raise RegistryError(f"healing traces {t['path']} recorded in {healed_dir / MANIFEST} are missing or were "
+            raise RegistryError(f"healing traces {t['path']} recorded in {healed_dir / HEAL_MANIFEST} are missing or were "
                                 "edited after healing: restore them or re-run `resp heal`")
     report = _read_metrics(metrics) if metrics is not None else None
     exports = dict(exports or {})
@@ -684,7 +686,6 @@ def register_healed(params: Params, healed_dir: str | Path, exports: dict[str, s
 def _register_healed(client, experiment_id, params: Params, healed_dir: Path, heal: dict, mask: Mask, mask_path: Path,
                      exports: dict, report: dict | None, metrics_path) -> dict:
     from resp.artifacts import json_digest
-    from resp.healing import MANIFEST
     from resp.steps import step_params
 
     task, method, target = heal["task"], heal["method"], float(heal["target"])
@@ -706,7 +707,7 @@ def _register_healed(client, experiment_id, params: Params, healed_dir: Path, he
                                   index=i))
     entries += [_entry("mask", f"mask/{mask_path.name}", mask_path),
                 _entry("mask_manifest", f"mask/{manifest_path(mask_path).name}", manifest_path(mask_path)),
-                _entry("heal_manifest", f"heal/{MANIFEST}", healed_dir / MANIFEST), *trace_entries]
+                _entry("heal_manifest", f"heal/{HEAL_MANIFEST}", healed_dir / HEAL_MANIFEST), *trace_entries]
     for fmt, directory in sorted({"healed": healed_dir, **exports}.items()):
         for f in _dir_files(Path(directory)):
             rel = f.relative_to(directory).as_posix()

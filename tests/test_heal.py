@@ -293,6 +293,9 @@ def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, ti
 
     with pytest.raises(registry.RegistryError, match="is not registered: register its run first"):
         registry.register_healed(params, api_heal(params, "arith", masks[0.2], dense, healed_dir, method="resp_heal"))
+    import resp.healing
+
+    assert (registry.HEAL_MANIFEST, registry.HEALED_MASK_DIR) == (resp.healing.MANIFEST, resp.healing.MASK_DIR)
     pruned = registry.register_method(params, "arith", "resp", tmp_path / "resp" / "masks")
     version = registry.register_healed(params, healed_dir)
     assert version["created"] and version["parent"] == f"{pruned[1]['name']}/{pruned[1]['version']}"
