@@ -107,6 +107,15 @@ def zero_pruned(named: dict[str, torch.Tensor], keep: dict[str, torch.Tensor]) -
             named[name].masked_fill_(~k.to(named[name].device), 0.0)
 
 
+def require_peft() -> None:
+    """LoRA healing needs peft, an optional extra."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise HealError("heal.mode lora needs peft, which is not installed: pip install peft (the `heal` extra), "
+                        "or set heal.mode: full")
+
+
 def check_lora_rank(rank: int, mask: Mask, s: Structures) -> None:
     """A LoRA rank wider than the narrowest kept block of a pruned layer adds nothing there."""
     for i in s.prunable_layers:
@@ -318,6 +327,7 @@ def heal(heal_params, model_params, task: str, split: str, mask_path: str | Path
     except MaskError as e:
         raise HealError(f"{mask_path}: {e}") from None
     if heal_params.mode == "lora":
+        require_peft()
         check_lora_rank(heal_params.lora_rank, mask, s)
     target = mask_meta["target"] if mask_meta.get("target") is not None else artifacts.parse_target(Path(mask_path).name)
     student = copy.deepcopy(teacher)

@@ -351,3 +351,12 @@ def test_flow_heals_every_mask_of_a_healing_method_once(prefect_api, mlflow_stor
     assert again["healed"] == first["healed"] and len(runs) == 2   # cached: nothing healed again
     run_pipeline(params, ["methods.resp_heal.heal.steps=3"])         # a heal setting reruns healing
     assert len(runs) == 4
+
+
+def test_lora_without_peft_is_one_line(inputs, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(HealError, match=r"heal.mode lora needs peft, which is not installed: pip install peft"):
+        run_heal(inputs, tmp_path / "o", mode="lora")
