@@ -53,8 +53,7 @@ HEALS = {
 def params_for(overrides: list[str]):
     from resp.config import load_params
 
-    return load_params(ROOT / "params.yaml", ["evaluation.nll_traces=0"] +
-                       [f"methods.resp_heal.heal.{o}" for o in overrides])
+    return load_params(ROOT / "params.yaml", [f"methods.resp_heal.heal.{o}" for o in overrides])
 
 
 def cpu_seconds() -> float:
@@ -68,8 +67,26 @@ def evaluate_unhealed(work: Path, task: str) -> dict:
 
     out = work / "bench" / f"{task}-unhealed.json"
     if not out.is_file():
-        evaluate(params_for([]), task, work / task / "resp", out, method="resp", dense=True)
+        evaluate(params_for([]), task, work / task / "resp", out, method="resp", dense=True,
+                 heldout=work / task / "heldout.jsonl")
     return json.loads(out.read_text())
+
+
+def heldout_nll(work: Path, name: str) -> None:
+    """Decode-only NLL of a healed model on the dense model's held-out traces (test split), added to its record."""
+    from resp.evaluation import decode_only_nll
+    from resp.models import load_model
+    from resp.traces import TraceSet
+
+    path = work / "bench" / f"{name}.json"
+    record = json.loads(path.read_text())
+    if record.get("nll"):
+        return
+    p = params_for([])
+    model, tokenizer = load_model(record["healed_dir"])
+    traces = TraceSet.load(work / record["task"] / "heldout.jsonl").traces[: p.evaluation.nll_traces]
+    record["nll"] = decode_only_nll(model, traces, p.evaluation.nll_batch_size, tokenizer.pad_token_id, desc=f"nll {name}")
+    path.write_text(json.dumps(record, indent=1))
 
 
 def heal_and_evaluate(work: Path, name: str) -> dict:
@@ -77,6 +94,7 @@ def heal_and_evaluate(work: Path, name: str) -> dict:
     from resp.healing import heal, load_healed
     from resp.steps import code_record
     from resp.tasks import load_items
+    from resp.traces import TraceSet
 
     out = work / "bench" / f"{name}.json"
     if out.is_file():
@@ -89,12 +107,13 @@ def heal_and_evaluate(work: Path, name: str) -> dict:
     traces = work / task / f"heal{h.num_prompts}.jsonl"
     wall, cpu = time.perf_counter(), cpu_seconds()
     heal(h, p.model, task, p.tasks[task].calibration_split, mask, [traces], healed_dir, p.prune.attention_unit,
-         p.prune.protected_layers, code_record("heal"))
+         p.prune.protected_layers, code_record("heal"), "resp_heal")
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     model, tokenizer, _, manifest = load_healed(healed_dir)
     t = p.tasks[task]
     items = load_items(t, t.eval_split)[: p.evaluation.num_items]
-    metrics = _evaluate_current(model, tokenizer, items, t.format, p.evaluation, None, name, None)
+    heldout = TraceSet.load(work / task / "heldout.jsonl").traces[: p.evaluation.nll_traces]
+    metrics = _evaluate_current(model, tokenizer, items, t.format, p.evaluation, heldout, name, None)
     record = {"name": name, "task": task, "target": target, "heal": manifest["heal"], "healed_dir": str(healed_dir),
               "cost": {"wall_s": wall, "cpu_s": cpu, "trained_tokens": manifest["trained_tokens"],
                        "healing_traces": sum(x["n"] for x in manifest["traces"])},
@@ -138,7 +157,9 @@ def summarize(work: Path) -> dict:
         pruned, dense = unhealed["results"][key], unhealed["results"]["dense"]
         assert unhealed["item_ids"] == healed["item_ids"], "paired comparisons need the same items"
         row = {"name": name, "task": healed["task"], "target": healed["target"], "heal": healed["heal"],
-               "cost": healed["cost"], "loss": healed["loss"], "sparsity": pruned["sparsity"]}
+               "cost": healed["cost"], "loss": healed["loss"], "sparsity": pruned["sparsity"],
+               "nll": {"dense": (dense.get("nll") or {}).get("nll"), "pruned": (pruned.get("nll") or {}).get("nll"),
+                       "healed": (healed.get("nll") or {}).get("nll")}}
         for mode in ("greedy", "sampled"):
             h, u, d = correct(healed, mode), correct(pruned, mode), correct(dense, mode)
             row[mode] = {
@@ -158,6 +179,10 @@ def summarize(work: Path) -> dict:
             }
         rows.append(row)
     return {"evaluation": p.evaluation.model_dump(mode="json"), "report": r.model_dump(mode="json"), "rows": rows}
+
+
+def _nll(n: dict) -> str:
+    return " / ".join("-" if n[k] is None else f"{n[k]:.4f}" for k in ("dense", "pruned", "healed"))
 
 
 def _ci(x) -> str:
@@ -182,14 +207,17 @@ def write_tables(summary: dict) -> None:
                          f"{_ci(m['healed_minus_pruned'])} | {_ci(m['healed_over_dense'])} | "
                          f"{m['length']['dense']:.0f}/{m['length']['pruned']:.0f}/{m['length']['healed']:.0f} | "
                          f"{m['truncation']['dense']:.2f}/{m['truncation']['pruned']:.2f}/{m['truncation']['healed']:.2f} |")
-    lines += ["", "| run | sparsity | steps | loss | mode | lr | traces | trained tokens | wall s | CPU s | loss first10 -> last10 |",
+    lines += ["", "Held-out NLL: decode-only NLL per completion token of the dense model's own traces on the first "
+              f"{ev['nll_traces']} test prompts (what the dense model would say; lower = closer to the teacher).", "",
+              "| run | sparsity | steps | loss | mode | lr | traces | trained tokens | wall s | CPU s | "
+              "NLL dense / RESP / healed |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         h, c = row["heal"], row["cost"]
         mode = h["mode"] + (f" r{h['lora_rank']}" if h["mode"] == "lora" else "")
         lines.append(f"| {row['name']} | {row['sparsity']:.3f} | {h['steps']} | {h['loss']} | {mode} | {h['lr']} | "
                      f"{c['healing_traces']} | {c['trained_tokens']} | {c['wall_s']:.0f} | {c['cpu_s']:.0f} | "
-                     f"{row['loss']['mean_first_10']:.4f} -> {row['loss']['mean_last_10']:.4f} |")
+                     f"{_nll(row['nll'])} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "heal.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "heal.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -207,6 +235,7 @@ def main() -> None:
         for name in args.only or HEALS:
             evaluate_unhealed(args.work, HEALS[name][0])
             heal_and_evaluate(args.work, name)
+            heldout_nll(args.work, name)
             write_tables(summarize(args.work))
     write_tables(summarize(args.work))
 

@@ -228,7 +228,9 @@ class MethodParams(Strict):
     regenerate: Literal["none", "milestones", "drift"] = "none"   # milestones: at prune.milestones; drift: past prune.drift_threshold
     verify_select: bool = False                # at each regeneration, branch refresh vs keep and keep the better
     trace_filter: Literal["none", "correct", "correct_or_agree"] = "none"
-    heal: HealParams | None = None             # recovery after pruning (resp heal); None: the masks are used as pruned
+    # recovery after pruning (resp heal); None: the masks are used as pruned. Left out of dumps when None, so the
+    # params hashes and cache keys of methods without healing stay what they were before healing existed.
+    heal: HealParams | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @model_validator(mode="after")
     def _combination(self):

@@ -666,6 +666,10 @@ def register_healed(params: Params, healed_dir: str | Path, exports: dict[str, s
         raise RegistryError(f"{healed_dir} holds no {HEAL_MANIFEST}: it is not a healed model; run `resp heal` first")
     heal = json.loads((healed_dir / HEAL_MANIFEST).read_text())
     _check_request(params, heal["task"], heal["method"])
+    declared = params.methods[heal["method"]].heal
+    if declared is None or declared.model_dump(mode="json") != heal["heal"]:
+        raise RegistryError(f"{healed_dir} was healed with other settings than methods.{heal['method']}.heal of the given "
+                            "params: register with the params it was healed with, or re-run `resp heal`")
     mask_path = mask_file(healed_dir / HEALED_MASK_DIR, heal["target"])
     mask, meta = read_mask(mask_path)
     for t in heal["traces"]:

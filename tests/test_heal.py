@@ -360,3 +360,15 @@ def test_lora_without_peft_is_one_line(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     with pytest.raises(HealError, match=r"heal.mode lora needs peft, which is not installed: pip install peft"):
         run_heal(inputs, tmp_path / "o", mode="lora")
+
+
+def test_registering_a_model_healed_with_other_settings_is_refused(inputs, tmp_path, tiny_model_dir, tiny_world_dir,
+                                                                  mlflow_store):
+    from conftest import tiny_overrides
+
+    from resp import registry
+
+    healed = run_heal(inputs, tmp_path / "healed")   # heal_params(): not what params.yaml declares
+    params = load_params(ROOT / "params.yaml", [*tiny_overrides(tiny_model_dir, tiny_world_dir), *mlflow_store])
+    with pytest.raises(registry.RegistryError, match="was healed with other settings than methods.resp.heal"):
+        registry.register_healed(params, healed)
