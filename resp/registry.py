@@ -687,6 +687,14 @@ def register_healed(params: Params, healed_dir: str | Path, exports: dict[str, s
                                     report, metrics)
 
 
+def _healed_line(healed: dict) -> str:
+    h = healed["heal"]
+    how = h["mode"] + (f" rank {h['lora_rank']}" if h["mode"] == "lora" else "")
+    return (f"healed from mask {healed['pruned_mask']['path']} (digest {healed['pruned_mask']['digest'][:16]}) by teacher "
+            f"{healed['teacher']['name']} ({healed['teacher']['key'][:16]}): {h['steps']} steps, {h['loss']}, {how}, "
+            f"lr {h['lr']}, seed {h['seed']}, {healed['trained_tokens']} completion tokens")
+
+
 def _register_healed(client, experiment_id, params: Params, healed_dir: Path, heal: dict, mask: Mask, mask_path: Path,
                      exports: dict, report: dict | None, metrics_path) -> dict:
     from resp.artifacts import json_digest
@@ -1042,7 +1050,7 @@ def lineage_lines(report: dict) -> list[str]:
     for c in by_role.get("mask", []):
         lines.append(f"        mask {c['path']} (target {target_key(lin['target'])}, sparsity {lin['sparsity']:.4f}, "
                      f"mask digest {lin['mask']['digest'][:16]}) [{_status(c)}]")
-    for role in ("mask_manifest", "summary", "metrics", "generated"):
+    for role in ("mask_manifest", "summary", "metrics", "generated", "heal_manifest"):
         for c in by_role.get(role, []):
             lines.append(f"          {role.replace('_', ' ')} {c['path'] or c['artifact']} [{_status(c)}]")
     exports = by_role.get("export", [])
@@ -1054,6 +1062,8 @@ def lineage_lines(report: dict) -> list[str]:
     for j in report.get("joins", []):
         lines.append(f"          {j['join']} made from mask {str(j['mask_digest'])[:16]} "
                      f"[{'ok' if not j['problem'] else 'not this version' + chr(39) + 's mask'}]")
+    if lin["kind"] == "healed":
+        lines.append(_healed_line(lin["healed"]))
     code = lin.get("code") or {}
     dvc = lin.get("dvc")
     source = code.get("registered_from") or {}

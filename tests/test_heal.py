@@ -317,6 +317,8 @@ def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, ti
     assert any(line.split()[:1] == ["heal"] and f"  {dense}  sha256 {file_digest(dense)[:16]} [local ok, logged ok, "
                "manifest ok]" in line for line in shown.output.splitlines()), shown.output
     assert f"parent {version['parent']}" in shown.output
+    assert (f"healed from mask {masks[0.2]} (digest {Mask.load(masks[0.2])[0].digest()[:16]}) by teacher "
+            f"{tiny_model_dir} ({model_identity(str(tiny_model_dir)).key[:16]}): 3 steps, kl, full") in shown.output
     # healing data edited after registration: the audit names it
     dense.write_text(dense.read_text().replace('"truncated": false', '"truncated": true', 1))
     assert any("trace set" in p and str(dense) in p for p in registry.audit(params, version["name"],
