@@ -181,6 +181,10 @@ def summarize(work: Path) -> dict:
     return {"evaluation": p.evaluation.model_dump(mode="json"), "report": r.model_dump(mode="json"), "rows": rows}
 
 
+def _triple(values: dict) -> str:
+    return "/".join(f"{values[k]:.2f}" for k in ("dense", "pruned", "healed"))
+
+
 def _nll(n: dict) -> str:
     return " / ".join("-" if n[k] is None else f"{n[k]:.4f}" for k in ("dense", "pruned", "healed"))
 
@@ -198,15 +202,17 @@ def write_tables(summary: dict) -> None:
              f"(T={ev['temperature']}, {ev['samples']} sample/item). Accuracy is strict; intervals are 95 % paired "
              "bootstrap over items (2000 resamples). Heal cost: seconds of the heal call on the shared 2-core machine "
              "(wall; CPU of this process) and completion tokens trained on.", "",
-             "| run | mode | dense | RESP | RESP + heal | heal - RESP | heal / dense | len d/p/h | trunc d/p/h |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | mode | dense | RESP | RESP + heal | heal - RESP | heal / dense | len d/p/h | trunc d/p/h | "
+             "self-check d/p/h | flexible d/p/h |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         for mode in ("greedy", "sampled"):
             m = row[mode]
             lines.append(f"| {row['name']} | {mode} | {_ci(m['dense'])} | {_ci(m['pruned'])} | {_ci(m['healed'])} | "
                          f"{_ci(m['healed_minus_pruned'])} | {_ci(m['healed_over_dense'])} | "
                          f"{m['length']['dense']:.0f}/{m['length']['pruned']:.0f}/{m['length']['healed']:.0f} | "
-                         f"{m['truncation']['dense']:.2f}/{m['truncation']['pruned']:.2f}/{m['truncation']['healed']:.2f} |")
+                         f"{m['truncation']['dense']:.2f}/{m['truncation']['pruned']:.2f}/{m['truncation']['healed']:.2f} | "
+                         f"{_triple(m['self_check'])} | {_triple(m['flexible'])} |")
     lines += ["", "Held-out NLL: decode-only NLL per completion token of the dense model's own traces on the first "
               f"{ev['nll_traces']} test prompts (what the dense model would say; lower = closer to the teacher).", "",
               "| run | sparsity | steps | loss | mode | lr | traces | trained tokens | wall s | CPU s | "
