@@ -104,7 +104,7 @@ def zero_pruned(named: dict[str, torch.Tensor], keep: dict[str, torch.Tensor]) -
     """Set every pruned entry of the tensors in `named` to +0.0 (in place)."""
     for name, k in keep.items():
         if named[name] is not None:   # a gradient that was never computed
-            named[name].masked_fill_(~k.to(named[name].device), 0.0)
+            named[name].masked_fill_(~k.to(named[name].device), 0.0)   # no copy when already there
 
 
 def require_peft() -> None:
@@ -235,7 +235,8 @@ def heal_model(student, teacher, mask: Mask, s: Structures, traces: list, pad_id
             p.requires_grad_(True)
         keep = weight_keep
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    zero_pruned({n: p.data for n, p in trainable.items()}, {n: k for n, k in keep.items() if n in trainable})
+    trainable_keep = {n: k.to(trainable[n].device) for n, k in keep.items() if n in trainable}
+    zero_pruned({n: p.data for n, p in trainable.items()}, trainable_keep)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=heal.lr, weight_decay=heal.weight_decay)
     losses: list[float] = []
     start = 0
@@ -248,12 +249,13 @@ def heal_model(student, teacher, mask: Mask, s: Structures, traces: list, pad_id
         start, losses = state["step"], list(state["losses"])
         log.info("heal: resuming from step %d of %d (%s)", start, heal.steps, checkpoints)
     usable = [t for t in traces if t.completion_ids]
+    device = next(teacher.parameters()).device
     model.eval()       # no dropout: a step is a function of its inputs
     teacher.eval()
     bar = tqdm(range(start, heal.steps), desc=desc, unit="step", initial=start, total=heal.steps)
     for step in bar:
         chunk = [usable[i] for i in batch_indices(len(usable), heal.batch_size, heal.seed, step)]
-        batch = next(decode_only_batches(chunk, len(chunk), pad_id))
+        batch = {k: v.to(device) for k, v in next(decode_only_batches(chunk, len(chunk), pad_id)).items()}
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(heal, step + 1)
         teacher_logits = None
@@ -264,11 +266,11 @@ def heal_model(student, teacher, mask: Mask, s: Structures, traces: list, pad_id
         loss = completion_loss(logits, batch["labels"], heal.loss, teacher_logits)
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        zero_pruned({n: p.grad for n, p in trainable.items()}, {n: k for n, k in keep.items() if n in trainable})
+        zero_pruned({n: p.grad for n, p in trainable.items()}, trainable_keep)
         if heal.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(trainable.values()), heal.max_grad_norm)
         optimizer.step()
-        zero_pruned({n: p.data for n, p in trainable.items()}, {n: k for n, k in keep.items() if n in trainable})
+        zero_pruned({n: p.data for n, p in trainable.items()}, trainable_keep)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
