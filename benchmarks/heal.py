@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 # name: (task, target, heal overrides of methods.resp_heal.heal); the first rows are the main table
+DEFAULT = "kl-full-lr3e-4"   # params.yaml methods.resp_heal.heal: the settings the rows below chose
+
 HEALS = {
     # learning rate (full fine-tuning, KL, 100 steps of 8 traces): 1e-3 first, then 3e-4
     "arith-0.30-kl-full-lr1e-3": ("arith", 0.3, ["lr=0.001"]),
@@ -178,7 +180,18 @@ def summarize(work: Path) -> dict:
                                "healed": healed[mode]["reflection_rate"]},
             }
         rows.append(row)
-    return {"evaluation": p.evaluation.model_dump(mode="json"), "report": r.model_dump(mode="json"), "rows": rows}
+    comparisons = []   # every variant against the default settings on the same task and mask, paired by item
+    for row in rows:
+        default = f"{row['task']}-{row['target']:.2f}-{DEFAULT}"
+        if row["name"] == default or not (work / "bench" / f"{default}.json").is_file():
+            continue
+        a = json.loads((work / "bench" / f"{row['name']}.json").read_text())
+        b = json.loads((work / "bench" / f"{default}.json").read_text())
+        comparisons.append({"variant": row["name"], "default": default, **{
+            mode: paired_difference(correct(a, mode), correct(b, mode), r.bootstrap_samples, r.confidence, r.seed)
+            for mode in ("greedy", "sampled")}})
+    return {"evaluation": p.evaluation.model_dump(mode="json"), "report": r.model_dump(mode="json"), "rows": rows,
+            "default": DEFAULT, "comparisons": comparisons}
 
 
 def _triple(values: dict) -> str:
@@ -193,7 +206,7 @@ def _ci(x) -> str:
     return f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]"
 
 
-def write_tables(summary: dict) -> None:
+def write_tables(summary: dict, name: str) -> None:
     ev = summary["evaluation"]
     lines = ["# Healing on the embedded world (benchmarks/heal.py)", "",
              f"RESP masks (main-job params: calibration.num_prompts, prune.steps, milestones), healed by `resp.healing` on "
@@ -224,9 +237,13 @@ def write_tables(summary: dict) -> None:
         lines.append(f"| {row['name']} | {row['sparsity']:.3f} | {h['steps']} | {h['loss']} | {mode} | {h['lr']} | "
                      f"{c['healing_traces']} | {c['trained_tokens']} | {c['wall_s']:.0f} | {c['cpu_s']:.0f} | "
                      f"{_nll(row['nll'])} |")
+    lines += ["", f"Variants against the default settings ({summary['default']}, same mask), healed minus default, "
+              "paired over items:", "", "| variant | default | greedy | sampled |", "|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        lines.append(f"| {c['variant']} | {c['default']} | {_ci(c['greedy'])} | {_ci(c['sampled'])} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "heal.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "heal.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def main() -> None:
@@ -234,6 +251,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--only", nargs="*", help="heal runs to do (default: all of HEALS)")
     parser.add_argument("--tables", action="store_true", help="only write the tables from cached results")
+    parser.add_argument("--results", default="heal", help="name of the results files (benchmarks/results/NAME.md/.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args.work / "bench").mkdir(parents=True, exist_ok=True)
@@ -242,8 +260,8 @@ def main() -> None:
             evaluate_unhealed(args.work, HEALS[name][0])
             heal_and_evaluate(args.work, name)
             heldout_nll(args.work, name)
-            write_tables(summarize(args.work))
-    write_tables(summarize(args.work))
+            write_tables(summarize(args.work), args.results)
+    write_tables(summarize(args.work), args.results)
 
 
 if __name__ == "__main__":
