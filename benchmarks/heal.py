@@ -1,6 +1,8 @@
 """Healing on the embedded world: RESP masks at 30 % and 50 %, with and without `resp.healing`.
 
     python benchmarks/heal.py --work /tmp/h23 [--only NAME ...]   # runs what is missing, then writes the tables
+    python benchmarks/heal.py --work /tmp/h23s1 --results heal-calibration-seed1 --only ...   # another calibration seed
+    python benchmarks/heal.py --work /tmp/h23 --tables --pool /tmp/h23s1   # + heal-pooled: over both seeds
 
 Expects, per task, the dense calibration traces, the RESP run and a larger healing trace set:
     resp traces --task T --out WORK/T/dense.jsonl
@@ -246,12 +248,56 @@ def write_tables(summary: dict, name: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
+def pooled(works: list[Path]) -> list[dict]:
+    """Rows healed in every one of `works` (calibration seeds: each work dir has its own dense traces, masks and
+    healing traces): items x seeds arrays, items resampled with each item's mean over seeds (resp.stats)."""
+    from resp.stats import paired_difference
+
+    r = params_for([]).report
+    rows = []
+    for name, (task, target, _) in HEALS.items():
+        paths = [w / "bench" / f"{name}.json" for w in works]
+        if not all(p.is_file() for p in paths):
+            continue
+        row = {"name": name, "seeds": [str(w) for w in works]}
+        for mode in ("greedy", "sampled"):
+            h, u, d = [], [], []
+            for w, path in zip(works, paths):
+                unhealed = json.loads((w / "bench" / f"{task}-unhealed.json").read_text())["results"]
+                h.append(correct(json.loads(path.read_text()), mode).reshape(len(unhealed["dense"]["greedy"]["per_item"]
+                                                                                ["correct_strict"]), -1))
+                u.append(correct(unhealed[f"{target:.2f}"], mode).reshape(h[-1].shape[0], -1))
+                d.append(correct(unhealed["dense"], mode).reshape(h[-1].shape[0], -1))
+            h, u, d = (np.concatenate(x, axis=1) for x in (h, u, d))
+            row[mode] = {"healed_over_dense": ratio_interval(h, d, r.bootstrap_samples, r.confidence, r.seed),
+                         "healed_minus_pruned": paired_difference(h, u, r.bootstrap_samples, r.confidence, r.seed),
+                         "dense": float(d.mean()), "pruned": float(u.mean()), "healed": float(h.mean())}
+        rows.append(row)
+    return rows
+
+
+def write_pooled(rows: list[dict], name: str) -> None:
+    lines = ["# Healing pooled over calibration seeds (benchmarks/heal.py --pool)", "",
+             f"Work directories (one calibration/generation seed each): {', '.join(rows[0]['seeds']) if rows else '-'}. "
+             "Per item, the mean over seeds; items resampled (paired, 95 %).", "",
+             "| run | mode | dense | RESP | RESP + heal | heal - RESP | heal / dense |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for mode in ("greedy", "sampled"):
+            m = row[mode]
+            lines.append(f"| {row['name']} | {mode} | {m['dense']:.3f} | {m['pruned']:.3f} | {m['healed']:.3f} | "
+                         f"{_ci(m['healed_minus_pruned'])} | {_ci(m['healed_over_dense'])} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--only", nargs="*", help="heal runs to do (default: all of HEALS)")
     parser.add_argument("--tables", action="store_true", help="only write the tables from cached results")
     parser.add_argument("--results", default="heal", help="name of the results files (benchmarks/results/NAME.md/.json)")
+    parser.add_argument("--pool", type=Path, nargs="*", help="further work dirs (other calibration seeds): write "
+                                                                "RESULTS-pooled tables over --work and these")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args.work / "bench").mkdir(parents=True, exist_ok=True)
@@ -262,6 +308,8 @@ def main() -> None:
             heldout_nll(args.work, name)
             write_tables(summarize(args.work), args.results)
     write_tables(summarize(args.work), args.results)
+    if args.pool:
+        write_pooled(pooled([args.work, *args.pool]), f"{args.results}-pooled")
 
 
 if __name__ == "__main__":
