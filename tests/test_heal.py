@@ -282,8 +282,12 @@ def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, ti
     from resp.artifacts import file_digest
     from resp.cli import app
 
-    # calibration.seed=2: trace digests no other test of the session registers
-    params = load_params(ROOT / "params.yaml", [*tiny_overrides(tiny_model_dir, tiny_world_dir), *mlflow_store,
+    # a private copy of the base (its directory names the registered models, so the session's other registry
+    # tests see none of these versions) and calibration.seed=2 (trace digests no other test registers)
+    import shutil as sh
+
+    base = sh.copytree(tiny_model_dir, tmp_path / "healreg")
+    params = load_params(ROOT / "params.yaml", [*tiny_overrides(base, tiny_world_dir), *mlflow_store,
                                                 "calibration.seed=2", "methods.resp_heal.heal.steps=3",
                                                 "methods.resp_heal.heal.warmup_steps=1"])
     dense = recipe.make_traces(params, "arith", "train", None, tmp_path / "dense.jsonl")
@@ -304,7 +308,7 @@ def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, ti
     assert report["problems"] == []
     lineage = report["lineage"]
     assert lineage["kind"] == "healed" and lineage["healed"]["steps"] == 3
-    assert lineage["healed"]["teacher"]["key"] == model_identity(str(tiny_model_dir)).key
+    assert lineage["healed"]["teacher"]["key"] == model_identity(str(base)).key
     assert lineage["trace_sets"] == [{"tag": "heal", "path": str(dense), "digest": file_digest(dense),
                                       "n": 6, "sparsity": 0.0}]
     params_file = tmp_path / "params.yaml"
@@ -318,7 +322,7 @@ def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, ti
                "manifest ok]" in line for line in shown.output.splitlines()), shown.output
     assert f"parent {version['parent']}" in shown.output
     assert (f"healed from mask {masks[0.2]} (digest {Mask.load(masks[0.2])[0].digest()[:16]}) by teacher "
-            f"{tiny_model_dir} ({model_identity(str(tiny_model_dir)).key[:16]}): 3 steps, kl, full") in shown.output
+            f"{base} ({model_identity(str(base)).key[:16]}): 3 steps, kl, full") in shown.output
     # healing data edited after registration: the audit names it
     dense.write_text(dense.read_text().replace('"truncated": false', '"truncated": true', 1))
     assert any("trace set" in p and str(dense) in p for p in registry.audit(params, version["name"],
