@@ -290,6 +290,24 @@ def evaluate_method(params: Params, task: str, method: str, masks: dict[str, str
                                                      heldout, out, include_dense)))
 
 
+@task(cache_policy=cache_policy("heal_traces"), task_run_name="traces-{task}-heal-{method}", **RESULT)
+def heal_traces(params: Params, task: str, method: str, out: str, base: dict, data_key: dict) -> dict:
+    """The dense model's traces on the first heal.num_prompts calibration prompts (the healing data)."""
+    with one_model_at_a_time():
+        return stamped(str(recipe.make_traces(params, task, params.tasks[task].calibration_split,
+                                              params.methods[method].heal.num_prompts, out, base=base)))
+
+
+@task(cache_policy=cache_policy("heal", files=("mask", "traces")), task_run_name="heal-{task}-{method}-{target}",
+      **RESULT)
+def heal_mask(params: Params, task: str, method: str, target: str, mask: str, traces: str, out: str, base: dict) -> dict:
+    """The model pruned by `mask`, healed on the dense model's traces with the method's heal settings."""
+    from resp.api import heal
+
+    with one_model_at_a_time():
+        return stamped(str(heal(params, task, mask, [traces], out, method=method)))
+
+
 @task(cache_policy=NO_CACHE, task_run_name="register-{task}-{method}")
 def register_models(params: Params, task: str, method: str, masks_dir: str, exports: dict[float, dict[str, str]],
                     metrics: str | None) -> list[dict]:
@@ -360,6 +378,17 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
                                    call=step_caller(t, m, keys[t], refresh))
             masks[t, m] = {target_key(target): str(path) for target, path in written.items()}
 
+    # Healing (methods declaring heal: {...}): the healing traces, then every mask of the method healed.
+    # The healed models are returned; their export, evaluation and registration are not part of the flow yet.
+    healing = [(t, m) for (t, m) in masks if p.methods[m].heal is not None]
+    heal_data = _run_wave({("heal_traces", t, m): (heal_traces, {
+        "params": p, "task": t, "method": m, "base": base, "data_key": keys[t],
+        "out": str(layout.heal_traces(t, p.methods[m].heal.num_prompts))}) for t, m in healing}, refresh)
+    healed = _run_wave({("heal", t, m, target): (heal_mask, {
+        "params": p, "task": t, "method": m, "target": target, "mask": mask, "traces": heal_data["heal_traces", t, m],
+        "out": str(layout.healed(t, m, parse_target(target))), "base": base})
+        for t, m in healing for target, mask in masks[t, m].items()}, refresh)
+
     calls = {}
     for (t, m), written in masks.items():
         for target, mask in written.items():
@@ -391,6 +420,7 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
             "masks": {f"{t}/{m}": written for (t, m), written in masks.items()},
             "exports": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in done.items() if k[0] == "export"},
             "metrics": {f"{k[1]}/{k[2]}": v for k, v in done.items() if k[0] == "evaluate"},
+            "healed": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in healed.items()},
             "registered": registered}
 
 

@@ -6,6 +6,7 @@ The Python API (`resp/api.py`), one call per job of the workflow (README, "Pytho
     p = resp.load_params("params.yaml", ["model.name_or_path=Qwen/Qwen3-0.6B", "evaluation.nll_traces=0"])
     traces = resp.make_traces(p, "gsm8k", "runs/gsm8k/dense.jsonl")
     masks = resp.prune(p, "gsm8k", "resp", "runs/gsm8k/resp", dense_traces=traces)
+    healed = resp.heal(p, "gsm8k", masks[0.5], heal_traces, "runs/gsm8k/healed-0.50", method="resp_heal")
     resp.export(p, masks[0.3], "compact", "checkpoints/gsm8k/resp-0.30")
     resp.evaluate(p, "gsm8k", masks, "metrics/gsm8k/resp.json", dense=True)
 
@@ -37,7 +38,7 @@ def check_transformers(installed: str | None = None) -> None:
 check_transformers()
 
 _API = {"load_params": "resp.config", "make_traces": "resp.api", "prune": "resp.api", "export": "resp.api",
-        "evaluate": "resp.api"}
+        "evaluate": "resp.api", "heal": "resp.api"}
 __all__ = list(_API)
 
 

@@ -1,4 +1,4 @@
-"""The Python API: `from resp import load_params, make_traces, prune, export, evaluate`.
+"""The Python API: `from resp import load_params, make_traces, prune, heal, export, evaluate`.
 
 One call per job of the workflow. Each writes files and returns where they are: a trace set, the
 masks of a pruning run, an export directory, a metrics file. They are what `resp traces`,
@@ -187,3 +187,38 @@ def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: st
     if paths:
         declared_method(p, method, APIError)
     return evaluate_masks(p, task, method, paths, heldout, out, include_dense=dense)
+
+
+def heal(params: ParamsArg, task: str, mask: str | Path, traces, out: str | Path, *, method: str | None = None,
+         overrides: list[str] | None = None) -> Path:
+    """Heal the model pruned by one mask file on the dense model's own traces (`resp.healing`).
+
+    traces: one or more trace files of `task`'s calibration split made by the dense model
+    (`make_traces(params, task, OUT, limit=<heal.num_prompts>)`). method: whose `heal: {...}`
+    settings run (default: the method that made the mask); it must declare them. Writes the
+    directory `out`: the healed model (stock shapes, pruned units zero), `resp_heal.json`, and
+    `mask/sparsity-<t>.safetensors`, the mask made for the healed model, which `export(params,
+    that mask, format, OUT, model=out)` and `evaluate` (with model.name_or_path=out) read as any
+    other. A previous healed model at `out` is replaced, anything else refused. Returns `out`.
+    """
+    p = _params(params, overrides)
+    t = _task(p, task)
+    if isinstance(mask, dict):
+        raise APIError("mask is a dict of masks: heal one target at a time, e.g. mask=masks[0.5]")
+    from resp.lineage import read_mask
+
+    _, meta = read_mask(mask)
+    method = method or meta.get("method")
+    declared = declared_method(p, method, APIError)
+    if declared.heal is None:
+        healing = [m for m, d in p.methods.items() if d.heal is not None]
+        raise APIError(f"method {method!r} declares no heal settings: pass method= one that does ({', '.join(healing) or 'none'}) "
+                       f"or add heal: {{...}} under methods.{method} in params.yaml")
+    trace_paths = [traces] if isinstance(traces, (str, os.PathLike)) else list(traces)
+    out = Path(out)
+    _before_loading(p, [(out, "dir")])
+    from resp.healing import heal as run
+    from resp.steps import code_record
+
+    return run(declared.heal, p.model, task, t.calibration_split, mask, trace_paths, out, p.prune.attention_unit,
+               p.prune.protected_layers, code_record("heal"), method)

@@ -10,6 +10,8 @@ conversions live here only.
     runs/{task}/traces/dense.jsonl           dense calibration traces (+ .json manifest)
     runs/{task}/traces/heldout.jsonl         dense traces on the eval split (decode-only NLL)
     runs/{task}/{method}/                    masks/, summary.json, traces/ (regenerations), steps/
+    runs/{task}/traces/heal-{n}.jsonl        dense traces on the first n calibration prompts (healing data)
+    runs/{task}/{method}/healed/sparsity-{t:.2f}/   healed models (resp heal)
     metrics/{task}/{method}.json, dense.json evaluations
     checkpoints/{task}/{method}/sparsity-{t:.2f}/{format}/   exports
 """
@@ -250,6 +252,14 @@ class Layout:
 
     def masks_dir(self, task: str, method: str) -> Path:
         return self.run_dir(task, method) / "masks"
+
+    def heal_traces(self, task: str, num_prompts: int) -> Path:
+        """The dense model's traces on the first `num_prompts` calibration prompts: healing data."""
+        return self.root / "runs" / task / "traces" / f"heal-{num_prompts}.jsonl"
+
+    def healed(self, task: str, method: str, target: float) -> Path:
+        """A healed model directory (`resp heal`) of the mask of `method` at `target`."""
+        return self.run_dir(task, method) / "healed" / target_name(target)
 
     def metrics(self, task: str, method: str) -> Path:
         return self.root / "metrics" / task / f"{method}.json"

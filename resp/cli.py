@@ -355,6 +355,45 @@ def prune_command(
     typer.echo(f"{method} on {task}: {len(written)} masks in {time.perf_counter() - started:.1f} s (summary: {out / 'summary.json'})")
 
 
+@app.command("heal")
+def heal_command(
+    task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
+    traces: Annotated[list[Path], typer.Option(help="the dense model's traces of the task's calibration split "
+                                                    "(`resp traces --limit N`; repeatable)")],
+    out: Annotated[Path, typer.Option(help="healed model directory (weights, resp_heal.json, mask/); with --masks-dir "
+                                           "the root of OUT/sparsity-T/")],
+    mask: Annotated[Path | None, typer.Option(help="mask file written by pruning (MASK.safetensors with MASK.safetensors.json)")] = None,
+    masks_dir: Annotated[Path | None, typer.Option(help="heal every mask of a run directory's masks/ instead of one --mask")] = None,
+    method: Annotated[str | None, typer.Option(help="method whose heal: {...} settings run (default: the mask's method)")] = None,
+    register: Annotated[bool, typer.Option("--register", help="register each healed model in the MLflow registry "
+                                                              "(its pruned run must be registered)")] = False,
+    params: ParamsPath = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Heal a pruned model on the dense model's own reasoning traces (the dense model teaches); pruned units stay zero."""
+    from resp.api import heal
+    from resp.artifacts import masks_in_dir, target_name
+    from resp.healing import healed_mask
+
+    with user_errors():
+        p = load_params(params, overrides)
+        if (mask is None) == (masks_dir is None):
+            raise ValueError("give exactly one of --mask FILE or --masks-dir DIR")
+        jobs = [(mask, out)] if mask is not None else [(path, out / target_name(target))
+                                                      for target, path in masks_in_dir(masks_dir).items()]
+        for mask_path, healed_out in jobs:
+            started = time.perf_counter()
+            healed = heal(p, task, mask_path, traces, healed_out, method=method)
+            typer.echo(f"healed {mask_path} -> {healed} in {time.perf_counter() - started:.1f} s; export it with "
+                       f"`resp export --model {healed} --mask {healed_mask(healed)} --format compact --out DIR`")
+            if register:
+                from resp.registry import register_healed
+
+                v = register_healed(p, healed)
+                typer.echo(f"{v['name']} version {v['version']}: healed, parent {v['parent']}"
+                           + ("" if v["created"] else " (already registered)"))
+
+
 @app.command("evaluate")
 def evaluate_command(
     task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],

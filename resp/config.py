@@ -206,6 +206,37 @@ class EvaluationParams(Strict):
     nll_batch_size: int = Field(gt=0)
 
 
+class HealParams(Strict):
+    """Recovery of a pruned model on the dense model's own traces (resp.healing): the dense model teaches."""
+    steps: int                   # optimizer steps (validated below: the message names the fix)
+    lr: float = Field(gt=0)
+    schedule: Literal["constant", "linear", "cosine"]   # after the linear warmup
+    warmup_steps: int = Field(ge=0)
+    batch_size: int = Field(gt=0)   # traces per step
+    loss: Literal["kl", "ce"]       # kl: KL(teacher || student) per completion token; ce: cross-entropy on the teacher's samples
+    mode: Literal["full", "lora"]   # full: every remaining weight; lora: peft adapters merged back before export
+    lora_rank: int = Field(gt=0)    # used by mode lora; at most the narrowest kept block of a pruned layer
+    lora_alpha: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(ge=0)   # 0: no clipping
+    num_prompts: int = Field(gt=0)  # healing traces: the dense model's on the first N calibration prompts (`resp traces --limit N`)
+    seed: int
+    checkpoint_every: int = Field(ge=0)  # resumable checkpoint every N steps (0: none)
+
+    @field_validator("steps")
+    @classmethod
+    def _budget(cls, steps: int) -> int:
+        if steps <= 0:
+            raise ValueError(f"heal.steps is {steps}: the healing budget must be a positive number of optimizer steps")
+        return steps
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"heal.warmup_steps ({self.warmup_steps}) exceeds heal.steps ({self.steps}): lower it")
+        return self
+
+
 SCORERS = ("taylor", "wanda_sp", "owl_sp", "flap", "magnitude", "random")
 CALIBRATION_SOURCES = ("self", "self_selected", "gold", "generic", "none")
 SELF_SOURCES = ("self", "self_selected")   # the dense model's own traces
@@ -223,6 +254,9 @@ class MethodParams(Strict):
     # common: every regeneration reuses the dense traces' per-prompt streams (common random numbers)
     regeneration_stream: Literal["fresh", "common"] = "fresh"
     bias_compensation: bool = True   # flap: add W[:, removed] @ mean(x[removed]) to output biases (created if absent)
+    # recovery after pruning (resp heal); None: the masks are used as pruned. Left out of dumps when None, so the
+    # params hashes and cache keys of methods without healing stay what they were before healing existed.
+    heal: HealParams | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @model_validator(mode="after")
     def _combination(self):

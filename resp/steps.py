@@ -56,6 +56,9 @@ STEPS: dict[str, StepDeclaration] = {
                                  "prune.protected_layers"), "resp.evaluation"),
     "register": StepDeclaration(("registry",), "resp.registry"),
     "report": StepDeclaration(("run", "prune.targets", "report", "evaluation"), "resp.report"),
+    "heal_traces": StepDeclaration(("model", "tasks.{task}", "calibration.seed", "generation",
+                                    "methods.{method}.heal.num_prompts"), "resp.recipe"),
+    "heal": StepDeclaration(("model", "tasks.{task}", "methods.{method}.heal"), "resp.healing"),
     # the steps `prune` is made of (Prefect tasks)
     "calibrate": StepDeclaration(PRUNE_SECTIONS, "resp.steps"),
     "score": StepDeclaration(("model", "importance", "prune.attention_unit", "prune.protected_layers",
