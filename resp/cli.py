@@ -329,6 +329,8 @@ def prune_command(
     method: Annotated[str, typer.Option(help="resp, resp_noregen, gisp, generic, wanda_sp, flap, magnitude or random")],
     out: Annotated[Path, typer.Option(help="run directory: masks/, steps/, traces/, summary.json")],
     traces: Annotated[Path | None, typer.Option(help="dense self-generated traces (needed by resp and resp_noregen)")] = None,
+    unused_traces_ok: Annotated[bool, typer.Option("--unused-traces-ok", help="a pipeline passing one --traces to every "
+                                                   "method: a method that does not read them says so and goes on")] = False,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
@@ -344,8 +346,11 @@ def prune_command(
         declared = declared_method(p, method)
         check_regeneration(p, method)
         if traces is not None and declared.calibration != "self":
-            raise ValueError(f"--traces is only read by methods calibrated on dense self-generated traces; {method} "
-                             f"(calibration: {declared.calibration}) would ignore it: drop --traces")
+            if not unused_traces_ok:
+                raise ValueError(f"--traces is only read by methods calibrated on dense self-generated traces; {method} "
+                                 f"(calibration: {declared.calibration}) would ignore it: drop --traces")
+            typer.echo(f"{method} (calibration: {declared.calibration}) does not read --traces {traces}", err=True)
+            traces = None
         _early_checks(p, [(out, "dir")])
         check_run_dir(out, task, method)
         started = time.perf_counter()

@@ -597,6 +597,10 @@ CASES: list[Case] = [
     Case("bad input", "traces-for-gisp", "resp prune --method gisp --traces <dense traces>", "silently ignored",
          lambda p: ["prune", "--task", "arith", "--method", "gisp", "--traces", str(p.traces["arith"]), "--out",
                     str(p.root / S / "r")], "gisp (calibration: gold) would ignore it: drop --traces"),
+    Case("bad input", "traces-for-gisp-in-a-pipeline", "resp prune --method gisp --traces <dense traces> --unused-traces-ok",
+         "silently ignored", lambda p: ["prune", "--task", "arith", "--method", "gisp", "--traces", str(p.traces["arith"]),
+                                        "--unused-traces-ok", "--out", str(p.root / S / "r2")],
+         "gisp (calibration: gold) does not read --traces", code=0),
     # ---- the flow
     Case("bad input", "results-dir-unwritable", "resp run --set flow.results_dir=<under a file>", "traceback, exit 0",
          lambda p: ["run", "--set", f"flow.results_dir={p.params}/results"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -204,8 +205,12 @@ def task_run_names(states: bool = False):
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+        for _ in range(40):   # the server records a task run's state shortly after the run itself (seen under load)
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+                                         sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+            if all(r.state is not None for r in runs):
+                break
+            time.sleep(0.25)
     return [(r.name, r.state.name) if states else r.name for r in runs]
 
 
