@@ -273,7 +273,7 @@ def test_one_line_errors(params, pruned, registered, tmp_path, monkeypatch):
     masks = pruned["root"] / "resp" / "masks"
     with pytest.raises(RegistryError, match=r"^task 'nope' is not in params.yaml tasks; defined: \['arith', "):
         registry.register_method(params, "nope", "resp", masks)
-    with pytest.raises(RegistryError, match=r"^method 'obs' is unknown; choose one of resp, resp_noregen, "):
+    with pytest.raises(RegistryError, match=r"^method 'obs' is unknown; choose one of resp, resp_common, resp_noregen, "):
         registry.register_method(params, "arith", "obs", masks)
     with pytest.raises(RegistryError, match=rf"^no masks \(sparsity-\*.safetensors\) in {tmp_path}: run `resp prune` first$"):
         registry.register_method(params, "arith", "resp", tmp_path)
