@@ -18,11 +18,12 @@ The task. On GSM8K this model scores 0/16 (issue 11), so accuracy could not sepa
 benchmark therefore writes its own task in GSM8K's format (`question`/`answer` with `<<a+b=c>>` and
 `#### N`, read by the ordinary gsm8k loader): one-step word problems with small numbers, names and
 objects from the embedded world (`resp.world.problems`), e.g. "Ben has 4 cards. Ben gets 2 more
-cards. How many cards does Ben have now? Write the calculation, then end with: The answer is
-<number>." The closing instruction makes the model state its answer the way the strict extractor
-reads it and keeps completions short (about 40 tokens). `check-task` measures the dense accuracy
-of a task variant (`--task-steps`, `--task-max`); the results file lists the variants tried. Train
-and test are disjoint by content (start value and operands).
+cards. How many cards does Ben have now? Add the numbers, then end with: The answer is <number>."
+The closing instruction names the operation (the model still reads the numbers out of the story
+and adds them) and makes it state its answer the way the strict extractor reads it, in about 40
+tokens; without it, or with two steps, the dense model stays below 30 % (NOTES.md, "A real model
+on CPU", lists the variants measured). `check-task` measures the dense accuracy of a variant
+(`--task-steps`, `--task-max`). Train and test are disjoint by content (start value and operands).
 
 `run` does, with the pipeline's own library functions (`resp.recipe.make_traces`, `resp.recipe.prune`,
 `resp.evaluation.evaluate_masks`, `resp.evaluation.decode_only_nll`) and params.yaml plus the
@@ -165,7 +166,7 @@ def prepare(model_dir: Path = MODEL_DIR, gguf: Path | None = None) -> Path:
 # ---------------------------------------------------------------------------------------------
 # the task: one-step word problems in GSM8K's format
 
-INSTRUCTION = "Write the calculation, then end with: The answer is <number>."
+INSTRUCTION = "Add the numbers, then end with: The answer is <number>."
 
 
 def word_problem(rng, steps: int, max_operand: int) -> tuple[tuple, dict]:
