@@ -207,8 +207,8 @@ def write_task(out: Path, seed: int, n_train: int, n_test: int, steps: int, max_
     for split, text in splits.items():
         path = out / f"{split}.jsonl"
         if path.is_file() and path.read_text() != text:
-            raise SystemExit(f"{path} holds another task (other seed, sizes, steps or operands): use another "
-                             "--work-dir, or delete the work directory to start over")
+            raise SystemExit(f"{path} holds another task (other seed, sizes, steps, operands or wording): use "
+                             "another --work-dir, or delete the work directory to start over")
     out.mkdir(parents=True, exist_ok=True)
     for split, text in splits.items():
         path = out / f"{split}.jsonl"
@@ -341,7 +341,7 @@ def _token_weighted(per_trace: dict) -> float:
 
 
 def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: list[str], model_dir: Path,
-        results: Path, command: str) -> Path:
+        results: Path, command: str, report_only: bool = False) -> Path:
     from resp.artifacts import masks_in_dir
     from resp.config import load_params
     from resp.evaluation import evaluate_masks
@@ -357,6 +357,10 @@ def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: li
     if unknown:
         raise SystemExit(f"methods {unknown} are not declared in params.yaml methods: {sorted(params.methods)}")
     phases = Phases(work / "times.json")
+    failures_path = work / "failures.json"
+    failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
+    if report_only:
+        return write_results(work, methods, seeds, params, sizes, phases.times, command, failures, results)
     heldout = work / "heldout"
     heldout.mkdir(parents=True, exist_ok=True)
     sets = {name: heldout / f"{name}.jsonl" for name in NLL_SETS}
@@ -371,8 +375,6 @@ def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: li
     phases.run("NLL dense", (dense / "nll.json").is_file(),
                lambda: trace_nlls(params, {}, sets, dense / "nll.json", include_dense=True))
 
-    failures_path = work / "failures.json"
-    failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
     for method in methods:
         for seed in (seeds[:1] if seed_independent(params, method) else seeds):
             p = load_params(ROOT / "params.yaml", base_overrides + seed_overrides(seed))
@@ -476,7 +478,8 @@ def write_results(work: Path, methods: list[str], seeds: list[int], params, size
         return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
 
     def seeds_of(method: str, key: str) -> dict:
-        """seed -> values; the dense model and seed-independent methods stand for every seed."""
+        """seed -> values, for pairing with RESP's seeds: the dense model and a seed-independent method's one
+        row stands for every seed."""
         by_seed = table.get(method, {}).get(key, {})
         if method == "dense" or seed_independent(params, method):
             only = next(iter(by_seed.values()), None)
@@ -485,7 +488,8 @@ def write_results(work: Path, methods: list[str], seeds: list[int], params, size
 
     ev, g, t = params.evaluation, params.generation, sizes["task"]
     lines = ["# RESP on a real model: SmolLM2-135M-Instruct, 2 CPU cores", "",
-             f"Written by `benchmarks/real_model.py` (see its docstring). Command: `{command}`.", ""]
+             f"Written by `benchmarks/real_model.py` (see its docstring). Command: `{command}` (the same command "
+             "resumes an interrupted run: finished phases are skipped; `--report-only` rewrites this file).", ""]
     if "--dry-run" in command:
         lines += ["**Dry run**: tiny sizes to prove the script end to end; the numbers below are not results.", ""]
     lines += [
@@ -514,10 +518,12 @@ def write_results(work: Path, methods: list[str], seeds: list[int], params, size
         header = ["method", "seeds", "sparsity (%)"] + [metric_names[m] for m in metric_names]
         rows = []
         for method in ["dense", *methods]:
-            by_seed = seeds_of(method, key)
-            done = [s for s in seeds if s in by_seed]
+            # one row per calibration seed that ran; the dense model and a seed-independent method have one row
+            # (repeating it per seed would make the bootstrap count its items several times)
+            by_seed = table.get(method, {}).get(key, {})
+            done = [s for s in (None, *seeds) if s in by_seed]
             if not done:
-                rows.append([method, "0", "-"] + ["not run" if method != "dense" else "-"] + ["-"] * 4)
+                rows.append([method, "none", "-"] + ["not run" if method != "dense" else "-"] + ["-"] * 4)
                 continue
             sparsity = "0.0" if method == "dense" else f"{100 * by_seed[done[0]]['sparsity']:.1f}"
             stats = [cell(boot(m) if (m := _matrix(by_seed, metric, done)) else None, metric) for metric in metric_names]
@@ -535,7 +541,7 @@ def write_results(work: Path, methods: list[str], seeds: list[int], params, size
                 other = seeds_of(method, key)
                 common = [s for s in seeds if s in ref and s in other]
                 if not common:
-                    lines.append(f"| {method} | 0 | " + " | ".join("-" for _ in metric_names) + " |")
+                    lines.append(f"| {method} | none | " + " | ".join("-" for _ in metric_names) + " |")
                     continue
                 stats = []
                 for metric in metric_names:
@@ -624,6 +630,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "run":
             r.add_argument("--methods", help=f"comma-separated, in run order (default {','.join(METHODS)})")
             r.add_argument("--seeds", help=f"comma-separated calibration seeds (default {','.join(map(str, SEEDS))})")
+            r.add_argument("--report-only", action="store_true",
+                           help="only rewrite the results file from the phases already done (runs nothing)")
             r.add_argument("--results", type=Path,
                            help=f"results file (default {RESULTS.relative_to(ROOT)}; dry run: in the work dir)")
     args = parser.parse_args(argv)
@@ -652,8 +660,9 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(DRY_SEEDS if args.dry_run else SEEDS)
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
-    command = "python benchmarks/real_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    run(work, sizes, methods, seeds, args.extra, args.model_dir, results, command)
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "python benchmarks/real_model.py " + " ".join(given)
+    run(work, sizes, methods, seeds, args.extra, args.model_dir, results, command, args.report_only)
 
 
 if __name__ == "__main__":
