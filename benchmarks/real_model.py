@@ -229,13 +229,23 @@ FULL = {"task": {"steps": 1, "max_operand": 10, "n_train": 40, "n_test": 48, "se
         "params": {"calibration.num_prompts": 8, "generation.max_new_tokens": 128, "generation.batch_size": 8,
                    "importance.batch_size": 4, "prune.steps": 3, "prune.targets": [0.2, 0.3],
                    "prune.milestones": [0.1, 0.2], "evaluation.num_items": 48, "evaluation.max_new_tokens": 64,
-                   "evaluation.batch_size": 16, "evaluation.samples": 1, "evaluation.nll_traces": 0},
-        "nll_traces": 24}
+                   "evaluation.batch_size": 16, "evaluation.samples": 1, "evaluation.nll_traces": 0,
+                   # heal budget (issue 23): params.yaml's resp_heal settings (lr, cosine schedule, KL, full, batch 8)
+                   # with fewer steps, so one seed heals in minutes on one core; the healing traces are the dense
+                   # model's on every train prompt (40), sampled with the seed's generation.seed
+                   "methods.resp_heal.heal.steps": 30, "methods.resp_heal.heal.warmup_steps": 3,
+                   "methods.resp_heal.heal.num_prompts": 40, "methods.resp_heal.heal.checkpoint_every": 10},
+        "nll_traces": 24,
+        # which masks are healed, with which method's heal settings (the phase runs per calibration seed)
+        "heal": {"method": "resp", "target": 0.3, "settings": "resp_heal"}}
 # --dry-run: the same code paths in minutes (not results).
 DRY = {"task": {**FULL["task"], "n_train": 8, "n_test": 6},
        "params": {**FULL["params"], "calibration.num_prompts": 4, "generation.max_new_tokens": 96,
-                  "evaluation.num_items": 6, "evaluation.max_new_tokens": 32, "evaluation.batch_size": 6},
-       "nll_traces": 3}
+                  "evaluation.num_items": 6, "evaluation.max_new_tokens": 32, "evaluation.batch_size": 6,
+                  "methods.resp_heal.heal.steps": 2, "methods.resp_heal.heal.warmup_steps": 1,
+                  "methods.resp_heal.heal.batch_size": 2, "methods.resp_heal.heal.num_prompts": 8,
+                  "methods.resp_heal.heal.checkpoint_every": 1},
+       "nll_traces": 3, "heal": FULL["heal"]}
 METHODS = ("resp", "gisp", "wanda_sp", "resp_noregen", "flap", "magnitude")  # in run order: the list is the priority
 DRY_METHODS = ("resp", "wanda_sp")
 SEEDS, DRY_SEEDS = (0, 1, 2), (0, 1)
@@ -298,9 +308,12 @@ def heldout_sets(params, task: str, n: int, out: Path) -> None:
                                    "prompt_ids": [i.id for i in texts]}).save(out / "prose.jsonl")
 
 
-def trace_nlls(params, mask_paths: dict, sets: dict[str, Path], out: Path, include_dense: bool) -> Path:
+def trace_nlls(params, mask_paths: dict, sets: dict[str, Path], out: Path, include_dense: bool,
+               sets_model_key: str | None = None) -> Path:
     """Decode-only NLL of every trace of every set, for the dense model and/or each mask:
-    {"dense" | "0.20": {set: {"nll": [...], "n_tokens": [...]}}}, written atomically to `out`."""
+    {"dense" | "0.20": {set: {"nll": [...], "n_tokens": [...]}}}, written atomically to `out`.
+    The sets must have been made by `params.model`, or by the model `sets_model_key` names (a healed
+    model is scored on the dense model's sets)."""
     from resp.artifacts import target_key, write_json
     from resp.evaluation import decode_only_nll
     from resp.masks import Mask, MaskedModel, check_mask_fits
@@ -312,7 +325,7 @@ def trace_nlls(params, mask_paths: dict, sets: dict[str, Path], out: Path, inclu
     identity = model_identity(m.name_or_path, m.revision)
     traces = {name: TraceSet.load(path) for name, path in sets.items()}
     for name, ts in traces.items():
-        if (ts.manifest.get("model") or {}).get("key") != identity.key:
+        if (ts.manifest.get("model") or {}).get("key") != (sets_model_key or identity.key):
             raise SystemExit(f"NLL set {sets[name]} was made for another model: delete it to make it again")
     model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device)
     s = structures_for(model, params.prune.attention_unit, params.prune.protected_layers)
@@ -336,15 +349,63 @@ def trace_nlls(params, mask_paths: dict, sets: dict[str, Path], out: Path, inclu
                       newline=True)
 
 
+def heal_phases(phases: Phases, work: Path, sizes: dict, base_overrides: list[str], seed: int, sets: dict,
+                dense_key: str) -> None:
+    """Issue 23 on the real model: the masks of sizes["heal"]["method"] at its target, calibration seed `seed`,
+    healed by `resp.healing.heal` with methods[settings].heal; then the healed model's accuracy and NLL on the
+    three sets. Phases: healing traces, heal, evaluate healed, NLL healed (each skipped when its file exists)."""
+    from resp.artifacts import mask_file
+    from resp.config import load_params
+    from resp.evaluation import evaluate_masks
+    from resp.healing import MANIFEST, heal, healed_mask
+    from resp.recipe import make_traces
+    from resp.steps import code_record
+    from resp.study import seed_overrides
+
+    spec = sizes["heal"]
+    p = load_params(ROOT / "params.yaml", base_overrides + seed_overrides(seed))
+    h = p.methods[spec["settings"]].heal
+    if h is None:
+        raise SystemExit(f"methods.{spec['settings']} declares no heal settings: name a method with `heal:` in "
+                         "params.yaml")
+    split = p.tasks[TASK].calibration_split
+    mask = mask_file(work / "runs" / spec["method"] / f"seed-{seed}" / "masks", spec["target"])
+    if not mask.is_file():
+        raise FileNotFoundError(f"{mask} is missing: the {spec['method']} seed {seed} cell must finish before it is healed")
+    traces = work / "seeds" / f"seed-{seed}" / f"heal{h.num_prompts}.jsonl"
+    cell = heal_cell(work, spec, seed)
+    model = cell / "model"
+    name = f"{spec['method']} {spec['target']:.0%} seed {seed}"
+    phases.run(f"healing traces seed {seed}", traces.is_file(),
+               lambda: make_traces(p, TASK, split, h.num_prompts, traces))
+    phases.run(f"heal {name}", (model / MANIFEST).is_file(),
+               lambda: heal(h, p.model, TASK, split, mask, [traces], model, p.prune.attention_unit,
+                            p.prune.protected_layers, code_record("heal"), spec["settings"]))
+    # the healed model is a model directory of its own, with its mask made for it
+    healed = load_params(ROOT / "params.yaml", base_overrides + seed_overrides(seed)
+                         + [f"model.name_or_path={json.dumps(str(model))}"])
+    masks = {spec["target"]: healed_mask(model)}
+    phases.run(f"evaluate healed {name}", (cell / "accuracy.json").is_file(),
+               lambda: evaluate_masks(healed, TASK, spec["settings"], masks, None, cell / "accuracy.json",
+                                      include_dense=False))
+    phases.run(f"NLL healed {name}", (cell / "nll.json").is_file(),
+               lambda: trace_nlls(healed, masks, sets, cell / "nll.json", include_dense=False, sets_model_key=dense_key))
+
+
+def heal_cell(work: Path, spec: dict, seed: int) -> Path:
+    return work / "heal" / f"{spec['method']}-{spec['target']:.2f}" / f"seed-{seed}"
+
+
 def _token_weighted(per_trace: dict) -> float:
     return sum(x * n for x, n in zip(per_trace["nll"], per_trace["n_tokens"])) / sum(per_trace["n_tokens"])
 
 
 def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: list[str], model_dir: Path,
-        results: Path, command: str, report_only: bool = False) -> Path:
+        results: Path, command: str, report_only: bool = False, heal: bool = True) -> Path:
     from resp.artifacts import masks_in_dir
     from resp.config import load_params
     from resp.evaluation import evaluate_masks
+    from resp.models import model_identity
     from resp.recipe import make_traces, prune
     from resp.study import seed_overrides
 
@@ -356,6 +417,12 @@ def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: li
     unknown = [m for m in methods if m not in params.methods]
     if unknown:
         raise SystemExit(f"methods {unknown} are not declared in params.yaml methods: {sorted(params.methods)}")
+    spec = sizes["heal"]
+    if spec["target"] not in params.prune.targets:
+        raise SystemExit(f"heal target {spec['target']} is not one of prune.targets {list(params.prune.targets)}: "
+                         "heal a target the run prunes")
+    if spec["settings"] not in params.methods or params.methods[spec["settings"]].heal is None:
+        raise SystemExit(f"heal settings method {spec['settings']!r} is not a params.yaml method with `heal:`")
     phases = Phases(work / "times.json")
     failures_path = work / "failures.json"
     failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
@@ -399,20 +466,46 @@ def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: li
                 failures[name] = f"{type(e).__name__}: {e}"
             failures_path.write_text(json.dumps(failures, indent=2) + "\n")
             write_results(work, methods, seeds, params, sizes, phases.times, command, failures, results)
+
+    if heal and sizes["heal"]["method"] in methods:
+        dense_key = model_identity(params.model.name_or_path, params.model.revision).key
+        for seed in seeds:
+            name = f"heal {sizes['heal']['method']} seed {seed}"
+            try:
+                heal_phases(phases, work, sizes, base_overrides, seed, sets, dense_key)
+                failures.pop(name, None)
+            except Exception as e:  # noqa: BLE001 - as above
+                log.error("%s failed: %s: %s", name, type(e).__name__, e)
+                failures[name] = f"{type(e).__name__}: {e}"
+            failures_path.write_text(json.dumps(failures, indent=2) + "\n")
+            write_results(work, methods, seeds, params, sizes, phases.times, command, failures, results)
     return results
 
 
 # ---------------------------------------------------------------------------------------------
 # the results file
 
-def _per_item_accuracy(result: dict, mode: str) -> list[float] | None:
-    """Strict correctness per item: greedy, or sampled averaged over its samples."""
+def _per_item(result: dict, mode: str, field: str = "correct_strict") -> list[float] | None:
+    """A per-item field of the evaluation (correct_strict, correct_flexible, completion_tokens, truncated):
+    greedy, or sampled averaged over its samples."""
     if mode == "greedy":
-        return [float(x) for x in result["greedy"]["per_item"]["correct_strict"]]
+        return [float(x) for x in result["greedy"]["per_item"][field]]
     if not result.get("sampled"):
         return None
-    per_sample = [s["per_item"]["correct_strict"] for s in result["sampled"]["per_sample"]]
+    per_sample = [s["per_item"][field] for s in result["sampled"]["per_sample"]]
     return [sum(col) / len(col) for col in zip(*per_sample)]
+
+
+def metrics(accuracy: dict, nll: dict) -> dict:
+    """Per-item values of one evaluated model: greedy / sampled strict accuracy, greedy flexible accuracy,
+    completion length and truncation (greedy and sampled), and the per-trace NLL of each held-out set."""
+    found = {"greedy": _per_item(accuracy, "greedy"), "sampled": _per_item(accuracy, "sampled"),
+             "greedy_flexible": _per_item(accuracy, "greedy", "correct_flexible")}
+    for mode in ("greedy", "sampled"):
+        found[f"{mode}_tokens"] = _per_item(accuracy, mode, "completion_tokens")
+        found[f"{mode}_truncated"] = _per_item(accuracy, mode, "truncated")
+    found.update({f"nll_{name}": _per_trace_nll(nll[name]) for name in NLL_SETS})
+    return found
 
 
 def _per_trace_nll(per_trace: dict) -> list[float]:
@@ -424,13 +517,7 @@ def _per_trace_nll(per_trace: dict) -> list[float]:
 
 def collect(work: Path, methods: list[str], seeds: list[int], params) -> dict:
     """{method: {target key: {seed: {metric: per-item values}}}}, dense under key "dense" for every target;
-    metrics: greedy, sampled (accuracy), nll_self / nll_gold / nll_prose."""
-
-    def metrics(accuracy: dict, nll: dict) -> dict:
-        found = {"greedy": _per_item_accuracy(accuracy, "greedy"), "sampled": _per_item_accuracy(accuracy, "sampled")}
-        found.update({f"nll_{name}": _per_trace_nll(nll[name]) for name in NLL_SETS})
-        return found
-
+    metrics: as `metrics`."""
     keys = [f"{t:.2f}" for t in params.prune.targets]
     table = {}
     dense = work / "dense"
@@ -440,7 +527,9 @@ def collect(work: Path, methods: list[str], seeds: list[int], params) -> dict:
         table["dense"] = {key: {None: values} for key in keys}
     for method in methods:
         table[method] = {key: {} for key in keys}
-        runs = sorted((work / "runs" / method).glob("seed-*"), key=lambda d: int(d.name.removeprefix("seed-")))
+        # seed-<s> directories (the library writes each run's wall seconds beside it: seed-<s>.wall.json)
+        runs = sorted((d for d in (work / "runs" / method).glob("seed-*") if d.is_dir()),
+                      key=lambda d: int(d.name.removeprefix("seed-")))
         for cell in runs:
             seed = int(cell.name.removeprefix("seed-"))
             if seed not in seeds or not ((cell / "accuracy.json").is_file() and (cell / "nll.json").is_file()):
@@ -488,29 +577,29 @@ def write_results(work: Path, methods: list[str], seeds: list[int], params, size
 
     ev, g, t = params.evaluation, params.generation, sizes["task"]
     lines = ["# RESP on a real model: SmolLM2-135M-Instruct, 2 CPU cores", "",
-             f"Written by `benchmarks/real_model.py` (see its docstring). Command: `{command}` (the same command "
-             "resumes an interrupted run: finished phases are skipped; `--report-only` rewrites this file).", ""]
+             (f"Written by `benchmarks/real_model.py` (see its docstring). Command: `{command}` (the same command "
+             "resumes an interrupted run: finished phases are skipped; `--report-only` rewrites this file)."), ""]
     if "--dry-run" in command:
         lines += ["**Dry run**: tiny sizes to prove the script end to end; the numbers below are not results.", ""]
     lines += [
-        f"- Model: SmolLM2-135M-Instruct from PyPI `{PACKAGE}=={VERSION}` ({GGUF_NAME}, dequantised to fp32); "
-        "Llama family, 30 layers, 9 query / 3 KV heads, tied embeddings, no thinking mode in its chat template.",
-        f"- Task `{TASK}` (written by the benchmark, GSM8K format): {t['steps']}-step word problems, numbers 1-"
+        (f"- Model: SmolLM2-135M-Instruct from PyPI `{PACKAGE}=={VERSION}` ({GGUF_NAME}, dequantised to fp32); "
+        "Llama family, 30 layers, 9 query / 3 KV heads, tied embeddings, no thinking mode in its chat template."),
+        (f"- Task `{TASK}` (written by the benchmark, GSM8K format): {t['steps']}-step word problems, numbers 1-"
         f"{t['max_operand']}, {t['n_train']} train / {t['n_test']} test problems (seed {t['seed']}), 0-shot, the "
-        f"question ending \"{INSTRUCTION}\"",
-        f"- Calibration seeds {list(seeds)} (seed s sets calibration.seed, generation.seed, prune.seed); "
+        f"question ending \"{INSTRUCTION}\""),
+        (f"- Calibration seeds {list(seeds)} (seed s sets calibration.seed, generation.seed, prune.seed); "
         f"{params.calibration.num_prompts} train prompts per seed, traces at T={g.temperature}, at most "
         f"{g.max_new_tokens} new tokens; {params.prune.steps} pruning steps, milestones "
-        f"{list(params.prune.milestones)} (RESP regenerates there).",
-        f"- Accuracy (strict extractor): first {ev.num_items} test items, greedy and {ev.samples} sampled completion(s) "
-        f"per item at T={ev.temperature}, at most {ev.max_new_tokens} new tokens.",
-        f"- Held-out decode-only NLL on three sets of {sizes['nll_traces']} traces: **self** = the dense model's own "
+        f"{list(params.prune.milestones)} (RESP regenerates there)."),
+        (f"- Accuracy (strict extractor): first {ev.num_items} test items, greedy and {ev.samples} sampled completion(s) "
+        f"per item at T={ev.temperature}, at most {ev.max_new_tokens} new tokens."),
+        (f"- Held-out decode-only NLL on three sets of {sizes['nll_traces']} traces: **self** = the dense model's own "
         "sampled traces of the first test items (favours self-calibration), **gold** = the gold solutions of the same "
         "items after the same prompt (favours GISP-style gold calibration), **prose** = the embedded world's prose test "
-        "split, full-sequence loss (favours generic calibration).",
-        f"- Intervals: {r.confidence:.0%}, {r.bootstrap_samples} resamples of seeds, then items within each drawn seed "
+        "split, full-sequence loss (favours generic calibration)."),
+        (f"- Intervals: {r.confidence:.0%}, {r.bootstrap_samples} resamples of seeds, then items within each drawn seed "
         "(`resp.stats.cluster_bootstrap`); differences to RESP pair by seed and item. NLL intervals resample traces "
-        "(each trace's summed loss over the set's mean token count, so the point value is the token-weighted NLL).",
+        "(each trace's summed loss over the set's mean token count, so the point value is the token-weighted NLL)."),
         ""]
     reference = "resp" if "resp" in methods else None
     for target in params.prune.targets:
@@ -533,8 +622,8 @@ def write_results(work: Path, methods: list[str], seeds: list[int], params, size
                   "|---|---|---:" + "|---:" * len(metric_names) + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
         if reference:
             ref = seeds_of(reference, key)
-            lines += [f"Differences to RESP ({target:.0%}; method - resp, paired by seed and item, over the seeds both "
-                      "finished; accuracy in points, a negative NLL difference means the method fits that set better):",
+            lines += [(f"Differences to RESP ({target:.0%}; method - resp, paired by seed and item, over the seeds both "
+                      "finished; accuracy in points, a negative NLL difference means the method fits that set better):"),
                       "", "| method | seeds | " + " | ".join(f"Δ {metric_names[m]}" for m in metric_names) + " |",
                       "|---|---" + "|---:" * len(metric_names) + "|"]
             for method in ["dense", *[m for m in methods if m != reference]]:
@@ -550,6 +639,7 @@ def write_results(work: Path, methods: list[str], seeds: list[int], params, size
                     stats.append(cell(boot(diff) if diff else None, metric, signed=True))
                 lines.append(f"| {method} | {','.join(map(str, common))} | " + " | ".join(stats) + " |")
             lines.append("")
+    lines += heal_section(work, seeds, params, sizes, table, times, boot)
     lines += ["## Per seed (mean over items: greedy / sampled accuracy %, NLL self / gold / prose)", "",
               "| method | target | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---:" + "|---" * len(seeds) + "|"]
     mean = (lambda xs: sum(xs) / len(xs))
@@ -578,17 +668,95 @@ def write_results(work: Path, methods: list[str], seeds: list[int], params, size
         lines.append("")
     import torch
 
-    lines += [f"## Time per phase (s; torch threads {torch.get_num_threads()}, {os.cpu_count()} cores shared with "
-              "other jobs)", "", "| phase | wall | CPU |", "|---|---:|---:|"]
+    lines += [(f"## Time per phase (s; torch threads {torch.get_num_threads()}, {os.cpu_count()} cores shared with "
+              "other jobs)"), "", "| phase | wall | CPU |", "|---|---:|---:|"]
     lines += [f"| {name} | {t['wall_s']:.0f} | {t['cpu_s']:.0f} |" for name, t in times.items()]
-    lines += [f"| total | {sum(t['wall_s'] for t in times.values()):.0f} | "
-              f"{sum(t['cpu_s'] for t in times.values()):.0f} |", ""]
+    lines += [(f"| total | {sum(t['wall_s'] for t in times.values()):.0f} | "
+              f"{sum(t['cpu_s'] for t in times.values()):.0f} |"), ""]
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_name(results.name + ".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(results)
     log.info("wrote %s", results)
     return results
+
+
+# the heal section's columns: metric -> (header, scale, digits)
+HEAL_COLUMNS = {"greedy": ("greedy acc. (%)", 100, 1), "greedy_flexible": ("greedy flexible (%)", 100, 1),
+                "sampled": ("sampled acc. (%)", 100, 1), "nll_self": ("NLL self", 1, 3), "nll_gold": ("NLL gold", 1, 3),
+                "nll_prose": ("NLL prose", 1, 3), "greedy_tokens": ("greedy tokens", 1, 1),
+                "greedy_truncated": ("greedy trunc. (%)", 100, 1), "sampled_tokens": ("sampled tokens", 1, 1),
+                "sampled_truncated": ("sampled trunc. (%)", 100, 1)}
+
+
+def heal_section(work: Path, seeds: list[int], params, sizes: dict, table: dict, times: dict, boot) -> list[str]:
+    """The healed model against the same masks unhealed (paired by seed and item), and the heal cost."""
+    spec = sizes["heal"]
+    key, method, label = f"{spec['target']:.2f}", spec["method"], f"{spec['method']} {spec['target']:.0%}"
+    healed, manifests = {}, {}
+    for seed in seeds:
+        cell = heal_cell(work, spec, seed)
+        if (cell / "accuracy.json").is_file() and (cell / "nll.json").is_file():
+            healed[seed] = metrics(json.loads((cell / "accuracy.json").read_text())["results"][key],
+                                   json.loads((cell / "nll.json").read_text())["results"][key])
+            manifests[seed] = json.loads((cell / "model" / "resp_heal.json").read_text())
+    h = params.methods[spec["settings"]].heal
+    lines = [f"## Healing {label} (`resp.healing`, issue 23)", "",
+             (f"The {label} masks of each calibration seed, healed with `methods.{spec['settings']}.heal` "
+             f"(params.yaml, the benchmark's overrides applied): {h.steps} steps of {h.batch_size} traces, lr {h.lr} "
+             f"({h.schedule}, {h.warmup_steps} warmup), loss {h.loss}, mode {h.mode}, heal seed {h.seed}; healing data: "
+             f"the dense model's sampled traces of {h.num_prompts} train prompts (every train prompt; generation.seed = "
+             "the calibration seed). Evaluated as above; tokens = mean completion tokens, trunc. = share of completions "
+             f"that hit the {params.evaluation.max_new_tokens}-token limit; flexible accuracy reads the last number, strict "
+             "only \"The answer is N\" (their gap is format loss)."), ""]
+    if not healed:
+        return lines + ["Not run yet.", ""]
+    done = sorted(healed)
+    unhealed = {s: table.get(method, {}).get(key, {}).get(s) for s in done}
+    done = [s for s in done if unhealed[s] is not None]
+    dense = next(iter(table.get("dense", {}).get(key, {}).values()), None)
+
+    def stat(rows, metric, signed=False):
+        matrix = [r[metric] for r in rows if r[metric] is not None]
+        if not matrix or len(matrix) != len(rows):
+            return "-"
+        _, scale, digits = HEAL_COLUMNS[metric]
+        mean, low, high = (scale * x for x in boot(matrix))
+        sign = "+" if signed else ""
+        return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+    header = "| model | seeds | " + " | ".join(c[0] for c in HEAL_COLUMNS.values()) + " |"
+    rule = "|---|---" + "|---:" * len(HEAL_COLUMNS) + "|"
+    seeds_label = ",".join(map(str, done))
+    lines += [header, rule]
+    if dense is not None:
+        lines.append("| dense | - | " + " | ".join(stat([dense], m) for m in HEAL_COLUMNS) + " |")
+    lines.append(f"| {label} | {seeds_label} | " + " | ".join(stat([unhealed[s] for s in done], m) for m in HEAL_COLUMNS) + " |")
+    lines.append(f"| {label} + heal | {seeds_label} | " + " | ".join(stat([healed[s] for s in done], m) for m in HEAL_COLUMNS) + " |")
+    diffs = [{m: None if healed[s][m] is None or unhealed[s][m] is None else
+              [a - b for a, b in zip(healed[s][m], unhealed[s][m])] for m in HEAL_COLUMNS} for s in done]
+    lines.append(f"| heal - unhealed | {seeds_label} | " + " | ".join(stat(diffs, m, signed=True) for m in HEAL_COLUMNS) + " |")
+    lines += ["", "Per seed (greedy / sampled strict accuracy %, NLL self / gold / prose, greedy tokens / truncated %):", "",
+              "| model | " + " | ".join(f"seed {s}" for s in done) + " |", "|---" * (len(done) + 1) + "|"]
+    mean = (lambda xs: sum(xs) / len(xs))
+    for name, by_seed in ((label, unhealed), (f"{label} + heal", healed)):
+        lines.append(f"| {name} | " + " | ".join(
+            f"{100 * mean(v['greedy']):.1f}/{100 * mean(v['sampled']):.1f}, "
+            + "/".join(f"{mean(v[f'nll_{n}']):.3f}" for n in NLL_SETS)
+            + f", {mean(v['greedy_tokens']):.1f}/{100 * mean(v['greedy_truncated']):.0f}" for v in (by_seed[s] for s in done)) + " |")
+    lines += ["", ("Heal cost (one torch thread; wall seconds are inflated by the other jobs on the 2 shared cores, CPU "
+              "seconds approximate one idle core):"), "",
+              ("| seed | healing traces | their completion tokens | trained tokens (steps x batch) | heal wall s | heal CPU s "
+              "| healing traces wall s | loss first 10 -> last 10 steps |"), "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for seed in sorted(manifests):
+        m = manifests[seed]
+        t_heal = times.get(f"heal {label} seed {seed}", {})
+        t_traces = times.get(f"healing traces seed {seed}", {})
+        lines.append(f"| {seed} | {sum(x['n'] for x in m['traces'])} | {m['completion_tokens']} | {m['trained_tokens']} | "
+                     f"{t_heal.get('wall_s', float('nan')):.0f} | {t_heal.get('cpu_s', float('nan')):.0f} | "
+                     f"{t_traces.get('wall_s', float('nan')):.0f} | {m['loss']['mean_first_10']:.4f} -> "
+                     f"{m['loss']['mean_last_10']:.4f} |")
+    return lines + [""]
 
 
 def check_task(work: Path, sizes: dict, extra: list[str], model_dir: Path) -> None:
@@ -630,6 +798,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "run":
             r.add_argument("--methods", help=f"comma-separated, in run order (default {','.join(METHODS)})")
             r.add_argument("--seeds", help=f"comma-separated calibration seeds (default {','.join(map(str, SEEDS))})")
+            r.add_argument("--no-heal", action="store_true",
+                           help="skip the heal phases (healing the masks of sizes['heal'], issue 23)")
             r.add_argument("--report-only", action="store_true",
                            help="only rewrite the results file from the phases already done (runs nothing)")
             r.add_argument("--results", type=Path,
@@ -662,7 +832,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     command = "python benchmarks/real_model.py " + " ".join(given)
-    run(work, sizes, methods, seeds, args.extra, args.model_dir, results, command, args.report_only)
+    run(work, sizes, methods, seeds, args.extra, args.model_dir, results, command, args.report_only, not args.no_heal)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,84 @@ def test_converted_dir_without_tokenizer_is_one_clear_line(tmp_path):
     assert message.startswith(f"{path} has no tokenizer: none of tokenizer.json, tokenizer_config.json, "
                               "tokenizer.model, vocab.json; save it beside the weights")
     assert f"gguf_file=name).save_pretrained('{path}')" in message
+
+
+def _real_model_benchmark():
+    """benchmarks/real_model.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "real_model.py"
+    spec = importlib.util.spec_from_file_location("real_model_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_model_benchmark_heals_resp_and_reports_it(smol_dir, tiny_world_dir, tmp_path):
+    """`run` on a tiny model of SmolLM2's shape: RESP, then its masks healed (issue 23) and the healed model
+    evaluated and scored on the dense model's NLL sets; the results pair healed with unhealed; a rerun redoes
+    nothing; a healed model's NLL on sets of another model is refused."""
+    from resp.healing import MANIFEST, healed_mask
+    from resp.masks import check_mask_fits
+    from resp.models import model_identity
+
+    bench = _real_model_benchmark()
+    sizes = {"task": {"steps": 1, "max_operand": 10, "n_train": 6, "n_test": 4, "seed": 0},
+             "params": {**bench.DRY["params"], "calibration.num_prompts": 4, "generation.max_new_tokens": 10,
+                        "generation.batch_size": 4, "prune.steps": 2, "prune.targets": [0.1, 0.2],
+                        "prune.milestones": [0.1], "evaluation.num_items": 4, "evaluation.max_new_tokens": 6,
+                        "evaluation.batch_size": 4, "methods.resp_heal.heal.num_prompts": 6,
+                        "methods.resp_heal.heal.steps": 3, "methods.resp_heal.heal.checkpoint_every": 0},
+             "nll_traces": 2, "heal": {"method": "resp", "target": 0.2, "settings": "resp_heal"}}
+    work, results = tmp_path / "work", tmp_path / "results.md"
+    extra = [f"tasks.prose.source={tiny_world_dir / 'prose'}"]
+    bench.run(work, sizes, ["resp"], [0], extra, smol_dir, results, "test")
+    assert not json.loads((work / "failures.json").read_text())
+    times = json.loads((work / "times.json").read_text())
+    heal_phases = ["healing traces seed 0", "heal resp 20% seed 0", "evaluate healed resp 20% seed 0",
+                   "NLL healed resp 20% seed 0"]
+    assert all(name in times for name in heal_phases)
+
+    cell = work / "heal" / "resp-0.20" / "seed-0"
+    manifest = json.loads((cell / "model" / MANIFEST).read_text())
+    assert manifest["heal"]["steps"] == 3 and manifest["traces"][0]["n"] == 6   # the benchmark's overrides ran
+    assert manifest["mask"]["digest"] == Mask.load(work / "runs" / "resp" / "seed-0" / "masks" / "sparsity-0.20.safetensors")[0].digest()
+    healed_model, _ = load_model(str(cell / "model"))
+    mask, meta = Mask.load(healed_mask(cell / "model"))
+    s = structures_for(healed_model, "query_head", None)
+    check_mask_fits(mask, s, meta, model_identity(str(cell / "model")).key)
+    layer = next(i for i in s.prunable_layers if not mask.channels[i].all())
+    pruned = ~mask.channels[layer]
+    assert healed_model.model.layers[layer].mlp.up_proj.weight[pruned].abs().sum() == 0   # pruned units stay pruned
+
+    accuracy = json.loads((cell / "accuracy.json").read_text())
+    assert accuracy["model"]["key"] == meta["model"]["key"] and list(accuracy["results"]) == ["0.20"]
+    nll = json.loads((cell / "nll.json").read_text())["results"]["0.20"]
+    unhealed = json.loads((work / "runs" / "resp" / "seed-0" / "nll.json").read_text())["results"]["0.20"]
+    assert sorted(nll) == ["gold", "prose", "self"] and nll["self"]["n_tokens"] == unhealed["self"]["n_tokens"]
+    assert nll["self"]["nll"] != unhealed["self"]["nll"]   # the healed weights are scored, not the base ones
+
+    # the report: healed - unhealed is the mean of the per-item differences of the two cells
+    text = results.read_text()
+    assert "## Healing resp 20% (`resp.healing`, issue 23)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| heal - unhealed | 0 |"))
+    healed_values = bench.metrics(accuracy["results"]["0.20"], nll)
+    before = bench.metrics(json.loads((work / "runs" / "resp" / "seed-0" / "accuracy.json").read_text())["results"]["0.20"],
+                           unhealed)
+    column = list(bench.HEAL_COLUMNS).index("nll_self")
+    expected = sum(healed_values["nll_self"]) / 2 - sum(before["nll_self"]) / 2
+    assert row.split(" | ")[2 + column].split(" [")[0] == f"{expected:+.3f}"
+    cost = next(line for line in text.splitlines() if line.startswith("| 0 | 6 |"))
+    assert f"| {manifest['completion_tokens']} | {manifest['trained_tokens']} |" in cost
+
+    # resumed: every phase is skipped, the results are the same bytes
+    bench.run(work, sizes, ["resp"], [0], extra, smol_dir, results, "test")
+    assert json.loads((work / "times.json").read_text()) == times and results.read_text() == text
+
+    # the dense model's sets are the healed model's only with their key named
+    params = load_params(bench.ROOT / "params.yaml", bench.overrides(sizes, cell / "model", work / "task") + extra)
+    sets = {name: work / "heldout" / f"{name}.jsonl" for name in bench.NLL_SETS}
+    with pytest.raises(SystemExit, match="was made for another model"):
+        bench.trace_nlls(params, {0.2: healed_mask(cell / "model")}, sets, tmp_path / "nll.json", include_dense=False)
+    assert not (tmp_path / "nll.json").exists()
