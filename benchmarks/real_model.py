@@ -39,9 +39,17 @@ overrides below (`--set` for more):
    the first `evaluation.num_items` test items (`evaluate_masks`), then decode-only NLL of each
    trace of the three sets (`decode_only_nll` trace by trace, so intervals can resample traces).
    A method whose masks no seed changes (magnitude) runs once and stands for every seed;
-4. `benchmarks/results/real_model.md`: per target, every method's accuracy and NLLs with 95 %
+4. healing (issue 23): for each seed, the RESP masks at FULL["heal"]["target"] (30 %) healed by
+   `resp.healing.heal` with params.yaml's `methods.resp_heal.heal` settings and the benchmark's budget
+   overrides (FULL["params"], `methods.resp_heal.heal.*`: fewer steps, so a seed heals in minutes on one
+   core); the healing data are the dense model's sampled traces of every train prompt (`num_prompts`),
+   made with the seed's generation.seed. The healed model directory is evaluated like any model
+   (accuracy, completion length, truncation) and scored on the dense model's three NLL sets;
+   `--no-heal` skips this;
+5. `benchmarks/results/real_model.md`: per target, every method's accuracy and NLLs with 95 %
    intervals that resample seeds, then items within each seed (`resp.stats.cluster_bootstrap`), and
-   its differences to RESP paired by seed and item; the per-seed values; time per phase.
+   its differences to RESP paired by seed and item; the healed model against the same masks unhealed
+   (paired by seed and item) with the heal cost (seconds, tokens); the per-seed values; time per phase.
 
 Commands (from the repository root, venv active; `OMP_NUM_THREADS=1 nice -n 10` on shared cores):
 
@@ -52,7 +60,7 @@ Commands (from the repository root, venv active; `OMP_NUM_THREADS=1 nice -n 10` 
     python benchmarks/real_model.py run --threads 1       # the protocol (times: results file)
 
 Every phase (held-out sets, dense evaluation, each seed's traces, each (method, seed)'s pruning,
-evaluation and NLL) writes its own file and is skipped on a rerun, so an interrupted run resumes
+evaluation and NLL, each seed's healing traces, heal, healed evaluation and NLL) writes its own file and is skipped on a rerun, so an interrupted run resumes
 where it stopped; `times.json` in the work directory records wall and CPU seconds per phase.
 Outputs go to `data/real/` (git-ignored; `--work-dir` to change; delete it to start over). The
 results file is rewritten after every (method, seed), so a partial run reports what finished.
@@ -230,11 +238,13 @@ FULL = {"task": {"steps": 1, "max_operand": 10, "n_train": 40, "n_test": 48, "se
                    "importance.batch_size": 4, "prune.steps": 3, "prune.targets": [0.2, 0.3],
                    "prune.milestones": [0.1, 0.2], "evaluation.num_items": 48, "evaluation.max_new_tokens": 64,
                    "evaluation.batch_size": 16, "evaluation.samples": 1, "evaluation.nll_traces": 0,
-                   # heal budget (issue 23): params.yaml's resp_heal settings (lr, cosine schedule, KL, full, batch 8)
-                   # with fewer steps, so one seed heals in minutes on one core; the healing traces are the dense
+                   # heal budget (issue 23): params.yaml's resp_heal settings (lr 3e-4, cosine, KL, full) with 16
+                   # steps of 4 traces (1.6 passes over the healing traces), about 4 min of one idle core (a step
+                   # of 8 traces, the default, costs about 25 s of CPU here); the healing traces are the dense
                    # model's on every train prompt (40), sampled with the seed's generation.seed
-                   "methods.resp_heal.heal.steps": 30, "methods.resp_heal.heal.warmup_steps": 3,
-                   "methods.resp_heal.heal.num_prompts": 40, "methods.resp_heal.heal.checkpoint_every": 10},
+                   "methods.resp_heal.heal.steps": 16, "methods.resp_heal.heal.warmup_steps": 2,
+                   "methods.resp_heal.heal.batch_size": 4, "methods.resp_heal.heal.num_prompts": 40,
+                   "methods.resp_heal.heal.checkpoint_every": 8},
         "nll_traces": 24,
         # which masks are healed, with which method's heal settings (the phase runs per calibration seed)
         "heal": {"method": "resp", "target": 0.3, "settings": "resp_heal"}}
@@ -747,15 +757,15 @@ def heal_section(work: Path, seeds: list[int], params, sizes: dict, table: dict,
     lines += ["", ("Heal cost (one torch thread; wall seconds are inflated by the other jobs on the 2 shared cores, CPU "
               "seconds approximate one idle core):"), "",
               ("| seed | healing traces | their completion tokens | trained tokens (steps x batch) | heal wall s | heal CPU s "
-              "| healing traces wall s | loss first 10 -> last 10 steps |"), "|---|---:|---:|---:|---:|---:|---:|---|"]
+              "| healing traces wall s | loss step 1 -> last step (mean of the first / last 10 steps) |"), "|---|---:|---:|---:|---:|---:|---:|---|"]
     for seed in sorted(manifests):
         m = manifests[seed]
         t_heal = times.get(f"heal {label} seed {seed}", {})
         t_traces = times.get(f"healing traces seed {seed}", {})
         lines.append(f"| {seed} | {sum(x['n'] for x in m['traces'])} | {m['completion_tokens']} | {m['trained_tokens']} | "
                      f"{t_heal.get('wall_s', float('nan')):.0f} | {t_heal.get('cpu_s', float('nan')):.0f} | "
-                     f"{t_traces.get('wall_s', float('nan')):.0f} | {m['loss']['mean_first_10']:.4f} -> "
-                     f"{m['loss']['mean_last_10']:.4f} |")
+                     f"{t_traces.get('wall_s', float('nan')):.0f} | {m['loss']['first']:.4f} -> {m['loss']['last']:.4f} "
+                     f"({m['loss']['mean_first_10']:.4f} / {m['loss']['mean_last_10']:.4f}) |")
     return lines + [""]
 
 

@@ -221,3 +221,12 @@ def test_real_model_benchmark_heals_resp_and_reports_it(smol_dir, tiny_world_dir
     with pytest.raises(SystemExit, match="was made for another model"):
         bench.trace_nlls(params, {0.2: healed_mask(cell / "model")}, sets, tmp_path / "nll.json", include_dense=False)
     assert not (tmp_path / "nll.json").exists()
+
+
+def test_real_model_benchmark_refuses_a_heal_target_it_does_not_prune(smol_dir, tmp_path):
+    bench = _real_model_benchmark()
+    sizes = {**bench.DRY, "heal": {**bench.DRY["heal"], "target": 0.25}}
+    with pytest.raises(SystemExit) as error:
+        bench.run(tmp_path / "work", sizes, ["resp"], [0], [], smol_dir, tmp_path / "results.md", "test")
+    assert str(error.value) == "heal target 0.25 is not one of prune.targets [0.2, 0.3]: heal a target the run prunes"
+    assert not (tmp_path / "work" / "times.json").exists() and not (tmp_path / "results.md").exists()
