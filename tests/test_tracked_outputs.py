@@ -118,10 +118,13 @@ def test_dvc_tracks_no_raw_scores_or_unrounded_losses_of_a_run_or_a_healed_model
         assert full != entry["loss"] == reported_loss(full)            # 4 significant digits of the raw loss
         assert entry["drift"] == reported_change(entry["drift"], entry["loss"])
 
-    # of a healed model, its config, tokenizer and mask: not the weights or the manifest naming their hash
+    # of a healed model, its config, tokenizer and mask tensors: not the weights, nor the manifests that name
+    # them by content hash (the heal manifest and the healed mask's, whose `model` is the healed model)
     files = tracked(project, healed)
     for target in ("sparsity-0.10", "sparsity-0.20"):
         mine = {p.removeprefix(f"{target}/") for p in files if p.startswith(f"{target}/")}
         assert "config.json" in mine and f"mask/{target}.safetensors" in mine
         assert not {p for p in mine if p.endswith(".safetensors") and not p.startswith("mask/")}
-        assert "resp_heal.json" not in mine
+        assert "resp_heal.json" not in mine and f"mask/{target}.safetensors.json" not in mine
+        weights_key = json.loads((project / healed / target / "resp_heal.json").read_text())["healed_model"]["key"]
+        assert not any(weights_key.encode() in files[f"{target}/{p}"] for p in mine)
