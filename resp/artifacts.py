@@ -9,7 +9,8 @@ conversions live here only.
 
     runs/{task}/traces/dense.jsonl           dense calibration traces (+ .json manifest)
     runs/{task}/traces/heldout.jsonl         dense traces on the eval split (decode-only NLL)
-    runs/{task}/{method}/                    masks/, summary.json, traces/ (regenerations), steps/
+    runs/{task}/{method}/                    masks/, summary.json, traces/ (regenerations), steps/ (raw
+                                             scores: CPU-dependent floats, outside DVC's hashes, .dvcignore)
     runs/{task}/traces/heal-{n}.jsonl        dense traces on the first n calibration prompts (healing data)
     runs/{task}/{method}/healed/sparsity-{t:.2f}/   healed models (resp heal)
     metrics/{task}/{method}.json, dense.json evaluations
@@ -201,6 +202,28 @@ def is_local(ref: str) -> bool:
     with `.`, `/` or `~`, with more than one `/`, or naming a JSON file is a path."""
     return (Path(ref).exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1
             or ref.endswith((".json", ".jsonl")))
+
+
+# ---------------------------------------------------------------- losses in tracked files
+
+# Significant digits of the losses that files DVC hashes or git commits hold (run summaries, plots): the
+# 6th-7th digit of a float32 loss depends on the CPU's float reduction order (thread count, SIMD width),
+# and those files must come out byte-identical from `dvc repro` on another machine (a loss within that
+# noise of a rounding boundary is rare: about 1 in 1000 at 4 digits). Full precision stays in untracked files.
+LOSS_DIGITS = 4
+
+
+def reported_loss(x: float) -> float:
+    """`x` at LOSS_DIGITS significant digits."""
+    return float(f"{x:.{LOSS_DIGITS}g}")
+
+
+def reported_change(x: float, loss: float) -> float:
+    """A change `x` of `loss` (e.g. drift) at the absolute precision reported_loss(loss) has: a change below
+    it, all noise, is 0.0 (never -0.0, whose sign would be the noise's)."""
+    if loss == 0 or not math.isfinite(loss):
+        return reported_loss(x)
+    return round(x, LOSS_DIGITS - 1 - math.floor(math.log10(abs(loss)))) + 0.0
 
 
 # ---------------------------------------------------------------- sparsity targets

@@ -35,6 +35,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from resp.artifacts import reported_change, reported_loss
 from resp.masks import Mask, MaskError
 from resp.structures import Structures
 from resp.traces import Trace, TraceSet
@@ -161,6 +162,24 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
     log.info("step %d/%d: sparsity %.4f (target %.4f), structures %.4f, loss %.4f (drift %+.4f)%s",
              st.step, len(points), entry["sparsity"], points[k], entry["structure_ratio"], loss, drift,
              " after regenerating" if entry["regenerated"] else "")
+
+
+# floats of a step-log entry that depend on the CPU's reduction order, and how run summaries write them
+_LOSS_KEYS = ("loss", "drift_threshold_nats")
+_CHANGE_KEYS = ("drift", "drift_before_regeneration")
+
+
+def reported_steps(log: list[dict]) -> list[dict]:
+    """The step log as summary.json holds it: losses at artifacts.LOSS_DIGITS significant digits and drifts
+    at the same absolute precision, so that `dvc repro` on another CPU writes the same bytes. Full precision
+    stays in each scores file's manifest (`mean_loss`, under steps/, which DVC does not hash)."""
+    def reported(entry: dict) -> dict:
+        out = {k: reported_loss(v) if k in _LOSS_KEYS else v for k, v in entry.items()}
+        for key in _CHANGE_KEYS:
+            if key in entry:
+                out[key] = reported_change(entry[key], entry["loss"])
+        return out
+    return [reported(entry) for entry in log]
 
 
 def _score(st: PruneState, steps: Steps, what: str) -> tuple[str, float]:

@@ -351,12 +351,14 @@ def run_manifest(params: Params, task: str, method: str, base: dict) -> dict:
 
 def write_run(params: Params, task: str, method: str, base: dict, record: dict, out_dir: str) -> dict[str, str]:
     """The run's outputs: `masks/sparsity-<t>.safetensors` with manifests saying what produced them,
-    and `summary.json` (no wall-clock time in it: a rerun with the same params writes the same bytes;
+    and `summary.json` (no wall-clock time in it, losses at artifacts.LOSS_DIGITS: a rerun with the same params
+    writes the same bytes, on another CPU too;
     its `cost` counts what the score and regenerate steps processed, `resp.cost.run_cost`).
     `record`: {"saved": {target key: mask file}, "trace_sets": [...], "used_by": {target key: n},
     "steps": [...], "spent": [files the score and regenerate steps wrote]}."""
     from resp.cost import matmul_params, run_cost
     from resp.masks import Mask
+    from resp.schedule import reported_steps
     from resp.traces import TraceSet
 
     p = params.prune
@@ -376,7 +378,7 @@ def write_run(params: Params, task: str, method: str, base: dict, record: dict, 
         written[key] = str(mask.save(artifacts.mask_file(Path(out_dir) / "masks", target), manifest))
         log.info("%s %s: mask at target %.2f has parameter sparsity %.4f, structure ratio %.4f -> %s",
                  method, task, target, manifest["sparsity"], manifest["structure_ratio"], written[key])
-    summary = {"method": method, "task": task, "trace_sets": history, "steps": record["steps"],
+    summary = {"method": method, "task": task, "trace_sets": history, "steps": reported_steps(record["steps"]),
                "cost": run_cost(record["spent"], matmul_params(loaded_model(params, base).model)),
                "masks": {artifacts.target_key(t): {"path": written[artifacts.target_key(t)],
                                                    "sparsity": masks[t].sparsity(s)} for t in p.targets}}
