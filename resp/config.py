@@ -124,7 +124,9 @@ class CalibrationParams(Strict):
 
 
 class GenerationParams(Strict):
-    backend: Literal["hf", "vllm"]
+    # hf: resp's decode loop | hf_static: transformers' generate, static KV cache | hf_compiled: the same,
+    # torch.compile'd (CUDA graphs) | vllm (resp/generation.py)
+    backend: Literal["hf", "hf_static", "hf_compiled", "vllm"]
     temperature: float = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     top_k: int = Field(ge=0)
