@@ -141,6 +141,9 @@ class ImportanceParams(Strict):
     normalize: Literal["paper", "params", "none"]
     grad_checkpointing: bool
     grads_only_scored: bool    # requires_grad only on the scored projections
+    # null: the model's full-vocabulary logits of every token; N: LM head + cross-entropy on the completion
+    # tokens only, N at a time, recomputed in the backward (resp/importance.py; same gradients)
+    loss_chunk_tokens: int | None = Field(gt=0)
 
 
 def sparsities(values: list[float]) -> list[float]:
