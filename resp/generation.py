@@ -307,8 +307,6 @@ def generate_ids(model, prompt_ids: list[list[int]], spec: SamplingSpec, batch_s
 def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_size: int, seed: int,
              desc: str, backend: str = "hf") -> list[Completion]:
     """One completion per prompt (already chat-templated), in input order, by `backend` (HF_BACKENDS)."""
-    if batch_size <= 0:
-        raise GenerationError(f"batch_size {batch_size} must be positive")
     if tokenizer.pad_token_id is None:
         raise GenerationError("the tokenizer has no pad token; load models with resp.models.load_model, which sets one")
     eos = eos_token_ids(model, tokenizer)
