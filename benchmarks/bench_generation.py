@@ -1,4 +1,5 @@
-"""HF-backend generation: transformers' `generate` (the old way) vs resp's decode loop, in one run.
+"""HF-backend generation: transformers' `generate` (the old way) vs resp's decode loop vs the
+static-cache backend (generation.backend hf_static), in one run.
 
 The workload is the evaluation's: the embedded model (data/models/tiny), the first --prompts
 items of the arith eval split (params.yaml tasks.arith) rendered by the task's chat template with
@@ -12,6 +13,8 @@ temperature / top_p / top_k.
   completion ends.
 - new: `resp.generation.generate` (rows leave the batch when they end; each prompt samples from
   its own generator).
+- static_cache: `resp.generation.generate` with backend hf_static (transformers' `generate` with a
+  static KV cache drawing the loop's tokens; rows stay in the batch until its longest ends).
 
 Each (mode, way) is timed --reps times after a warm-up on a few prompts, old and new alternating
 so that load on a shared machine hits both alike; figures are medians: wall seconds, CPU seconds
@@ -20,7 +23,8 @@ of this process (less sensitive to other processes on a shared machine), and new
 rows each way pushes through the model after the prefill: old = rows x the batch's longest
 completion, new = the completion tokens. Greedy outputs of both ways are compared token for
 token; sampled ones differ by design (other random streams) and are summarised by mean length
-and truncation rate.
+and truncation rate. The static-cache backend's completions are compared with the loop's in both
+modes (they draw the same tokens).
 
 Results: benchmarks/results/bench_generation.json (or --out). Nothing is asserted here.
 
@@ -119,7 +123,17 @@ def loop_generate(model, tokenizer, prompts: list[str], spec, batch_size: int, s
     return completions, sum(len(c.completion_ids) for c in completions)
 
 
-WAYS = {"hf_generate": hf_generate, "decode_loop": loop_generate}
+def static_generate(model, tokenizer, prompts: list[str], spec, batch_size: int, seed: int):
+    from resp.generation import generate
+
+    completions = generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc="static cache",
+                           backend="hf_static")
+    order = sorted(range(len(prompts)), key=lambda i: (-len(completions[i].prompt_ids), i))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return completions, sum(len(b) * max(len(completions[i].completion_ids) for i in b) for b in batches)
+
+
+WAYS = {"hf_generate": hf_generate, "decode_loop": loop_generate, "static_cache": static_generate}
 
 
 def measure(args) -> dict:
@@ -155,6 +169,9 @@ def measure(args) -> dict:
         old, new = result["hf_generate"], result["decode_loop"]
         result["speedup_wall"] = old["wall_s"] / new["wall_s"]
         result["speedup_cpu"] = old["cpu_s"] / new["cpu_s"]
+        result["static_over_loop_wall"] = result["static_cache"]["wall_s"] / new["wall_s"]
+        same = [a == b for a, b in zip(outputs["static_cache"][0], outputs["decode_loop"][0])]
+        result["static_identical_to_loop"] = {"equal": sum(same), "of": len(same)}
         if spec.temperature == 0:
             same = [a.completion_ids == b.completion_ids
                     for a, b in zip(outputs["hf_generate"][0], outputs["decode_loop"][0])]
@@ -178,7 +195,9 @@ def main(argv=None) -> None:
               f"decode_loop {r['decode_loop']['wall_s']:.2f} s ({r['decode_loop']['new_tokens_per_s']:.0f} tok/s): "
               f"{r['speedup_wall']:.2f}x wall, {r['speedup_cpu']:.2f}x CPU"
               + (f"; greedy identical {r['greedy_identical']['equal']}/{r['greedy_identical']['of']}"
-                 if "greedy_identical" in r else ""))
+                 if "greedy_identical" in r else "")
+              + f"; static_cache {r['static_cache']['wall_s']:.2f} s = {r['static_over_loop_wall']:.2f}x the loop's wall, "
+                f"identical to the loop {r['static_identical_to_loop']['equal']}/{r['static_identical_to_loop']['of']}")
     print(f"written {args.out}")
 
 

@@ -180,7 +180,7 @@ def measure_scoring_peak(spec: dict) -> dict:
         traces, pad = arith_traces(tokenizer, spec["n_traces"]), tokenizer.pad_token_id
     s = structures_for(model, "query_head", [])
     options = dict(per_sample_abs=spec["per_sample_abs"], grads_only_scored=spec["grads_only_scored"],
-                   grad_checkpointing=spec["grad_checkpointing"])
+                   grad_checkpointing=spec["grad_checkpointing"], loss_chunk_tokens=spec.get("loss_chunk_tokens"))
     taylor_scores(model, [Trace("warm", [1, 2, 3], [4, 5, 6], "", False)], s, 1, pad, **options)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set

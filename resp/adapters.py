@@ -19,6 +19,13 @@ class Adapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The decoder stack up to the final norm: its last_hidden_state times lm_head is the logits."""
+        return model.model
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return model.lm_head
+
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 

@@ -124,7 +124,9 @@ class CalibrationParams(Strict):
 
 
 class GenerationParams(Strict):
-    backend: Literal["hf", "vllm"]
+    # hf: resp's decode loop | hf_static: transformers' generate, static KV cache | hf_compiled: the same,
+    # torch.compile'd (CUDA graphs) | vllm (resp/generation.py)
+    backend: Literal["hf", "hf_static", "hf_compiled", "vllm"]
     temperature: float = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     top_k: int = Field(ge=0)
@@ -139,6 +141,9 @@ class ImportanceParams(Strict):
     normalize: Literal["paper", "params", "none"]
     grad_checkpointing: bool
     grads_only_scored: bool    # requires_grad only on the scored projections
+    # null: the model's full-vocabulary logits of every token; N: LM head + cross-entropy on the completion
+    # tokens only, N at a time, recomputed in the backward (resp/importance.py; same gradients)
+    loss_chunk_tokens: int | None = Field(gt=0)
 
 
 def sparsities(values: list[float]) -> list[float]:

@@ -104,7 +104,8 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
 
 
 def distributed_taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pad_id: int,
-                              per_sample_abs: bool, grads_only_scored: bool, grad_checkpointing: bool) -> UnitScores:
+                              per_sample_abs: bool, grads_only_scored: bool, grad_checkpointing: bool,
+                              loss_chunk_tokens: int | None = None) -> UnitScores:
     """`taylor_scores` of all `traces`, computed by the initialised process group (each worker
     passes the same full list and scores its shard)."""
     if not dist.is_initialized():
@@ -113,7 +114,7 @@ def distributed_taylor_scores(model, traces: list[Trace], s: Structures, batch_s
     mine = shard(traces, rank, world_size)
     log.info("rank %d/%d scores %d of %d traces", rank, world_size, len(mine), len(traces))
     return taylor_scores(model, mine, s, batch_size, pad_id, per_sample_abs, grads_only_scored, grad_checkpointing,
-                         desc=f"taylor scores rank {rank}", reduce=all_reduce_sum)
+                         desc=f"taylor scores rank {rank}", reduce=all_reduce_sum, loss_chunk_tokens=loss_chunk_tokens)
 
 
 def lockstep_batches(traces: list[Trace], world_size: int, per_step: int, pad_id: int) -> int:
@@ -173,6 +174,9 @@ def score_trace_file(params: Params, traces_path: str | Path, out: str | Path, m
         if sharded and imp.per_sample_abs:
             raise DistributedError("scale.scoring: sharded scores in mean mode only: set importance.per_sample_abs: "
                                    "false, or scale.scoring: data_parallel (per-sample-abs needs no accumulators)")
+        if sharded and imp.loss_chunk_tokens is not None:
+            raise DistributedError("scale.scoring: sharded computes the loss in the model's own forward: set "
+                                   "importance.loss_chunk_tokens: null, or scale.scoring: data_parallel")
         # sharded: load into host memory, FSDP moves each worker's shards onto its device
         model, tokenizer = load_model(name, params.model.revision, params.model.dtype, "cpu" if sharded else device)
         if sharded:
@@ -183,7 +187,8 @@ def score_trace_file(params: Params, traces_path: str | Path, out: str | Path, m
             scores = sharded_taylor_scores(*args, imp.grads_only_scored, imp.grad_checkpointing)
         else:
             args += (imp.per_sample_abs, imp.grads_only_scored, imp.grad_checkpointing)
-            scores = distributed_taylor_scores(*args) if distributed else taylor_scores(*args)
+            chunk = {"loss_chunk_tokens": imp.loss_chunk_tokens}
+            scores = distributed_taylor_scores(*args, **chunk) if distributed else taylor_scores(*args, **chunk)
         if distributed and dist.get_rank() != 0:
             return None
         identity = model_identity(name, params.model.revision)

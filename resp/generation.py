@@ -23,6 +23,17 @@ A completion is cut after its first end-of-sequence token: the model's
 they are exactly what the decode-only loss is computed on; `text` is the decoded completion
 without it, decoded with special tokens kept, because `<think>`/`</think>` are special tokens
 in some tokenizers (the embedded one) and answer extraction needs them.
+
+Backends (`generation.backend`): `hf` is the decode loop above (on CPU about 2x faster than
+transformers' `generate`, benchmarks/bench_generation.py); `hf_static` runs transformers' own
+`generate` with a static KV cache (sized once per call: the longest prompt + max_new_tokens) and
+`hf_compiled` the same with its decoding forward compiled by `torch.compile` (CUDA graphs on a
+GPU), the paths meant to bring GPU decoding near the memory-bound rate (benchmarks/gpu_check.py
+measures all three). They draw the same tokens as the loop: greedy takes the argmax of the same
+float32 logits, and sampling runs as the last logits processor of a greedy `generate` that
+returns -inf for every token but the one `next_tokens` draws with the same per-prompt uniforms.
+Only the floating-point rounding of the logits can differ (a static cache attends over its
+whole, masked, length). Finished rows stay in a static batch (padded) until its longest row ends.
 """
 
 from __future__ import annotations
@@ -32,19 +43,26 @@ import json
 import logging
 import os
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 log = logging.getLogger(__name__)
 
 
 class GenerationError(ValueError):
     pass
+
+
+# generation.backend values that generate here: the decode loop; transformers' generate with a static cache (compiled)
+HF_BACKENDS = ("hf", "hf_static", "hf_compiled")
 
 
 @dataclass(frozen=True)
@@ -200,23 +218,68 @@ def _decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return generated
 
 
-def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_size: int, seed: int,
-             desc: str) -> list[Completion]:
-    """One completion per prompt (already chat-templated), in input order."""
+class _DrawnToken(LogitsProcessor):
+    """The last logits processor of a greedy transformers `generate`: row r's scores at step t become
+    0 for the token `next_tokens` draws with uniforms[r, t] and -inf elsewhere, so the argmax is
+    exactly the decode loop's draw."""
+
+    def __init__(self, spec: SamplingSpec, uniforms: torch.Tensor, width: int):
+        self.spec, self.uniforms, self.width = spec, uniforms, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.width
+        tokens = next_tokens(scores, self.spec, self.uniforms[:, step])
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
+
+
+@contextmanager
+def _blank_generation_config(model):
+    """transformers fills every field the config given to `generate` leaves unset from
+    `model.generation_config` (a checkpoint's repetition_penalty, suppress_tokens, ...): for the
+    call, the model has a blank one, so only what `_generate_batch` sets applies, as in the loop."""
+    kept = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = kept
+
+
+def _generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, spec: SamplingSpec,
+                    uniforms: torch.Tensor | None, eos: list[int], pad: int, cache_length: int,
+                    compiled: bool) -> list[list[int]]:
+    """`_decode_batch` through transformers' `generate` with a static cache of `cache_length`
+    positions (module docstring); rows keep going (padded) after their EOS, so each row's ids
+    are cut at its first EOS later, as the loop's are."""
+    config = GenerationConfig(
+        max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos or None, pad_token_id=pad,
+        cache_implementation="static", max_cache_len=cache_length, disable_compile=not compiled,
+        compile_config=CompileConfig() if compiled else None)
+    if compiled and input_ids.device.type == "cpu":
+        config.compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    processors = LogitsProcessorList([] if uniforms is None else [_DrawnToken(spec, uniforms, input_ids.shape[1])])
+    with _blank_generation_config(model):
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                logits_processor=processors)
+    return output[:, input_ids.shape[1]:].tolist()
+
+
+def generate_ids(model, prompt_ids: list[list[int]], spec: SamplingSpec, batch_size: int, seed: int, eos: list[int],
+                 pad: int, desc: str, backend: str = "hf") -> list[list[int]]:
+    """Generated ids per prompt (token ids), in input order, by `backend` (one of HF_BACKENDS):
+    each ends at its first id in `eos` (if any) or after spec.max_new_tokens, except that
+    hf_static/hf_compiled rows continue with `pad` after their EOS (cut them with `_cut`)."""
     if batch_size <= 0:
         raise GenerationError(f"batch_size {batch_size} must be positive")
-    if tokenizer.pad_token_id is None:
-        raise GenerationError("the tokenizer has no pad token; load models with resp.models.load_model, which sets one")
-    eos = eos_token_ids(model, tokenizer)
-    eos_set = set(eos)
-    pad = tokenizer.pad_token_id
-    # The chat template already wrote every special token the prompt needs.
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), i))
+    if backend not in HF_BACKENDS:
+        raise GenerationError(f"generation backend {backend!r} is not one of {list(HF_BACKENDS)}")
+    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    results: list[Completion | None] = [None] * len(prompts)
+    # one static cache size for the whole call: the longest prompt (the first batch) + the new tokens
+    cache_length = (len(prompt_ids[order[0]]) if order else 0) + spec.max_new_tokens
+    results: list[list[int] | None] = [None] * len(prompt_ids)
     device = model.device
-    eos_tensor = torch.tensor(eos, device=device)
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
     with torch.no_grad():
         for batch in tqdm(batches, desc=desc, unit="batch"):
             width = max(len(prompt_ids[i]) for i in batch)
@@ -230,17 +293,37 @@ def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_siz
             uniforms = None if spec.temperature == 0 else torch.stack([
                 torch.rand(spec.max_new_tokens, generator=torch.Generator(device=device).manual_seed(seed + i),
                            device=device) for i in batch])
-            generated = _decode_batch(model, input_ids.to(device), attention_mask.to(device), spec, uniforms,
-                                      eos_tensor)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            if backend == "hf":
+                generated = _decode_batch(model, input_ids, attention_mask, spec, uniforms, eos_tensor)
+            else:
+                generated = _generate_batch(model, input_ids, attention_mask, spec, uniforms, eos, pad, cache_length,
+                                            compiled=backend == "hf_compiled")
             for row, i in enumerate(batch):
-                completion_ids, truncated = _cut(generated[row], eos_set)
-                body = completion_ids if truncated else completion_ids[:-1]
-                results[i] = Completion(list(prompt_ids[i]), completion_ids,
-                                        tokenizer.decode(body, skip_special_tokens=False), truncated)
+                results[i] = generated[row]
     return results
 
 
-BACKENDS = ("hf", "vllm")
+def generate(model, tokenizer, prompts: list[str], spec: SamplingSpec, batch_size: int, seed: int,
+             desc: str, backend: str = "hf") -> list[Completion]:
+    """One completion per prompt (already chat-templated), in input order, by `backend` (HF_BACKENDS)."""
+    if tokenizer.pad_token_id is None:
+        raise GenerationError("the tokenizer has no pad token; load models with resp.models.load_model, which sets one")
+    eos = eos_token_ids(model, tokenizer)
+    eos_set = set(eos)
+    # The chat template already wrote every special token the prompt needs.
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    generated = generate_ids(model, prompt_ids, spec, batch_size, seed, eos, tokenizer.pad_token_id, desc, backend)
+    results = []
+    for ids, tokens in zip(prompt_ids, generated, strict=True):
+        completion_ids, truncated = _cut(tokens, eos_set)
+        body = completion_ids if truncated else completion_ids[:-1]
+        results.append(Completion(list(ids), completion_ids, tokenizer.decode(body, skip_special_tokens=False),
+                                  truncated))
+    return results
+
+
+BACKENDS = (*HF_BACKENDS, "vllm")
 # The python of a separate vLLM environment (README, "GPU users"): vLLM pins a torch and a transformers
 # of its own, below resp's range, so it runs there (resp/vllm_worker.py) when this variable is set. A
 # path on this machine, not an experiment knob: it changes where tokens are computed, not which.
@@ -369,10 +452,10 @@ def generate_with_backend(backend: str, model, tokenizer, prompts: list[str], sp
                           seed: int, desc: str, model_dir: str | Path | None = None,
                           gpu_memory_utilization: float | None = None,
                           backend_knob: str = "generation.backend") -> list[Completion]:
-    """`generate` (hf) or `generate_vllm` (vllm, from `model_dir`), per the params knob `backend_knob`
-    (generation.backend or evaluation.backend), which the error messages name."""
-    if backend == "hf":
-        return generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=desc)
+    """`generate` (HF_BACKENDS) or `generate_vllm` (vllm, from `model_dir`), per the params knob
+    `backend_knob` (generation.backend or evaluation.backend), which the error messages name."""
+    if backend in HF_BACKENDS:
+        return generate(model, tokenizer, prompts, spec, batch_size=batch_size, seed=seed, desc=desc, backend=backend)
     if backend != "vllm":
         raise GenerationError(f"generation backend {backend!r} is not one of {list(BACKENDS)}")
     if model_dir is None or gpu_memory_utilization is None:

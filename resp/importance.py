@@ -6,6 +6,12 @@ fp32 buffers G (one per scored weight), so G = sum_n grad_n whatever the batchin
 score is |w * G/N| (mean before abs). With `per_sample_abs` the score is sum_n |w * grad_n|,
 reduced to per-unit sums right away, one sample per backward, without a full gradient buffer.
 
+Loss: by default the model's forward gives the full-vocabulary logits of every token and the
+cross-entropy ignores the prompt's. With `loss_chunk_tokens` N, only the completion tokens'
+hidden states go through the LM head and the cross-entropy, N tokens at a time, each chunk's
+logits recomputed in the backward (activation checkpointing) instead of kept: the same loss and
+gradients up to float rounding, with at most N x vocab logits alive instead of batch x length x vocab.
+
 Memory: only the scored projections require grad (optionally all weights, for comparison);
 each `.grad` is folded into its accumulator by a post-accumulate-grad hook and freed at once.
 With FSDP2-sharded parameters (`sharded`, resp.distributed) the accumulators are sharded too:
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -93,10 +100,35 @@ def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return nll.sum(1) / counts.clamp(min=1), counts
 
 
+def _chunk_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+
+
+def chunked_per_sample_mean_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                                 chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_sample_mean_loss` of the model's logits without materialising them (module docstring):
+    the LM head and cross-entropy run on the label tokens only, `chunk_tokens` at a time, each chunk
+    checkpointed. Returns (losses [B], counts [B])."""
+    adapter = adapter_for(model.config)
+    hidden = adapter.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    shift_labels = labels[:, 1:]
+    rows, positions = (shift_labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    selected, targets = hidden[:, :-1][rows, positions], shift_labels[rows, positions]
+    head = adapter.lm_head(model)
+    # a batch without labels still runs its backward through the model (FSDP's collectives need every pass)
+    nll = torch.cat([checkpoint(_chunk_nll, head, selected[start:start + chunk_tokens],
+                                targets[start:start + chunk_tokens], use_reentrant=False)
+                     for start in range(0, len(targets), chunk_tokens)] or [selected.sum(-1).float()])
+    counts = (shift_labels != IGNORE_INDEX).sum(1)
+    sums = torch.zeros(len(labels), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return sums / counts.clamp(min=1), counts
+
+
 def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pad_id: int,
                   per_sample_abs: bool = False, grads_only_scored: bool = True,
                   grad_checkpointing: bool = False, desc: str = "taylor scores",
-                  reduce: Reduce | None = None, sharded: bool = False, lockstep_batches: int = 0) -> UnitScores:
+                  reduce: Reduce | None = None, sharded: bool = False, lockstep_batches: int = 0,
+                  loss_chunk_tokens: int | None = None) -> UnitScores:
     """Score every attention unit and MLP channel of `model` on `traces` (see module docstring).
 
     With `reduce`, `traces` is this worker's shard: the partial sums (gradient sums, or unit
@@ -105,10 +137,16 @@ def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pa
     mean mode only) gradients are already summed across workers, `reduce` sums only the counts,
     and every worker runs `lockstep_batches` backward passes (a worker short of batches runs
     label-less ones, which add nothing): FSDP's collectives need all workers in every pass.
+    `loss_chunk_tokens`: the chunked loss (module docstring); None: the model's full logits.
     """
     if sharded and per_sample_abs:
         raise ImportanceError("per_sample_abs is not implemented for sharded parameters: score in per-sample-abs "
                               "mode data-parallel (resp score under torchrun), it needs no gradient accumulators")
+    if sharded and loss_chunk_tokens is not None:
+        raise ImportanceError("importance.loss_chunk_tokens is not implemented for sharded parameters (FSDP gathers "
+                              "the LM head only inside the model's own forward): set it to null for scale.scoring: sharded")
+    if loss_chunk_tokens is not None and loss_chunk_tokens <= 0:
+        raise ImportanceError(f"loss_chunk_tokens {loss_chunk_tokens} must be positive (or None: the full logits)")
     device = next(model.parameters()).device
     weights = scored_weights(model, s)
     was_training = model.training
@@ -160,8 +198,12 @@ def taylor_scores(model, traces: list[Trace], s: Structures, batch_size: int, pa
         batches += [idle] * (lockstep_batches - len(batches))
         for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            losses, counts = per_sample_mean_loss(logits, batch["labels"])
+            if loss_chunk_tokens is None:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                losses, counts = per_sample_mean_loss(logits, batch["labels"])
+            else:
+                losses, counts = chunked_per_sample_mean_loss(model, batch["input_ids"], batch["attention_mask"],
+                                                              batch["labels"], loss_chunk_tokens)
             valid = counts > 0
             loss = losses[valid].sum()
             if not torch.isfinite(loss):

@@ -18,6 +18,11 @@ backward in per-sample-abs mode, as the scorer runs it):
     plus the other grads: without `grads_only_scored` every unscored parameter gets a
     gradient that lives until the pass ends (scored ones are folded and freed by hooks).
 
+With the chunked loss (`loss_chunk_tokens` N, importance.loss_chunk_tokens) no logits outlive a
+chunk: the loss buffers are those of at most N tokens (counted as if every token were a
+completion token) plus the gathered hidden states of the label tokens and their gradient
+(2 x tokens x hidden in the model dtype), and the layer buffers hold no logits.
+
 Per token, a decoder layer saves (b = dtype bytes, f = 4): each RMSNorm its fp32 input (h*f),
 its output (h*b) and one fp32 rsqrt; Qwen3's q/k norms their fp32 inputs ((H+KV)*d*f) and
 rsqrts ((H+KV)*f); attention the rotated queries, the keys and values, the kernel's output
@@ -163,9 +168,10 @@ def layer_activation_bytes(config, batch: int, seq_len: int, b: int, grads_only_
 
 def predict_scoring_memory(config, dtype: str, seq_len: int, batch_size: int, *, attention_unit: str = "query_head",
                            per_sample_abs: bool = False, grads_only_scored: bool = True,
-                           grad_checkpointing: bool = False, nproc: int = 1) -> ScoringMemory:
+                           grad_checkpointing: bool = False, nproc: int = 1,
+                           loss_chunk_tokens: int | None = None) -> ScoringMemory:
     """Predicted peak of one scoring pass of `batch_size` x `seq_len` tokens (module docstring);
-    `nproc` > 1: per worker of sharded scoring."""
+    `nproc` > 1: per worker of sharded scoring; `loss_chunk_tokens`: the chunked loss."""
     if dtype not in DTYPES:
         raise MemoryModelError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if nproc < 1:
@@ -173,6 +179,9 @@ def predict_scoring_memory(config, dtype: str, seq_len: int, batch_size: int, *,
     if nproc > 1 and per_sample_abs:
         raise MemoryModelError("sharded scoring (nproc > 1) runs in mean mode only: drop --per-sample-abs "
                                "(per-sample-abs needs no accumulators and is scored data-parallel)")
+    if loss_chunk_tokens is not None and (loss_chunk_tokens < 1 or nproc > 1):
+        raise MemoryModelError(f"loss_chunk_tokens {loss_chunk_tokens} must be >= 1 and needs nproc 1 (sharded scoring "
+                               "computes the loss in the model's own forward)")
     if seq_len < 2 or batch_size < 1:
         raise MemoryModelError(f"seq_len {seq_len} must be >= 2 and batch_size {batch_size} >= 1")
     config = load_config(config)
@@ -194,7 +203,12 @@ def predict_scoring_memory(config, dtype: str, seq_len: int, batch_size: int, *,
     copies = 0 if b == FP32 else FP32
     hook = (2 * copies + 2 * FP32) if per_sample_abs else copies
     mlp_grads = 3 * tokens * i * b + tokens * h * b
-    layer_buffers = tokens * v * b + (layer if grad_checkpointing else 0) + mlp_grads + largest * (b + hook)
+    logits = tokens * v * b if loss_chunk_tokens is None else 0   # still referenced during the backward
+    layer_buffers = logits + (layer if grad_checkpointing else 0) + mlp_grads + largest * (b + hook)
+    if loss_chunk_tokens is None:
+        loss_buffers = tokens * v * (b + 3 * FP32)
+    else:
+        loss_buffers = min(loss_chunk_tokens, tokens) * v * (b + 3 * FP32) + 2 * tokens * h * b
     unsharded = 0
     if nproc > 1:
         root, per_layer, layer_scored = layer_parameter_counts(config, attention_unit)
@@ -205,7 +219,7 @@ def predict_scoring_memory(config, dtype: str, seq_len: int, batch_size: int, *,
         accumulators=0 if per_sample_abs else -(-n_scored * FP32 // nproc),
         unsharded=unsharded,
         saved_activations=saved,
-        loss_buffers=tokens * v * (b + 3 * FP32),
+        loss_buffers=loss_buffers,
         layer_buffers=layer_buffers,
         other_grads=0 if grads_only_scored else -(-(n_params - n_scored) * b // nproc),
     )

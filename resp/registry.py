@@ -7,7 +7,8 @@ identity (hub revision or content hash), and each pruned version's `parent` tag 
 A version's run holds the mask and its manifest, the method's summary, every trace set the
 method calibrated on (dense and regenerated, also logged as MLflow inputs), the exports, the
 metrics, the params and `lineage.json`: what produced the model, with the sha256 of every
-logged file and the local path it came from. Tags repeat the searchable keys (base_key,
+logged file and the local path it came from, and what its pruning run spent (`run_cost`, the
+summary's cost by step kind, also logged as `run_cost.*` metrics). Tags repeat the searchable keys (base_key,
 trace_digests, prompt_ids_digest, params_hash, mask_digest, code digest, DVC stage, parent, replaces),
 so lineage answers both ways: `audit` walks from a version to its inputs and verifies every
 digest; `versions_with_traces` lists the versions a trace set went into.
@@ -667,6 +668,9 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
     replaces = previous[-1].version if previous else None
 
     code = {**(meta.get("code") or {}), "registered_from": _git_commit()}
+    # what the pruning run that wrote this mask spent, by step kind (resp.cost: the whole run, to its last target)
+    run_cost = json.loads(summary.read_text()).get("cost")
+    numbers.update(_flat_numbers({"run_cost": run_cost or {}}))
     dvc = _dvc_stage(mask_path.parent)
     trace_sets = [{k: t.get(k) for k in ("tag", "path", "digest", "sparsity", "at_step", "n",
                                          "mean_completion_tokens", "truncation_rate", "answer_accuracy")}
@@ -677,7 +681,7 @@ def _register_mask(client, experiment_id, params: Params, mask: Mask, meta: dict
         "params_hash": meta["params_hash"], "code": code, "dvc": dvc, "trace_sets": trace_sets,
         "mask": {"path": str(mask_path), "digest": digest},
         "exports": {fmt: str(d) for fmt, d in sorted(exports.items())},
-        "parent": {"name": parent["name"], "version": parent["version"]}, "replaces": replaces,
+        "parent": {"name": parent["name"], "version": parent["version"]}, "replaces": replaces, "run_cost": run_cost,
     }
     tags = {
         "kind": "pruned", "task": task, "method": method, "target": label, "sparsity": f"{meta['sparsity']:.6f}",

@@ -246,7 +246,8 @@ def score(params: Params, task: str, method: str, base: dict, mask: str | None, 
     loaded.masked.set(m)
     imp = params.importance
     scores = taylor_scores(loaded.model, scored, s, imp.batch_size, loaded.tokenizer.pad_token_id,
-                           imp.per_sample_abs, imp.grads_only_scored, imp.grad_checkpointing, desc=f"{method} scores")
+                           imp.per_sample_abs, imp.grads_only_scored, imp.grad_checkpointing, desc=f"{method} scores",
+                           loss_chunk_tokens=imp.loss_chunk_tokens)
     spent = scoring_spent(scored, imp.batch_size, imp.per_sample_abs, imp.grad_checkpointing, imp.grads_only_scored,
                           loaded.model, s)
     return str(save_scores(scores, out, {"model": base, "mask_digest": m.digest(), "traces": traces,

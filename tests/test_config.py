@@ -19,6 +19,8 @@ def test_overrides_apply_and_are_validated():
     p = load_params(ROOT / "params.yaml", ["prune.targets=[0.25]", "prune.milestones=[0.1]", "model.device=cuda"])
     assert p.prune.targets == [0.25] and p.model.device == "cuda"
     assert (p.model.trust_remote_code, p.registry.connect_timeout_s) == (False, 5)
+    fast = load_params(ROOT / "params.yaml", ["generation.backend=hf_compiled", "importance.loss_chunk_tokens=4096"])
+    assert (fast.generation.backend, fast.importance.loss_chunk_tokens) == ("hf_compiled", 4096)
 
 
 def test_every_error_is_reported_at_once():
@@ -57,6 +59,8 @@ def test_bad_files_and_overrides(tmp_path):
                                      "there never triggers (no scoring step follows the last prune); drop them"),
     (["prune.targets=[0.2,0.3]"], "prune: Value error, milestones [0.3, 0.4] are not below the last target 0.3"),
     (["registry.connect_timeout_s=11"], "registry.connect_timeout_s: Input should be less than or equal to 10"),
+    (["importance.loss_chunk_tokens=0"], "importance.loss_chunk_tokens: Input should be greater than 0"),
+    (["generation.backend=loop"], "generation.backend: Input should be 'hf', 'hf_static', 'hf_compiled' or 'vllm'"),
 ])
 def test_schedule_and_knob_validation(overrides, message):
     """Issue 13: targets in (0, 1), unique and sorted; milestones unique, sorted, below the last target."""

@@ -235,7 +235,7 @@ def test_vllm_backend_without_vllm_says_how_to_fix(monkeypatch, tiny_model_dir):
                               "or set evaluation.backend: hf")
     with pytest.raises(GenerationError, match=r"needs a saved model directory \(a masked export"):
         generate_with_backend("vllm", None, None, ["x"], spec, 1, 0, "g")
-    with pytest.raises(GenerationError, match=r"backend 'tgi' is not one of \['hf', 'vllm'\]"):
+    with pytest.raises(GenerationError, match=r"backend 'tgi' is not one of \['hf', 'hf_static', 'hf_compiled', 'vllm'\]"):
         generate_with_backend("tgi", None, None, ["x"], spec, 1, 0, "g")
 
 

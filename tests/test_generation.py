@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 
 from resp.checkpoints.compact import compact_model
 from resp.generation import (Completion, GenerationError, SamplingSpec, VllmEngine, _BufferedLayer, _cut, _rows_to_keep,
-                             eos_token_ids, generate, next_tokens, processed_scores, require_vllm)
+                             eos_token_ids, generate, generate_with_backend, next_tokens, processed_scores, require_vllm)
 from resp.masks import Mask
 from resp.models import load_model
 from resp.structures import structures_for
@@ -328,6 +328,78 @@ def test_buffered_layer_equals_dynamic_layer():
     select([3, 0])
     step(2, 1)
     assert buffered.get_seq_length() == dynamic.get_seq_length() == 8
+
+
+
+# ---- hf_static / hf_compiled: transformers' generate with a static cache draws the loop's tokens
+
+WARPED_SAMPLING = SamplingSpec(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=10)
+
+
+@pytest.mark.parametrize("spec", [GREEDY, SAMPLED, WARPED_SAMPLING], ids=["greedy", "sampled", "warped"])
+@pytest.mark.parametrize("make", [make_qwen3, make_llama], ids=["qwen3", "llama"])
+def test_static_cache_generate_equals_the_loop(make, spec, tiny_tokenizer):
+    model = no_eos(make())
+    loop = generate(model, tiny_tokenizer, PROMPTS, spec, batch_size=3, seed=5, desc="loop")
+    for batch_size in (2, 5):
+        static = generate(model, tiny_tokenizer, PROMPTS, spec, batch_size=batch_size, seed=5, desc="s", backend="hf_static")
+        assert static == loop
+    if spec.temperature:  # the seed moves every sampled completion's stream
+        moved = generate(model, tiny_tokenizer, PROMPTS, spec, batch_size=5, seed=6, desc="s", backend="hf_static")
+        assert [c.completion_ids for c in moved] != [c.completion_ids for c in loop]
+
+
+def test_static_cache_rows_that_end_early_equal_the_loop(tiny_model_dir):
+    """Rows end at different steps (EOS made likely): a static batch pads them; the cut completions,
+    truncation flags and texts are the loop's, sampled and greedy."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    for spec in (EVAL_SAMPLING, SamplingSpec(0.0, 1.0, 0, 6)):
+        loop = generate(model, tokenizer, PROMPTS + OTHERS, spec, batch_size=3, seed=11, desc="loop")
+        static = generate(model, tokenizer, PROMPTS + OTHERS, spec, batch_size=4, seed=11, desc="s", backend="hf_static")
+        assert static == loop
+    lengths = [len(c.completion_ids) for c in generate(model, tokenizer, PROMPTS + OTHERS, EVAL_SAMPLING, 4, 11, "s")]
+    if len(set(lengths)) < 3:
+        pytest.fail(f"fixture assumption broken: completion lengths {lengths} should vary")
+
+
+def test_static_cache_ignores_the_checkpoints_generation_config(tiny_tokenizer):
+    """A checkpoint's own sampling settings and processors (repetition penalty, suppressed tokens) do
+    not reach transformers' generate, as they do not reach the loop; the config is restored."""
+    model = no_eos(make_qwen3())
+    want = generate(model, tiny_tokenizer, PROMPTS, WARPED_SAMPLING, batch_size=5, seed=2, desc="loop")
+    config = model.generation_config
+    config.repetition_penalty, config.suppress_tokens = 1.8, [c.completion_ids[0] for c in want]
+    config.do_sample, config.temperature, config.top_k = True, 1.7, 3
+    got = generate(model, tiny_tokenizer, PROMPTS, WARPED_SAMPLING, batch_size=5, seed=2, desc="s", backend="hf_static")
+    assert got == want
+    assert model.generation_config is config and config.repetition_penalty == 1.8
+
+
+def test_compiled_generate_equals_the_loop(tiny_tokenizer, monkeypatch):
+    """hf_compiled runs the decoding forward through torch.compile (dynamo): the same tokens. The
+    test compiles with dynamo's eager backend (inductor's C++ build takes minutes on CPU; the
+    inductor path runs in benchmarks/gpu_check.py --smoke)."""
+    import functools
+
+    import resp.generation as generation
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(generation, "CompileConfig", functools.partial(generation.CompileConfig, backend="eager"))
+    model = no_eos(make_qwen3())
+    want = generate(model, tiny_tokenizer, PROMPTS, WARPED_SAMPLING, batch_size=5, seed=3, desc="loop")
+    graphs = counters["stats"]["unique_graphs"]
+    got = generate(model, tiny_tokenizer, PROMPTS, WARPED_SAMPLING, batch_size=5, seed=3, desc="c", backend="hf_compiled")
+    assert got == want
+    assert counters["stats"]["unique_graphs"] > graphs   # dynamo captured the decoding step
+
+
+def test_backend_dispatch_and_unknown_backend(tiny_tokenizer):
+    model = no_eos(make_qwen3())
+    want = generate(model, tiny_tokenizer, PROMPTS[:2], GREEDY, batch_size=2, seed=0, desc="loop")
+    assert generate_with_backend("hf_static", model, tiny_tokenizer, PROMPTS[:2], GREEDY, 2, 0, "s") == want
+    with pytest.raises(GenerationError, match=r"generation backend 'loop' is not one of \['hf', 'hf_static', "
+                                              r"'hf_compiled', 'vllm'\]"):
+        generate_with_backend("loop", model, tiny_tokenizer, PROMPTS[:2], GREEDY, 2, 0, "s")
 
 
 STAND_IN_VLLM = '''

@@ -3,7 +3,7 @@ import torch
 
 from conftest import make_llama, make_qwen3
 from resp.importance import ImportanceError, taylor_scores
-from resp.masks import Mask, apply_mask
+from resp.masks import Mask, apply_mask, prune_step
 from resp.structures import structures_for
 from resp.traces import Trace
 
@@ -109,3 +109,42 @@ def test_empty_traces_are_refused(tiny_qwen3):
     s = structures_for(tiny_qwen3, "query_head", [])
     with pytest.raises(ImportanceError, match="no trace had a completion token"):
         taylor_scores(tiny_qwen3, [Trace("x", [1, 2], [], "", True)], s, batch_size=4, pad_id=0)
+
+
+# ---- the chunked loss (importance.loss_chunk_tokens): LM head and cross-entropy on completion tokens only
+
+
+@pytest.mark.parametrize("unit", ["query_head", "kv_group"])
+@pytest.mark.parametrize("per_sample_abs", [False, True])
+def test_chunked_loss_gives_the_same_scores_and_masks(tiny_model, unit, per_sample_abs):
+    s = structures_for(tiny_model, unit, [])
+    traces = random_traces(n=7)
+    full = taylor_scores(tiny_model, traces, s, batch_size=3, pad_id=0, per_sample_abs=per_sample_abs)
+    for chunk, checkpointing in [(1, False), (5, True), (10_000, False)]:
+        chunked = taylor_scores(tiny_model, traces, s, batch_size=3, pad_id=0, per_sample_abs=per_sample_abs,
+                                grad_checkpointing=checkpointing, loss_chunk_tokens=chunk)
+        torch.testing.assert_close(chunked.attention, full.attention, rtol=2e-6, atol=1e-12)
+        torch.testing.assert_close(chunked.channels, full.channels, rtol=2e-6, atol=1e-12)
+        assert (chunked.n_samples, chunked.n_tokens) == (full.n_samples, full.n_tokens)
+        assert chunked.mean_loss == pytest.approx(full.mean_loss, rel=1e-6)
+        for target in (0.2, 0.4):
+            masks = [prune_step(*scores.normalized(s, "paper"), Mask.dense(s), s, target) for scores in (full, chunked)]
+            assert masks[0].digest() == masks[1].digest()
+
+
+def test_chunked_loss_with_all_gradients_leaves_no_grads(tiny_llama):
+    """grads_only_scored false: the LM head's gradient flows through the checkpointed chunks too."""
+    s = structures_for(tiny_llama, "query_head", [])
+    traces = random_traces()
+    full = taylor_scores(tiny_llama, traces, s, batch_size=4, pad_id=0, grads_only_scored=False)
+    chunked = taylor_scores(tiny_llama, traces, s, batch_size=4, pad_id=0, grads_only_scored=False, loss_chunk_tokens=4)
+    torch.testing.assert_close(chunked.attention, full.attention, rtol=2e-6, atol=1e-12)
+    assert all(p.grad is None for p in tiny_llama.parameters())
+
+
+def test_chunked_loss_bad_settings(tiny_qwen3):
+    s = structures_for(tiny_qwen3, "query_head", [])
+    with pytest.raises(ImportanceError, match=r"^loss_chunk_tokens 0 must be positive \(or None: the full logits\)$"):
+        taylor_scores(tiny_qwen3, random_traces(), s, batch_size=2, pad_id=0, loss_chunk_tokens=0)
+    with pytest.raises(ImportanceError, match="loss_chunk_tokens is not implemented for sharded parameters"):
+        taylor_scores(tiny_qwen3, random_traces(), s, batch_size=2, pad_id=0, sharded=True, loss_chunk_tokens=8)

@@ -59,6 +59,21 @@ def test_hand_computed_bfloat16_per_sample_abs_all_grads_checkpointed():
     assert m.peak == 484 + 0 + 200 + max(700, 1902 + 244) == 2830
 
 
+def test_hand_computed_chunked_loss():
+    """The chunked loss keeps no logits past a chunk: loss buffers of 3 tokens plus the gathered
+    hidden states and their gradient; the layer buffers lose the logits (400 bytes)."""
+    full = predict_scoring_memory(HAND, "float32", seq_len=5, batch_size=2)
+    m = predict_scoring_memory(HAND, "float32", seq_len=5, batch_size=2, loss_chunk_tokens=3)
+    # 3 tokens x 10 vocab x (4 + 12) + hidden states and gradient 2 * 10 tokens * 4 * 4 = 480 + 320
+    assert m.loss_buffers == 800
+    assert m.layer_buffers == full.layer_buffers - 400 == 976
+    assert (m.weights, m.accumulators, m.saved_activations) == (full.weights, full.accumulators, full.saved_activations)
+    big = predict_scoring_memory(HAND, "float32", seq_len=5, batch_size=2, loss_chunk_tokens=1000)
+    assert big.loss_buffers == 10 * 10 * 16 + 320   # a chunk is never more than the batch's tokens
+    with pytest.raises(MemoryModelError, match="loss_chunk_tokens 3 must be >= 1 and needs nproc 1"):
+        predict_scoring_memory(HAND, "float32", seq_len=5, batch_size=2, loss_chunk_tokens=3, nproc=2)
+
+
 @pytest.mark.parametrize("make, model_type", [(make_qwen3, "qwen3"), (make_llama, "llama")])
 def test_weights_and_accumulators_match_real_models(make, model_type):
     model = make()

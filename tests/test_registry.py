@@ -117,6 +117,12 @@ def test_versions_carry_lineage_tags_inputs_and_artifacts(params, pruned, regist
         assert {k: v for k, v in expected["greedy"].items() if "accuracy" in k} == {
             k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("greedy.accuracy")}
         assert run.data.metrics["nll.nll"] == pytest.approx(expected["nll"]["nll"])
+        # the run's cost (summary.json) in the lineage and as metrics
+        cost = json.loads((pruned["root"] / "resp" / "summary.json").read_text())["cost"]
+        lineage = json.loads((Path(run.info.artifact_uri.removeprefix("file://")) / "lineage.json").read_text())
+        assert lineage["run_cost"] == cost and cost["score"]["passes"] > 0 and cost["regenerate"]["passes"] == 2
+        assert {k: v for k, v in run.data.metrics.items() if k.startswith("run_cost.")} == {
+            f"run_cost.{kind}.{key}": float(value) for kind, counts in cost.items() for key, value in counts.items()}
         assert run.data.params["prune.steps"] == "4" and run.data.params["method"] == "resp"
 
         artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
