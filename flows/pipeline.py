@@ -2,6 +2,7 @@
 
     dense traces -> per (task, method): calibrate -> (score -> apply -> regenerate?)* | baseline -> write_run
     -> heal (methods declaring it) -> export per mask -> evaluate per method -> register in MLflow
+    (healed models: exported, evaluated without held-out NLL, registered with the pruned version as parent)
 
 Every stage of `resp.stages.table.STAGES` becomes a Prefect task in one loop (`TASKS`): its body is
 the stage's function, its cache key (`ReadsFiles`) the params sections the stage declares, the
@@ -46,7 +47,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.hashing import hash_objects
 
 from resp import recipe
-from resp.artifacts import Layout, content_digest, parse_target, target_key
+from resp.artifacts import Layout, content_digest, parse_target, target_key, target_name
 from resp.config import FlowParams, Params, load_params
 from resp.stages import table
 from resp.stages.common import base_model
@@ -278,8 +279,7 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
             written = recipe.prune(p, t, m, layout.run_dir(t, m), dense, call=stage_caller(t, m, refresh))
             masks[t, m] = {target_key(target): str(path) for target, path in written.items()}
 
-    # healing (methods declaring heal: {...}): the healing traces, then every mask of the method healed.
-    # The healed models are returned; their export, evaluation and registration are not part of the flow yet.
+    # healing (methods declaring heal: {...}): the healing traces, then every mask of the method healed
     healing = [(t, m) for (t, m) in masks if methods[m].heal is not None]
     heal_data = _run_wave({("heal_traces", t, m): ("heal_traces", {
         "params": p, "task": t, "method": m, "out": str(layout.heal_traces(t, methods[m].heal.num_prompts)),
@@ -289,7 +289,7 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
         "out": str(layout.healed(t, m, parse_target(target)))})
         for t, m in healing for target, mask in masks[t, m].items()}, refresh)
 
-    # exports of every mask, evaluation of every method and of the dense model
+    # exports of every mask, evaluation of every method and of the dense model; the same of every healed model
     calls = {}
     for (t, m), written in masks.items():
         for target, mask in written.items():
@@ -303,6 +303,14 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
         calls["evaluate", t, "dense"] = ("evaluate", {"params": p, "task": t, "method": "dense", "masks": {},
                                                       "heldout": traces.get(("heldout", t)),
                                                       "out": str(layout.dense_metrics(t)), "include_dense": True})
+    for (_, t, m, target), healed_dir in healed.items():
+        where = target_name(parse_target(target))
+        calls["export_healed", t, m, target] = ("export_healed", {
+            "params": p, "healed": healed_dir, "formats": list(p.export.formats),
+            "out_root": str(layout.method_exports(t, m) / "healed" / where)}, t, m)
+        calls["evaluate_healed", t, m, target] = ("evaluate_healed", {
+            "params": p, "task": t, "method": m, "healed": healed_dir,
+            "out": str(layout.metrics(t, m).with_name(f"{m}-healed") / f"{where}.json")})
     done = _run_wave(calls, refresh)
 
     # registration: never cached (the registry returns the version of a mask already registered);
@@ -313,6 +321,10 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
             exports = {parse_target(target): done["export", t, m, target] for target in written}
             registered += run("register", {"params": p, "task": t, "method": m, "masks_dir": str(layout.masks_dir(t, m)),
                                            "exports": exports, "metrics": done["evaluate", t, m]}, refresh)
+        for (_, t, m, target), healed_dir in healed.items():   # after the pruned versions, their parents
+            registered.append(run("register_healed", {
+                "params": p, "healed_dir": healed_dir, "exports": done["export_healed", t, m, target],
+                "metrics": done["evaluate_healed", t, m, target]}, refresh, t, m))
     for v in registered:
         logger.info("%s version %s (target %s)%s", v["name"], v["version"], v["target"],
                     "" if v["created"] else " was already registered")
@@ -322,6 +334,8 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
             "exports": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in done.items() if k[0] == "export"},
             "metrics": {f"{k[1]}/{k[2]}": v for k, v in done.items() if k[0] == "evaluate"},
             "healed": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in healed.items()},
+            "healed_exports": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in done.items() if k[0] == "export_healed"},
+            "healed_metrics": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in done.items() if k[0] == "evaluate_healed"},
             "registered": registered}
 
 
