@@ -12,6 +12,7 @@
     export.py        masked / compact / uniform exports of mask files
     evaluate.py      metrics of a run's masks
     heal.py          a pruned model healed on the dense model's traces
+    healed.py        a healed model exported and evaluated under the mask made for it
 
 `resp.recipe.prune` composes calibrate -> (score -> apply -> regenerate?)* | baseline -> write_run;
 the CLI and the API call these functions in one process, the Prefect flow (flows/pipeline.py)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from resp.artifacts import parse_target
 from resp.config import Params
 
@@ -15,19 +13,3 @@ def evaluate(params: Params, task: str, method: str, masks: dict[str, str], held
 
     return str(evaluate_masks(params, task, method, {parse_target(t): p for t, p in masks.items()}, heldout, out,
                               include_dense))
-
-
-def evaluate_healed(params: Params, task: str, method: str, healed: str, out: str) -> str:
-    """A healed model (`resp heal`) under the mask made for it, to `out`, keyed by its target like the mask it
-    healed. Without held-out NLL: the held-out traces are the teacher's, and evaluation takes only traces of
-    the model it evaluates."""
-    import json
-
-    from resp.evaluation import evaluate_masks
-    from resp.healing import MANIFEST, healed_mask
-
-    target = float(json.loads((Path(healed) / MANIFEST).read_text())["target"])
-    student = params.model_copy(update={
-        "model": params.model.model_copy(update={"name_or_path": str(healed), "revision": None}),
-        "evaluation": params.evaluation.model_copy(update={"nll_traces": 0})})
-    return str(evaluate_masks(student, task, method, {target: healed_mask(healed)}, None, out, include_dense=False))

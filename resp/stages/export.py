@@ -44,14 +44,6 @@ def export_masks(params: Params, jobs: list[tuple[str | Path, str, str | Path]],
     return written
 
 
-def export_healed(params: Params, healed: str, formats: list[str], out_root: str) -> dict[str, str]:
-    """A healed model (`resp heal`) under the mask made for it, in every format, to `<out_root>/<format>/`."""
-    from resp.healing import healed_mask
-
-    jobs = [(healed_mask(healed), fmt, Path(out_root) / fmt) for fmt in formats]
-    return {fmt: str(path) for fmt, path in zip(formats, export_masks(params, jobs, model=healed))}
-
-
 def export(params: Params, mask: str, formats: list[str], out_root: str, base: dict) -> dict[str, str]:
     """The model pruned by `mask` in every format, to `<out_root>/<format>/` (the flow's layout)."""
     jobs = [(mask, fmt, Path(out_root) / fmt) for fmt in formats]

@@ -78,9 +78,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("register", ("registry",), "resp.registry.register:register_method", outputs=(), cached=False),
     # what follows healing: the healed models exported, evaluated and registered (their parent: the pruned version)
     Stage("export_healed", ("model", "export", "prune.attention_unit", "prune.protected_layers"),
-          "resp.stages.export:export_healed", files=("healed",), outputs=("out_root",)),
+          "resp.stages.healed:export_healed", files=("healed",), outputs=("out_root",)),
     Stage("evaluate_healed", ("model", "tasks.{task}", "evaluation", "prune.attention_unit", "prune.protected_layers"),
-          "resp.stages.evaluate:evaluate_healed", files=("healed",)),
+          "resp.stages.healed:evaluate_healed", files=("healed",)),
     Stage("register_healed", ("registry",), "resp.registry.healed:register_healed", outputs=(), cached=False),
     Stage("report", ("run", "prune.targets", "report", "evaluation"), "resp.report:write_report",
           outputs=("out_dir",)),
