@@ -72,8 +72,10 @@ def _register_healed(client, experiment_id, params: Params, healed_dir: Path, he
     if not parents:
         raise RegistryError(f"the pruned model healed here (mask {heal['mask']['path']}, digest {pruned_digest[:12]}) is "
                             "not registered: register its run first (`resp register`), then the healed model")
-    parent = _info(parents[-1], created=False)
     name = model_name(teacher, task, method)
+    # the same mask of the same base can be registered under several methods (identical declarations, or copies
+    # of one base directory): the parent is the method's own pruned version when it has one
+    parent = _info(([v for v in parents if v.name == name] or parents)[-1], created=False)
     trace_entries, entries = [], []
     for i, t in enumerate(heal["traces"]):
         path = Path(t["path"])
