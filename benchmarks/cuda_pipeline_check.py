@@ -33,7 +33,7 @@ from resp.config import load_params  # noqa: E402
 from resp.evaluation import evaluate_masks  # noqa: E402
 from resp.generation import SamplingSpec, generate  # noqa: E402
 from resp.masks import Mask  # noqa: E402
-from resp.steps import loaded_model, base_model  # noqa: E402
+from resp.stages.common import loaded_model, base_model  # noqa: E402
 from resp.tasks import load_items, render_prompt  # noqa: E402
 
 

@@ -96,7 +96,7 @@ def heldout_nll(work: Path, name: str) -> None:
 def heal_and_evaluate(work: Path, name: str) -> dict:
     from resp.evaluation import _evaluate_current
     from resp.healing import heal, load_healed
-    from resp.steps import code_record
+    from resp.stages.table import code_record
     from resp.tasks import load_items
     from resp.traces import TraceSet
 

@@ -369,7 +369,7 @@ def heal_phases(phases: Phases, work: Path, sizes: dict, base_overrides: list[st
     from resp.evaluation import evaluate_masks
     from resp.healing import MANIFEST, heal, healed_mask
     from resp.recipe import make_traces
-    from resp.steps import code_record
+    from resp.stages.table import code_record
     from resp.study import seed_overrides
 
     spec = sizes["heal"]

@@ -1,24 +1,25 @@
-"""The RESP workflow as a Prefect flow (method steps 1-10, then registration).
+"""The RESP workflow as a Prefect flow (method steps 1-10, then registration), read top to bottom in `pipeline`:
 
-    trace sets (dense calibration, held-out) -> per (task, method): calibrate, then per pruning
-    step score -> apply (and regenerate at milestones or on drift), or one baseline step; then
-    write the run -> export per mask -> evaluate per method -> register in MLflow
+    dense traces -> per (task, method): calibrate -> (score -> apply -> regenerate?)* | baseline -> write_run
+    -> heal (methods declaring it) -> export per mask -> evaluate per method -> register in MLflow
+    (healed models: exported, evaluated without held-out NLL, registered with the pruned version as parent)
 
-Every step of `resp.steps` runs as a Prefect task of its own (one task run per scoring step,
-mask application and regeneration), composed by the library's own `resp.recipe.prune`, to
-which the flow passes a `call` that runs a step as a task. Tasks exchange paths, never live
-models; within the process models come from `resp.steps`' per-process cache. A task's cache
-key is the params sections its step declares (`resp.steps.STEPS`), the content digests of the
-files it reads, its other inputs (output paths, sparsity, tags) and the code it runs (the
-step's import closure). Results persist under `flow.results_dir`: a second run, or a run
-started again after it was killed, takes every finished step from the cache (a killed
-pruning run resumes at the step it was in), and a changed input reruns only what depends on
-it. A cached result whose files are gone or were overwritten since is recomputed.
-Registration is never cached: the registry itself returns the existing version of a mask that
-is already registered.
+Every stage of `resp.stages.table.STAGES` becomes a Prefect task in one loop (`TASKS`): its body is
+the stage's function, its cache key (`ReadsFiles`) the params sections the stage declares, the
+content digests of the files its `files` arguments name, the task's data when it reads a task's
+params, its other inputs (output paths, sparsity, tags) and the digest of the code it runs (its
+module's import closure). The pruning stages are composed by the library's own `resp.recipe.prune`,
+to which the flow passes a `call` that runs each stage as its task (one task run per scoring step,
+mask application and regeneration). Tasks exchange paths, never live models; within the process
+models come from `resp.stages.common`'s per-process cache. Results persist under
+`flow.results_dir`: a second run, or a run started again after it was killed, takes every finished
+stage from the cache (a killed pruning run resumes at the step it was in), and a changed input
+reruns only what depends on it. A cached result whose files are gone or were overwritten since is
+recomputed. Registration is never cached: the registry itself returns the existing version of a
+mask that is already registered.
 
 Independent tasks (trace sets of different tasks, exports, evaluations) are submitted together
-to the task runner; pruning steps run one after another in the flow's process. Within one
+to the task runner; pruning stages run one after another in the flow's process. Within one
 process tasks take turns at building models (see one_model_at_a_time); a Dask cluster of
 worker processes (`flow.task_runner: dask`) runs exports and evaluations in parallel.
 """
@@ -45,10 +46,12 @@ from prefect.settings import (PREFECT_API_URL, PREFECT_LOGGING_EXTRA_LOGGERS, PR
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.hashing import hash_objects
 
-from resp import evaluation, recipe, registry, steps
-from resp.artifacts import Layout, content_digest, parse_target, target_key
-from resp.models import ModelIdentity
+from resp import recipe
+from resp.artifacts import Layout, content_digest, parse_target, target_key, target_name
 from resp.config import FlowParams, Params, load_params
+from resp.stages import table
+from resp.stages.common import base_model
+from resp.stages.table import STAGES, Stage, stage_of, stage_params
 
 # Results are paths and plain data: stored as JSON, never pickles (a pickle in .prefect/results would
 # run code when a later run reads the cache).
@@ -86,19 +89,22 @@ def refuse_foreign_record(key: str) -> None:
 
 @dataclass
 class ReadsFiles(CachePolicy):
-    """Cache key of a step: the params sections it declares (`{task}`/`{method}` filled from its
-    inputs), the content of the files its `files` parameters name, its other inputs, and the
-    digest of the code it runs."""
+    """Cache key of a stage: the params sections it declares (`{task}`/`{method}` filled from its
+    inputs), the content of the files its `files` arguments name, the data of the task when it reads
+    a task's params, its other inputs, and the digest of the code it runs."""
 
-    step: str = ""
+    stage: str = ""
     files: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        params = inputs["params"]
         fill = {k: inputs[k] for k in ("task", "method") if k in inputs}
         other = {k: v for k, v in inputs.items() if k not in self.files and k != "params"}
-        key = hash_objects({"step": self.step, "params": steps.step_params(inputs["params"], self.step, **fill),
+        reads_data = "task" in inputs and any(s.startswith("tasks") for s in STAGES[self.stage].sections)
+        key = hash_objects({"stage": self.stage, "params": stage_params(params, self.stage, **fill),
                             "files": {name: content_digest(inputs[name]) for name in self.files},
-                            "inputs": other, "code": code_digest(self.step)}, raise_on_failure=True)
+                            "data": task_data_digests(params, inputs["task"]) if reads_data else None,
+                            "inputs": other, "code": code_digest(self.stage)}, raise_on_failure=True)
         refuse_foreign_record(key)
         return key
 
@@ -106,22 +112,18 @@ class ReadsFiles(CachePolicy):
 _CODE_LOCK = threading.Lock()
 
 
-def code_digest(step: str) -> str:
-    """`steps.code_digest`, safe under any task runner: the first key computed in a process parses the code
-    of every step at once, under a lock (concurrent `ast.parse` calls failed with "SystemError: AST
+def code_digest(stage: str) -> str:
+    """`table.code_digest`, safe under any task runner: the first key computed in a process parses the code
+    of every stage at once, under a lock (concurrent `ast.parse` calls failed with "SystemError: AST
     constructor recursion depth mismatch"); a task body runs only after its key, so it only reads the
     memoised digests."""
     with _CODE_LOCK:
-        for name in steps.STEPS:
-            steps.code_digest(name)
-    return steps.code_digest(step)
+        for name in STAGES:
+            table.code_digest(name)
+    return table.code_digest(stage)
 
 
-def cache_policy(step: str, files: tuple[str, ...] = ()) -> CachePolicy:
-    return ReadsFiles(step=step, files=files)
-
-
-def data_key(params: Params, task_name: str) -> dict:
+def task_data_digests(params: Params, task_name: str) -> dict:
     """Digests of the task's data and of the generic-text task (baseline calibration)."""
     out = {}
     for name in (task_name, params.prose_task):
@@ -130,9 +132,7 @@ def data_key(params: Params, task_name: str) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- tasks
-# `base` (the base model's identity: hub revision or content hash) and `data_key` are not used in
-# the bodies: they are inputs so that a changed base model or task file changes the cache key.
+# ---------------------------------------------------------------- tasks, one per stage of resp.stages.table
 #
 # transformers and accelerate patch process-wide state while they import and build models
 # (lazy module attributes; `init_empty_weights` swaps nn.Module.register_parameter), so two
@@ -146,33 +146,8 @@ def one_model_at_a_time() -> threading.Lock:
     # lock cannot be pickled, while a module-level function travels by reference.
     return _MODEL_LOCK
 
+
 RESULT = {"persist_result": True, "result_serializer": RESULTS}
-
-
-@task(cache_policy=cache_policy("calibration_traces"), task_run_name="traces-{task}-calibration", **RESULT)
-def calibration_traces(params: Params, task: str, out: str, base: dict, data_key: dict) -> dict:
-    """Sample the dense model's own reasoning traces on the calibration prompts."""
-    with one_model_at_a_time():
-        return stamped(str(recipe.make_traces(params, task, params.tasks[task].calibration_split, None, out,
-                                              base=base)))
-
-
-@task(cache_policy=cache_policy("heldout_traces"), task_run_name="traces-{task}-heldout", **RESULT)
-def heldout_traces(params: Params, task: str, out: str, base: dict, data_key: dict) -> dict:
-    """Dense traces on the first evaluation.nll_traces items of the eval split (held-out NLL)."""
-    with one_model_at_a_time():
-        return stamped(str(recipe.make_traces(params, task, params.tasks[task].eval_split, params.evaluation.nll_traces,
-                                              out, base=base)))
-
-
-def _step_run_name() -> str:
-    """`score-arith-resp-step-0003`: the step, the run, and where in the run its output goes."""
-    from prefect.runtime import task_run
-
-    args = task_run.parameters
-    out = Path(args.get("out") or args.get("out_dir"))
-    where = out.parent.name + "-" + out.stem if out.parent.name.startswith("step-") else out.stem
-    return "-".join([task_run.task_name, args["task"], args["method"], where])
 
 
 def stamped(result) -> dict:
@@ -188,134 +163,58 @@ def is_stale(stamp) -> bool:
     return content_digest(stamp["result"]) != stamp["digests"]
 
 
-def _step_task(step: str, files: tuple[str, ...]):
-    return task(name=step, cache_policy=cache_policy(step, files), task_run_name=_step_run_name, **RESULT)
+def stage_task(stage: Stage):
+    """The Prefect task of a stage: its function, taking turns at models, its result stamped; cached by
+    `ReadsFiles` unless the stage says otherwise. (The body keeps a name of its own, not the function's:
+    Dask would otherwise send the bare function by reference.)"""
+    function = stage.function
+
+    def body(*args, **kwargs):
+        with one_model_at_a_time():
+            result = stage.function(*args, **kwargs)   # looked up per run: the module's function as it is now
+        return stamped(result) if stage.cached else result
+
+    body.__signature__ = inspect.signature(function)
+    body.__name__ = body.__qualname__ = stage.name
+    body.__doc__ = function.__doc__
+    if not stage.cached:
+        return task(body, name=stage.name, cache_policy=NO_CACHE)
+    return task(body, name=stage.name, cache_policy=ReadsFiles(stage=stage.name, files=stage.files), **RESULT)
 
 
-@_step_task("calibrate", files=("dense_traces",))
-def calibrate(params: Params, task: str, method: str, base: dict, dense_traces: str | None, out: str,
-              data_key: dict) -> dict:
-    with one_model_at_a_time():
-        return stamped(steps.calibrate(params, task, method, base, dense_traces, out))
+TASKS = {name: stage_task(stage) for name, stage in STAGES.items() if not stage.parts and name != "report"}
 
 
-@_step_task("score", files=("mask", "traces", "reference"))
-def score(params: Params, task: str, method: str, base: dict, mask: str | None, traces: str, reference: str,
-          out: str, part: int) -> dict:
-    with one_model_at_a_time():
-        return stamped(steps.score(params, task, method, base, mask, traces, reference, out, part=part))
+def run_name(stage: str, kwargs: dict, task_name: str | None = None, method: str | None = None) -> str:
+    """`score-arith-resp-step-0003-scores`: the stage, the task, the method, and where its output goes."""
+    parts = [stage, kwargs.get("task", task_name), kwargs.get("method", method)]
+    outputs = [kwargs[name] for name in STAGES[stage].outputs if kwargs.get(name)]
+    if outputs:
+        out = Path(outputs[0])
+        stem = out.name.removesuffix(out.suffix) if out.suffix in (".jsonl", ".json", ".safetensors") else out.name
+        where = out.parent.name + "-" + stem if out.parent.name.startswith("step-") else stem
+        parts += [where] if where not in parts else []
+    return "-".join(part for part in parts if part)
 
 
-@_step_task("apply", files=("scores", "mask"))
-def apply(params: Params, task: str, method: str, base: dict, scores: str, mask: str | None, sparsity: float,
-          out: str) -> dict:
-    with one_model_at_a_time():
-        return stamped(steps.apply(params, base, scores, mask, sparsity, out))
+def run(stage: str, kwargs: dict, refresh: bool, task_name: str | None = None, method: str | None = None):
+    """One stage as its task; a cached result whose files are gone or were rewritten since is recomputed."""
+    t = TASKS[stage].with_options(task_run_name=run_name(stage, kwargs, task_name, method))
+    stamp = t.with_options(refresh_cache=refresh)(**kwargs)
+    if not STAGES[stage].cached:
+        return stamp
+    if is_stale(stamp):
+        get_run_logger().warning("outputs of the cached %s stage are gone or changed; recomputing", stage)
+        stamp = t.with_options(refresh_cache=True)(**kwargs)
+    return stamp["result"]
 
 
-@_step_task("regenerate", files=("mask", "prompts"))
-def regenerate(params: Params, task: str, method: str, base: dict, mask: str, prompts: str, tag: str, out: str,
-               data_key: dict) -> dict:
-    with one_model_at_a_time():
-        return stamped(steps.regenerate(params, task, method, base, mask, prompts, tag, out))
-
-
-@_step_task("baseline", files=("calibration",))
-def baseline(params: Params, task: str, method: str, base: dict, calibration: str | None, out_dir: str) -> dict:
-    with one_model_at_a_time():
-        return stamped(steps.baseline(params, task, method, base, calibration, out_dir))
-
-
-@_step_task("write_run", files=("record",))
-def write_run(params: Params, task: str, method: str, base: dict, record: dict, out_dir: str) -> dict:
-    with one_model_at_a_time():
-        return stamped(steps.write_run(params, task, method, base, record, out_dir))
-
-
-STEP_TASKS = {t.name: t for t in (calibrate, score, apply, regenerate, baseline, write_run)}
-
-
-def step_caller(task_name: str, method: str, data: dict, refresh: bool):
-    """The `call` that `resp.recipe.prune` runs its steps through: each step as its Prefect task.
-    A cached result whose files are gone or were rewritten since is recomputed."""
-    def call(step, **kwargs):
-        t = STEP_TASKS[step.__name__]
-        wanted = inspect.signature(t.fn).parameters
-        if "data_key" in wanted:
-            kwargs["data_key"] = data
-        if "task" not in kwargs:  # apply takes no task/method in the library; its task run is named by them
-            kwargs.update(task=task_name, method=method)
-        stamp = t.with_options(refresh_cache=refresh)(**kwargs)
-        if is_stale(stamp):
-            get_run_logger().warning("outputs of the cached %s step are gone or changed; recomputing", step.__name__)
-            stamp = t.with_options(refresh_cache=True)(**kwargs)
-        return stamp["result"]
+def stage_caller(task_name: str, method: str, refresh: bool):
+    """The `call` that `resp.recipe.prune` runs its stages through: each stage as its Prefect task."""
+    def call(function, **kwargs):
+        return run(stage_of(function).name, kwargs, refresh, task_name, method)
     return call
 
-
-def _export_run_name() -> str:
-    from prefect.runtime import task_run
-
-    root = Path(task_run.parameters["out_root"])  # .../checkpoints/{task}/{method}/sparsity-{t}
-    return f"export-{root.parent.parent.name}-{root.parent.name}-{root.name}"
-
-
-@task(cache_policy=cache_policy("export", files=("mask",)), task_run_name=_export_run_name, **RESULT)
-def export_mask(params: Params, mask: str, formats: list[str], out_root: str, base: dict) -> dict:
-    """Write the base model pruned by `mask` in every format to `<out_root>/<format>/`."""
-    from resp.checkpoints import export_mask_file
-    from resp.locking import export_dir_lock
-    from resp.models import load_model
-
-    m = params.model
-    identity = ModelIdentity(base["name"], base["revision"], base["content_hash"])
-    written = {}
-    with one_model_at_a_time():
-        model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, m.device, m.trust_remote_code)
-        for fmt in formats:
-            with export_dir_lock(Path(out_root) / fmt):   # `resp export` into the same directory waits its turn
-                written[fmt] = str(export_mask_file(model, tokenizer, identity, mask, fmt, Path(out_root) / fmt,
-                                                    params.export.channel_multiple, params.prune.attention_unit,
-                                                    params.prune.protected_layers))
-    return stamped(written)
-
-
-@task(cache_policy=cache_policy("evaluate", files=("masks", "heldout")), task_run_name="evaluate-{task}-{method}",
-      **RESULT)
-def evaluate_method(params: Params, task: str, method: str, masks: dict[str, str], heldout: str | None, out: str,
-                    include_dense: bool, base: dict, data_key: dict) -> dict:
-    """Accuracy, length, truncation and held-out NLL under every mask (and of the dense model)."""
-    with one_model_at_a_time():
-        return stamped(str(evaluation.evaluate_masks(params, task, method, {parse_target(t): p for t, p in masks.items()},
-                                                     heldout, out, include_dense)))
-
-
-@task(cache_policy=cache_policy("heal_traces"), task_run_name="traces-{task}-heal-{method}", **RESULT)
-def heal_traces(params: Params, task: str, method: str, out: str, base: dict, data_key: dict) -> dict:
-    """The dense model's traces on the first heal.num_prompts calibration prompts (the healing data)."""
-    with one_model_at_a_time():
-        return stamped(str(recipe.make_traces(params, task, params.tasks[task].calibration_split,
-                                              params.methods[method].heal.num_prompts, out, base=base)))
-
-
-@task(cache_policy=cache_policy("heal", files=("mask", "traces")), task_run_name="heal-{task}-{method}-{target}",
-      **RESULT)
-def heal_mask(params: Params, task: str, method: str, target: str, mask: str, traces: str, out: str, base: dict) -> dict:
-    """The model pruned by `mask`, healed on the dense model's traces with the method's heal settings."""
-    from resp.api import heal
-
-    with one_model_at_a_time():
-        return stamped(str(heal(params, task, mask, [traces], out, method=method)))
-
-
-@task(cache_policy=NO_CACHE, task_run_name="register-{task}-{method}")
-def register_models(params: Params, task: str, method: str, masks_dir: str, exports: dict[float, dict[str, str]],
-                    metrics: str | None) -> list[dict]:
-    """One registry version per mask, with lineage; idempotent for masks already registered."""
-    return registry.register_method(params, task, method, masks_dir, exports, metrics)
-
-
-# ---------------------------------------------------------------- flow
 
 @contextmanager
 def _workers_report_here():
@@ -332,15 +231,16 @@ def _workers_report_here():
 
 def _submit(calls: dict, refresh: bool) -> dict:
     with _workers_report_here():
-        futures = {key: t.with_options(refresh_cache=refresh).submit(**kwargs) for key, (t, kwargs) in calls.items()}
+        futures = {key: TASKS[stage].with_options(task_run_name=run_name(stage, kwargs, *names), refresh_cache=refresh)
+                   .submit(**kwargs) for key, (stage, kwargs, *names) in calls.items()}
     wait(list(futures.values()))
     return {key: f.result() for key, f in futures.items()}
 
 
 def _run_wave(calls: dict, refresh: bool) -> dict:
-    """Submit independent task calls together; wait for all; a failure fails the flow after the others finished.
-    Returns each task's result; a cached result whose files are gone or were rewritten since is recomputed.
-    """
+    """Submit independent stages together, {key: (stage, kwargs, task, method)}; wait for all; a failure fails
+    the flow after the others finished. Returns each stage's result; a cached result whose files are gone or
+    were rewritten since is recomputed."""
     stamps = _submit(calls, refresh)
     stale = [key for key, stamp in stamps.items() if is_stale(stamp)]
     if stale:
@@ -352,66 +252,79 @@ def _run_wave(calls: dict, refresh: bool) -> dict:
 
 @flow(name="resp-pipeline")
 def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
-    """Traces -> prune (step by step) -> export -> evaluate -> register for every task and method in `run`."""
+    """Traces -> (score -> apply -> regenerate?)* -> export -> evaluate -> register, for every task and method in `run`."""
     logger = get_run_logger()
     p = load_params(params_path, overrides)
-    base = steps.base_model(p)   # once per run: hashing a local model's weights is not free
+    base = base_model(p)   # once per run: hashing a local model's weights is not free
     logger.info("base model %s (%s); tasks %s; methods %s", base["name"], base["key"][:12], p.run.tasks, p.run.methods)
     layout = Layout(Path(p.flow.data_dir))
     refresh = not p.flow.cache
-    keys = {t: data_key(p, t) for t in p.run.tasks}
+    methods = {m: p.methods[m] for m in p.run.methods}
 
-    self_calibrated = {m for m in p.run.methods if p.methods[m].calibration == "self"}
+    # the dense model's traces: calibration (for methods calibrated on them) and held-out NLL
     calls = {}
     for t in p.run.tasks:
-        common = {"params": p, "task": t, "base": base, "data_key": keys[t]}
-        if self_calibrated:
-            calls["dense", t] = (calibration_traces, {**common, "out": str(layout.dense_traces(t))})
+        if any(d.reads_dense_traces for d in methods.values()):
+            calls["dense", t] = ("dense_traces", {"params": p, "task": t, "out": str(layout.dense_traces(t)), "base": base})
         if p.evaluation.nll_traces:
-            calls["heldout", t] = (heldout_traces, {**common, "out": str(layout.heldout_traces(t))})
+            calls["heldout", t] = ("heldout_traces", {"params": p, "task": t, "out": str(layout.heldout_traces(t)),
+                                                      "base": base})
     traces = _run_wave(calls, refresh)
 
+    # pruning, stage by stage: calibrate -> (score -> apply -> regenerate?)* | baseline -> write_run
     masks = {}
     for t in p.run.tasks:
-        for m in p.run.methods:
-            written = recipe.prune(p, t, m, layout.run_dir(t, m), traces["dense", t] if m in self_calibrated else None,
-                                   call=step_caller(t, m, keys[t], refresh))
+        for m, declared in methods.items():
+            dense = traces["dense", t] if declared.reads_dense_traces else None
+            written = recipe.prune(p, t, m, layout.run_dir(t, m), dense, call=stage_caller(t, m, refresh))
             masks[t, m] = {target_key(target): str(path) for target, path in written.items()}
 
-    # Healing (methods declaring heal: {...}): the healing traces, then every mask of the method healed.
-    # The healed models are returned; their export, evaluation and registration are not part of the flow yet.
-    healing = [(t, m) for (t, m) in masks if p.methods[m].heal is not None]
-    heal_data = _run_wave({("heal_traces", t, m): (heal_traces, {
-        "params": p, "task": t, "method": m, "base": base, "data_key": keys[t],
-        "out": str(layout.heal_traces(t, p.methods[m].heal.num_prompts))}) for t, m in healing}, refresh)
-    healed = _run_wave({("heal", t, m, target): (heal_mask, {
-        "params": p, "task": t, "method": m, "target": target, "mask": mask, "traces": heal_data["heal_traces", t, m],
-        "out": str(layout.healed(t, m, parse_target(target))), "base": base})
+    # healing (methods declaring heal: {...}): the healing traces, then every mask of the method healed
+    healing = [(t, m) for (t, m) in masks if methods[m].heal is not None]
+    heal_data = _run_wave({("heal_traces", t, m): ("heal_traces", {
+        "params": p, "task": t, "method": m, "out": str(layout.heal_traces(t, methods[m].heal.num_prompts)),
+        "base": base}) for t, m in healing}, refresh)
+    healed = _run_wave({("heal", t, m, target): ("heal", {
+        "params": p, "task": t, "method": m, "mask": mask, "traces": [heal_data["heal_traces", t, m]],
+        "out": str(layout.healed(t, m, parse_target(target)))})
         for t, m in healing for target, mask in masks[t, m].items()}, refresh)
 
+    # exports of every mask, evaluation of every method and of the dense model; the same of every healed model
     calls = {}
     for (t, m), written in masks.items():
         for target, mask in written.items():
-            calls["export", t, m, target] = (export_mask, {"params": p, "mask": mask, "formats": list(p.export.formats),
-                                                           "out_root": str(layout.export_root(t, m, parse_target(target))),
-                                                           "base": base})
-        calls["evaluate", t, m] = (evaluate_method, {"params": p, "task": t, "method": m, "masks": written,
-                                                     "heldout": traces.get(("heldout", t)),
-                                                     "out": str(layout.metrics(t, m)), "include_dense": False,
-                                                     "base": base, "data_key": keys[t]})
+            calls["export", t, m, target] = ("export", {
+                "params": p, "mask": mask, "formats": list(p.export.formats),
+                "out_root": str(layout.export_root(t, m, parse_target(target))), "base": base}, t, m)
+        calls["evaluate", t, m] = ("evaluate", {"params": p, "task": t, "method": m, "masks": written,
+                                                "heldout": traces.get(("heldout", t)), "out": str(layout.metrics(t, m)),
+                                                "include_dense": False})
     for t in p.run.tasks:
-        calls["evaluate", t, "dense"] = (evaluate_method, {"params": p, "task": t, "method": "dense", "masks": {},
-                                                           "heldout": traces.get(("heldout", t)),
-                                                           "out": str(layout.dense_metrics(t)), "include_dense": True,
-                                                           "base": base, "data_key": keys[t]})
+        calls["evaluate", t, "dense"] = ("evaluate", {"params": p, "task": t, "method": "dense", "masks": {},
+                                                      "heldout": traces.get(("heldout", t)),
+                                                      "out": str(layout.dense_metrics(t)), "include_dense": True})
+    for (_, t, m, target), healed_dir in healed.items():
+        where = target_name(parse_target(target))
+        calls["export_healed", t, m, target] = ("export_healed", {
+            "params": p, "healed": healed_dir, "formats": list(p.export.formats),
+            "out_root": str(layout.method_exports(t, m) / "healed" / where)}, t, m)
+        calls["evaluate_healed", t, m, target] = ("evaluate_healed", {
+            "params": p, "task": t, "method": m, "healed": healed_dir,
+            "out": str(layout.metrics(t, m).with_name(f"{m}-healed") / f"{where}.json")})
     done = _run_wave(calls, refresh)
 
+    # registration: never cached (the registry returns the version of a mask already registered);
+    # one method at a time: a sqlite store takes one writer
     registered = []
     if p.flow.register_models:
-        # one method at a time: a sqlite store takes one writer
         for (t, m), written in masks.items():
             exports = {parse_target(target): done["export", t, m, target] for target in written}
-            registered += register_models(p, t, m, str(layout.masks_dir(t, m)), exports, done["evaluate", t, m])
+            registered += run("register", {"params": p, "task": t, "method": m, "masks_dir": str(layout.masks_dir(t, m)),
+                                           "exports": exports, "metrics": done["evaluate", t, m]}, refresh)
+        for (_, t, m, target), healed_dir in healed.items():   # after the pruned versions, their parents
+            registered.append(run("register_healed", {
+                "params": p, "healed_dir": healed_dir, "exports": done["export_healed", t, m, target],
+                "metrics": done["evaluate_healed", t, m, target]}, refresh, t, m))
     for v in registered:
         logger.info("%s version %s (target %s)%s", v["name"], v["version"], v["target"],
                     "" if v["created"] else " was already registered")
@@ -421,6 +334,8 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
             "exports": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in done.items() if k[0] == "export"},
             "metrics": {f"{k[1]}/{k[2]}": v for k, v in done.items() if k[0] == "evaluate"},
             "healed": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in healed.items()},
+            "healed_exports": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in done.items() if k[0] == "export_healed"},
+            "healed_metrics": {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in done.items() if k[0] == "evaluate_healed"},
             "registered": registered}
 
 

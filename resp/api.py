@@ -1,11 +1,11 @@
 """The Python API: `from resp import load_params, make_traces, prune, heal, export, evaluate`.
 
 One call per job of the workflow. Each writes files and returns where they are: a trace set, the
-masks of a pruning run, an export directory, a metrics file. They are what `resp traces`,
-`resp prune`, `resp export` and `resp evaluate` do: the same checks before any model is loaded
-(a bad argument ends in a one-line `ValueError` naming the fix), then the same library entry
-points (`resp.recipe`, `resp.export`, `resp.evaluate`), so a call and the command it mirrors
-write the same bytes.
+masks of a pruning run, an export directory, a metrics file. `resp traces`, `resp prune`, `resp heal`
+and `resp evaluate` are these calls (the CLI only maps its options onto them and prints), and `resp
+export` shares `resp.stages.export.export_masks` with `export`: the checks live here, made before any
+model is loaded (a bad argument ends in a one-line `ValueError` naming the fix), then the library entry
+points run (`resp.recipe`, `resp.stages`), so a call and its command write the same bytes.
 
 `params` is a `Params` (from `load_params`) or the path of a params.yaml; `overrides` are the
 `section.key=value` strings of `--set` and go with a path (a loaded `Params` is already final).
@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from resp.artifacts import manifest_path, masks_in_dir, parse_target
-from resp.config import Params, TaskParams, declared_method, load_params
+from resp.artifacts import check_replaceable_json, check_run_dir, manifest_path, masks_in_dir, parse_target
+from resp.config import Params, TaskParams, check_regeneration, declared_method, load_params
 from resp.outputs import check_output
 
 ParamsArg = Params | str | os.PathLike
 DENSE = "dense"   # the method label of a metrics file of the dense model alone (resp.evaluation.DENSE)
+METRICS_KEYS = ("task", "method", "item_ids", "results")   # what `evaluate` writes (a replaceable metrics file)
 
 
 class APIError(ValueError):
@@ -44,6 +45,20 @@ def _task(p: Params, task: str) -> TaskParams:
     if task not in p.tasks:
         raise APIError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
     return p.tasks[task]
+
+
+def _task_items(task_params: TaskParams, split: str) -> None:
+    """Read a task's items now, before any model is loaded; a hub dataset that cannot be fetched is one line."""
+    from resp.tasks import load_items
+
+    try:
+        load_items(task_params, split)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets' errors (offline hub: ConnectionError, unknown dataset) name no file
+        raise APIError(f"task data {task_params.source!r} (split {split!r}) cannot be loaded ({type(e).__name__}: "
+                       f"{str(e).strip()[:160]}): check the source and network, or point the task's source at a "
+                       "local directory") from None
 
 
 def _before_loading(p: Params, outputs: list[tuple[Path, str]]) -> None:
@@ -76,9 +91,11 @@ def make_traces(params: ParamsArg, task: str, out: str | Path, *, split: str | N
     if out.is_file() and not manifest_path(out).is_file():
         raise APIError(f"out {out} exists and is not a trace set (no {manifest_path(out).name} manifest beside it): "
                        "choose another out; a previous trace set is replaced, other files never")
+    split = split or t.calibration_split
+    _task_items(t, split)
     from resp.recipe import make_traces as sample
 
-    return sample(p, task, split or t.calibration_split, limit, out, model)
+    return sample(p, task, split, limit, out, model)
 
 
 def prune(params: ParamsArg, task: str, method: str, out_dir: str | Path, *, dense_traces: str | Path | None = None,
@@ -86,19 +103,25 @@ def prune(params: ParamsArg, task: str, method: str, out_dir: str | Path, *, den
     """Prune the model for `task` with `method` (declared under `methods` in params.yaml).
 
     dense_traces: the dense model's own calibration traces from `make_traces` (needed by methods
-    calibrated on `self`, e.g. resp). Writes `out_dir/masks/sparsity-<t>.safetensors` (with
+    calibrated on `self`, e.g. resp; refused for the others, which would ignore them). A non-empty
+    `out_dir` must be a run of the same task and method (it is replaced). Writes `out_dir/masks/sparsity-<t>.safetensors` (with
     manifests) at every prune.targets, plus steps/ (every step's scores and mask), traces/
     (regenerations) and summary.json. Returns {target: mask path}. (Resuming a killed run is
-    the flow's: `resp run` caches every step.)
+    the flow's: `resp run` caches every stage.)
     """
     p = _params(params, overrides)
     _task(p, task)
     declared = declared_method(p, method, APIError)
-    if declared.calibration == "self" and dense_traces is None:
+    check_regeneration(p, method)
+    if declared.reads_dense_traces and dense_traces is None:
         raise APIError(f"method {method} calibrates on the dense model's own traces: pass "
                        f"dense_traces=resp.make_traces(params, {task!r}, OUT)")
+    if dense_traces is not None and not declared.reads_dense_traces:
+        raise APIError(f"dense traces are only read by methods calibrated on the dense model's own traces; {method} "
+                       f"(calibration: {declared.calibration}) would ignore them: drop them")
     out_dir = Path(out_dir)
     _before_loading(p, [(out_dir, "dir")])
+    check_run_dir(out_dir, task, method)
     from resp.recipe import prune as run
 
     return run(p, task, method, out_dir, None if dense_traces is None else str(dense_traces))
@@ -118,21 +141,10 @@ def export(params: ParamsArg, mask: str | Path, format: str, out: str | Path, *,
     p = _params(params, overrides)
     if isinstance(mask, dict):
         raise APIError("mask is a dict of masks: export one target at a time, e.g. mask=masks[0.3]")
-    from resp.checkpoints import check_export_dir, check_format, export_mask_file
-    from resp.lineage import check_mask_file
-    from resp.locking import export_dir_lock
-    from resp.models import load_model, model_identity
+    from resp.stages.export import export_masks
 
-    check_format(format)
-    check_mask_file(mask)
     _before_loading(p, [])
-    check_export_dir(out, overwrite)
-    name, revision = (model, revision) if model else (p.model.name_or_path, revision or p.model.revision)
-    identity = model_identity(name, revision)
-    with export_dir_lock(out):   # a second writer of `out` fails at once
-        lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device, p.model.trust_remote_code)
-        return export_mask_file(lm, tokenizer, identity, mask, format, out, p.export.channel_multiple,
-                                p.prune.attention_unit, p.prune.protected_layers, overwrite)
+    return export_masks(p, [(mask, format, out)], model, revision, overwrite)[0]
 
 
 def _mask_paths(masks) -> dict[float, Path]:
@@ -147,7 +159,8 @@ def _mask_paths(masks) -> dict[float, Path]:
 
 
 def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: str | None = None,
-             dense: bool = False, heldout: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+             dense: bool = False, heldout: str | Path | None = None, overwrite: bool = False,
+             overrides: list[str] | None = None) -> Path:
     """Evaluate the masks of one pruning run, and with `dense=True` the unpruned model, on the
     task's eval_split: greedy and sampled accuracy (strict and flexible extraction), mean
     completion length, truncation and self-check rate, and decode-only NLL on `heldout`.
@@ -158,7 +171,8 @@ def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: st
     heldout: dense traces from `make_traces(params, task, OUT, split=<the task's eval_split>,
     limit=evaluation.nll_traces)`; needed unless evaluation.nll_traces is 0.
     Writes the metrics JSON `out` that `resp report` and `resp register` read (no wall-clock
-    times: a rerun writes the same bytes) and returns its path; the numbers are in
+    times: a rerun writes the same bytes; an existing file that is not a metrics file is refused
+    unless `overwrite`) and returns its path; the numbers are in
     `json.loads(out.read_text())["results"]`, keyed "dense" and by target ("0.30").
     """
     p = _params(params, overrides)
@@ -168,8 +182,9 @@ def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: st
         raise APIError("nothing to evaluate: pass masks, and/or dense=True for the unpruned model")
     out = Path(out)
     _before_loading(p, [(out, "file")])
+    check_replaceable_json(out, METRICS_KEYS, "a `resp evaluate` metrics file", overwrite)
     from resp.evaluation import evaluate_masks
-    from resp.lineage import check_mask_file
+    from resp.lineage import check_heldout_traces, check_mask_file
 
     # every mask reads and is the target its name says, before the model loads
     made_by = {check_mask_file(path).get("method") for path in paths.values()} - {None}
@@ -186,6 +201,11 @@ def evaluate(params: ParamsArg, task: str, masks, out: str | Path, *, method: st
         raise APIError(f"the masks were made by {', '.join(sorted(made_by))}, not {method}: pass the method that made them")
     if paths:
         declared_method(p, method, APIError)
+    if heldout is not None:
+        from resp.models import model_identity
+
+        check_heldout_traces(heldout, task, p.tasks[task].eval_split, p.evaluation.nll_traces,
+                             model_identity(p.model.name_or_path, p.model.revision).key)
     return evaluate_masks(p, task, method, paths, heldout, out, include_dense=dense)
 
 
@@ -202,7 +222,7 @@ def heal(params: ParamsArg, task: str, mask: str | Path, traces, out: str | Path
     other. A previous healed model at `out` is replaced, anything else refused. Returns `out`.
     """
     p = _params(params, overrides)
-    t = _task(p, task)
+    _task(p, task)
     if isinstance(mask, dict):
         raise APIError("mask is a dict of masks: heal one target at a time, e.g. mask=masks[0.5]")
     from resp.lineage import read_mask
@@ -217,8 +237,6 @@ def heal(params: ParamsArg, task: str, mask: str | Path, traces, out: str | Path
     trace_paths = [traces] if isinstance(traces, (str, os.PathLike)) else list(traces)
     out = Path(out)
     _before_loading(p, [(out, "dir")])
-    from resp.healing import heal as run
-    from resp.steps import code_record
+    from resp.stages.heal import heal as run
 
-    return run(declared.heal, p.model, task, t.calibration_split, mask, trace_paths, out, p.prune.attention_unit,
-               p.prune.protected_layers, code_record("heal"), method)
+    return Path(run(p, task, method, mask, trace_paths, out))

@@ -1,4 +1,6 @@
-"""The `resp` command line: one small function per subcommand, each calling library entry points.
+"""The `resp` command line: one small function per subcommand, mapping its options onto one call of
+`resp.api` (traces, prune, heal, evaluate) or of a library entry point, and printing the result; the
+argument checks are the API's. `resp run` and `resp schedule` (Prefect) are added by flows/cli.py.
 
 Every subcommand reads `--params PATH` (default params.yaml) with repeated
 `--set section.key=value` overrides, validated by `resp.config.load_params`. Bad input ends
@@ -44,7 +46,7 @@ def user_errors():
     except ValueError as e:
         text = " ".join(str(e).split())
         if type(e).__name__ in ("JSONDecodeError", "UnicodeDecodeError"):  # a file that was not named
-            text = f"a file this command reads is corrupt ({type(e).__name__}: {text}): re-run the step that wrote it"
+            text = f"a file this command reads is corrupt ({type(e).__name__}: {text}): re-run the command that wrote it"
         typer.echo(f"error: {text}", err=True)
         raise typer.Exit(2) from None
     except OSError as e:
@@ -55,7 +57,7 @@ def user_errors():
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise
-        typer.echo(f"error: a safetensors file is truncated or corrupt ({' '.join(str(e).split())}): re-run the step "
+        typer.echo(f"error: a safetensors file is truncated or corrupt ({' '.join(str(e).split())}): re-run the command "
                    "that wrote it", err=True)
         raise typer.Exit(2) from None
 
@@ -93,20 +95,6 @@ def _benchmark_task(params: Params, task: str | None, task_file: Path | None, fm
     task_params = TaskParams(format=fmt, source=str(task_file), subset=None, few_shot=0,
                              calibration_split=split, eval_split=split)
     return str(task_file), task_params, split
-
-
-def _task_items(task_params: TaskParams, split: str) -> None:
-    """Read a task's items now, before any model is loaded; a hub dataset that cannot be fetched is one line."""
-    from resp.tasks import load_items
-
-    try:
-        load_items(task_params, split)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - datasets' errors (offline hub: ConnectionError, unknown dataset) name no file
-        raise ValueError(f"task data {task_params.source!r} (split {split!r}) cannot be loaded ({type(e).__name__}: "
-                         f"{str(e).strip()[:160]}): check the source and network, or point the task's source at a "
-                         "local directory") from None
 
 
 def _model_ref(params: Params, model: str | None, revision: str | None) -> tuple[str, str | None]:
@@ -181,7 +169,6 @@ def benchmark_command(
 
 
 BENCHMARK_KEYS = ("model", "task", "split", "sampling", "records")   # what `resp benchmark --out` writes
-METRICS_KEYS = ("task", "method", "item_ids", "results")             # what `resp evaluate --out` writes
 
 
 @app.command("eval", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -208,37 +195,21 @@ def export_command(
 ) -> None:
     """Export a pruned model: masked (zeroed, stock shapes), compact (smaller per-layer shapes) or uniform (stock config)."""
     from resp.artifacts import masks_in_dir, target_name
-    from resp.checkpoints import check_export_dir, check_format, export_mask_file
-    from resp.lineage import check_mask_file
-    from resp.locking import export_dir_lock
-    from resp.models import load_model, model_identity
+    from resp.stages.export import export_masks
 
     with user_errors():
         p = load_params(params, overrides)
         if (mask is None) == (masks_dir is None):
             raise ValueError("give exactly one of --mask FILE or --masks-dir DIR")
         formats = [export_format] if export_format else list(p.export.formats)
-        for fmt in formats:
-            check_format(fmt)
         # one directory per format: OUT itself for one format, OUT/FORMAT for several (never one over the other)
         jobs = ([(mask, out if len(formats) == 1 else out / f, f) for f in formats] if mask is not None else
                 [(path, out / target_name(target) / f, f) for target, path in masks_in_dir(masks_dir).items() for f in formats])
         _early_checks(p)
-        for mask_path, target_dir, fmt in jobs:  # before the model is loaded: every mask reads, every --out may be written
-            check_mask_file(mask_path)
-            check_export_dir(target_dir, overwrite)
-        locks = ExitStack()   # a second export into one of these directories fails at once
-        for target_dir in dict.fromkeys(d for _, d, _ in jobs):
-            locks.enter_context(export_dir_lock(target_dir))
-        name, revision = _model_ref(p, model, revision)
-        identity = model_identity(name, revision)
-        lm, tokenizer = load_model(name, revision, p.model.dtype, p.model.device,
-                                   trust_remote_code or p.model.trust_remote_code)
-        with locks:
-            for mask_path, target_dir, fmt in jobs:
-                path = export_mask_file(lm, tokenizer, identity, mask_path, fmt, target_dir, p.export.channel_multiple,
-                                        p.prune.attention_unit, p.prune.protected_layers, overwrite)
-                typer.echo(f"wrote {fmt} export to {path}")
+        written = export_masks(p, [(m, f, d) for m, d, f in jobs], model, revision, overwrite,
+                               trust_remote_code=trust_remote_code)
+    for (_, _, fmt), path in zip(jobs, written):
+        typer.echo(f"wrote {fmt} export to {path}")
 
 
 @app.command("validate")
@@ -308,18 +279,10 @@ def traces_command(
     overrides: Overrides = None,
 ) -> None:
     """Sample the model's own reasoning traces (thinking on) for a task's prompts."""
-    from resp.recipe import make_traces
+    from resp.api import make_traces
 
     with user_errors():
-        p = load_params(params, overrides)
-        if task not in p.tasks:
-            raise ValueError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
-        _early_checks(p, [(out, "file")])
-        if out.is_file() and not out.with_name(out.name + ".json").is_file():
-            raise ValueError(f"--out {out} exists and is not a trace set (no {out.name}.json manifest beside it): "
-                             "choose another --out; a previous trace set is replaced, other files never")
-        _task_items(p.tasks[task], split or p.tasks[task].calibration_split)  # before the model: a hub dataset offline
-        path = make_traces(p, task, split or p.tasks[task].calibration_split, limit, out, model)
+        path = make_traces(load_params(params, overrides), task, out, split=split, limit=limit, model=model)
     typer.echo(f"wrote traces to {path}")
 
 
@@ -335,26 +298,17 @@ def prune_command(
     overrides: Overrides = None,
 ) -> None:
     """Prune a model for a task with one method; writes a mask at every target sparsity."""
-    from resp.artifacts import check_run_dir, target_key
-    from resp.config import check_regeneration
-    from resp.recipe import prune
+    from resp.api import prune
+    from resp.artifacts import target_key
 
     with user_errors():
         p = load_params(params, overrides)
-        if task not in p.tasks:
-            raise ValueError(f"task {task!r} is not in params.yaml tasks; defined: {sorted(p.tasks)}")
         declared = declared_method(p, method)
-        check_regeneration(p, method)
-        if traces is not None and declared.calibration != "self":
-            if not unused_traces_ok:
-                raise ValueError(f"--traces is only read by methods calibrated on dense self-generated traces; {method} "
-                                 f"(calibration: {declared.calibration}) would ignore it: drop --traces")
+        if traces is not None and unused_traces_ok and not declared.reads_dense_traces:
             typer.echo(f"{method} (calibration: {declared.calibration}) does not read --traces {traces}", err=True)
             traces = None
-        _early_checks(p, [(out, "dir")])
-        check_run_dir(out, task, method)
         started = time.perf_counter()
-        written = prune(p, task, method, out, str(traces) if traces else None)
+        written = prune(p, task, method, out, dense_traces=traces)
     for target, path in written.items():
         typer.echo(f"target {target_key(target)}: {path}")
     typer.echo(f"{method} on {task}: {len(written)} masks in {time.perf_counter() - started:.1f} s (summary: {out / 'summary.json'})")
@@ -418,27 +372,13 @@ def evaluate_command(
     To benchmark any model (hub id or directory) on a task, use `resp benchmark`."""
     import json
 
-    from resp.artifacts import check_replaceable_json, masks_in_dir
-    from resp.evaluation import DENSE, evaluate_masks
+    from resp.api import evaluate
 
     with user_errors():
-        p = load_params(params, overrides)
-        if masks_dir is None and not dense:
-            raise ValueError("nothing to evaluate: give --masks-dir DIR --method NAME, and/or --dense")
         if (masks_dir is None) != (method is None):
             raise ValueError("--masks-dir and --method go together: the method names who made the masks")
-        if method is not None:
-            declared_method(p, method)
-        masks = masks_in_dir(masks_dir) if masks_dir is not None else {}
-        from resp.lineage import check_heldout_traces, check_mask_file
-
-        _early_checks(p, [(out, "file")])
-        check_replaceable_json(out, METRICS_KEYS, "a `resp evaluate` metrics file", overwrite)
-        for mask_path in masks.values():  # the masks are what their names and --method say
-            check_mask_file(mask_path, method=method)
-        if heldout is not None:
-            check_heldout_traces(p, task, heldout)
-        path = evaluate_masks(p, task, method or DENSE, masks, heldout, out, include_dense=dense)
+        path = evaluate(load_params(params, overrides), task, masks_dir, out, method=method, dense=dense, heldout=heldout,
+                        overwrite=overwrite)
     report = json.loads(path.read_text())
     for label, r in report["results"].items():
         nll = f"{r['nll']['nll']:.4f}" if r["nll"] else "-"
@@ -696,62 +636,6 @@ def audit_command(
         typer.echo(f"audit failed: {len(report['problems'])} of {checked} checks do not verify")
         raise typer.Exit(1)
     typer.echo(f"audit passed: {checked} checks verify")
-
-
-@app.command("run")
-def run_command(params: ParamsPath = Path("params.yaml"), overrides: Overrides = None) -> None:
-    """Run the workflow as a Prefect flow, one cached task per step: traces, pruning steps, exports, evaluation,
-    registration (a run killed midway resumes at the step it was in)."""
-    from flows.pipeline import run_pipeline
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API request otherwise
-    with user_errors():
-        result = run_pipeline(params, overrides)
-    for key, written in result["masks"].items():
-        typer.echo(f"{key}: {len(written)} masks, metrics {result['metrics'][key]}")
-    for v in result["registered"]:
-        typer.echo(f"registered {v['name']} version {v['version']} (target {v['target']})"
-                   + ("" if v["created"] else ", already registered"))
-
-
-@app.command("schedule")
-def schedule_command(
-    serve: Annotated[bool, typer.Option("--serve", help="serve the cron deployment (blocks; runs the check on schedule)")] = False,
-    once: Annotated[bool, typer.Option("--once", help="run the re-pruning check now")] = False,
-    params: ParamsPath = Path("params.yaml"),
-    overrides: Overrides = None,
-) -> None:
-    """Scheduled re-pruning: re-prune and register when the base model's revision or content changes."""
-    from prefect.settings import PREFECT_API_URL
-
-    from flows import schedule
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    with user_errors():
-        if serve and once:
-            raise ValueError("give at most one of --serve and --once")
-        if once:
-            result = schedule.check_once(params, overrides)
-        else:
-            deployment = schedule.deployment(params, overrides)
-            if serve:
-                schedule.serve(params, overrides)
-                return
-    if once:
-        created = [v for v in result["registered"] if v["created"]]
-        typer.echo(f"base model {result['base_key'][:12]}: " + ("changed" if result["changed"] else "unchanged")
-                   + f"; {len(created)} new version(s)")
-        for v in created:
-            replaces = f", replaces version {v['replaces']}" if v["replaces"] else ""
-            typer.echo(f"registered {v['name']} version {v['version']}{replaces}")
-        return
-    cron = deployment.schedules[0].schedule
-    typer.echo(f"deployment {deployment.name}: cron '{cron.cron}' ({cron.timezone}), params {deployment.parameters['params_path']}")
-    if PREFECT_API_URL.value():
-        typer.echo(f"applied to {PREFECT_API_URL.value()} as deployment {deployment.apply()}; "
-                   "runs start while `resp schedule --serve` runs")
-    else:
-        typer.echo("serve it with `resp schedule --serve` (set PREFECT_API_URL to keep it on a Prefect server)")
 
 
 @app.command("study")

@@ -263,6 +263,11 @@ class MethodParams(Strict):
     # params hashes and cache keys of methods without healing stay what they were before healing existed.
     heal: HealParams | None = Field(default=None, exclude_if=lambda value: value is None)
 
+    @property
+    def reads_dense_traces(self) -> bool:
+        """Calibrated on the dense model's own traces made beforehand (`resp traces`): the one place that says so."""
+        return self.calibration == "self"
+
     @model_validator(mode="after")
     def _combination(self):
         reads_data = self.scorer not in ("magnitude", "random")

@@ -296,7 +296,7 @@ def heal(heal_params, model_params, task: str, split: str, mask_path: str | Path
     (task `task`, calibration split `split`); write the healed model directory `out_dir`.
 
     `heal_params` is a `resp.config.HealParams`, `model_params` a `resp.config.ModelParams`;
-    `code` is what the manifest records of the code (`resp.steps.code_record("heal")`); `method` names
+    `code` is what the manifest records of the code (`resp.stages.table.code_record("heal")`); `method` names
     the method whose heal settings ran (recorded; default the mask's method).
 
     OUT holds the healed model (stock shapes, pruned units zero), its tokenizer, `resp_heal.json`,

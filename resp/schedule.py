@@ -1,7 +1,7 @@
-"""Global iterative pruning with progressive regeneration (method steps 6-8), composed of steps.
+"""Global iterative pruning with progressive regeneration (method steps 6-8), composed of stages.
 
-`iterative_prune` runs K linear steps in parameter sparsity up to max(targets). Each step is
-three kinds of step function, each path in / path out (`Steps`): `score` the units of the
+`iterative_prune` runs K linear steps in parameter sparsity up to max(targets). Each step calls
+three stages, each path in / path out (`Stages`): `score` the units of the
 model under the current mask on the current traces (already-pruned units at zero), `apply`
 the scores to the mask (rank globally, prune the lowest up to the next sparsity level:
 masks are nested), and `regenerate` the traces with the current pruned model. Traces are
@@ -14,7 +14,7 @@ traces were made, past `drift_threshold` times the dense traces' own loss under 
 loss, so drift is measured for every method. Masks are kept at each target sparsity.
 
 The loop holds no model and no tensors across steps, only paths and a few numbers, so a
-workflow engine can run each step as a cached task of its own (flows/pipeline.py): a run
+workflow engine can run each stage as a cached task of its own (flows/pipeline.py): a run
 killed at step k and started again takes steps <= k from its cache.
 
 Cheaper schedules (prune.score_*): with `score_every` k a step scores only when k steps have
@@ -25,8 +25,8 @@ regenerate step writes is listed in `PruneState.spent`, from which the run's cos
 
 Options (reflection): `verify_select` branches at each milestone (refresh vs keep traces),
 prunes both to the next milestone and keeps the branch whose regenerated answers on the
-calibration questions are more often correct. Trace filtering is the score step's
-(`resp.steps.score`).
+calibration questions are more often correct. Trace filtering is the score stage's
+(`resp.stages.score`).
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ from resp.traces import Trace, TraceSet
 log = logging.getLogger(__name__)
 
 
-class Steps(Protocol):
-    """The step functions a schedule is made of; `name` is where a step's output goes
-    (unique per call within a run)."""
+class Stages(Protocol):
+    """The stages a schedule calls; `name` is where a stage's output goes (unique per call within a run)."""
 
     def score(self, mask: str | None, traces: str, name: str, part: int) -> tuple[str, float]:
         """Scores file of the model under `mask` (None: dense) on `traces` (scoring pass `part`, which picks
@@ -121,13 +120,13 @@ def _name(st: PruneState, what: str) -> str:
     return f"{st.branch}step-{st.step + 1:04d}/{what}"
 
 
-def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structures, steps: Steps,
+def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structures, stages: Stages,
           regenerate: bool) -> None:
     """Score on the current traces (regenerating first if they drifted past the threshold), keep
     masks at targets passed, prune to the next point."""
     k = st.step
     fresh = st.last_scores is None or st.regenerated or k - st.last_scored_step >= cfg.score_every
-    scores, loss = _score(st, steps, "scores") if fresh else (st.last_scores, st.last_loss)
+    scores, loss = _score(st, stages, "scores") if fresh else (st.last_scores, st.last_loss)
     if st.reference_loss is None or st.regenerated:
         st.reference_loss = loss
     if st.dense_loss is None:
@@ -136,15 +135,15 @@ def _step(st: PruneState, points: list[float], cfg: ScheduleConfig, s: Structure
     drifted = None
     if cfg.drift_threshold is not None and regenerate and drift > cfg.drift_threshold * st.dense_loss:
         drifted = drift
-        _regenerate(st, steps, f"drift-step{st.step:04d}")
-        scores, loss = _score(st, steps, "scores-regenerated")
+        _regenerate(st, stages, f"drift-step{st.step:04d}")
+        scores, loss = _score(st, stages, "scores-regenerated")
         st.reference_loss, drift = loss, 0.0
     previous = st.sparsity
     for t in cfg.targets:
         if previous < t <= points[k] + 1e-9 and t not in st.saved:
-            st.saved[t] = steps.apply(scores, st.mask, t, _name(st, f"target-{t:.4f}"))
+            st.saved[t] = stages.apply(scores, st.mask, t, _name(st, f"target-{t:.4f}"))
             st.saved_after[t] = len(st.trace_history)
-    st.mask = steps.apply(scores, st.mask, points[k], _name(st, "mask"))
+    st.mask = stages.apply(scores, st.mask, points[k], _name(st, "mask"))
     mask = Mask.load(st.mask)[0]
     st.sparsity = mask.sparsity(s)
     st.step = k + 1
@@ -182,16 +181,16 @@ def reported_steps(log: list[dict]) -> list[dict]:
     return [reported(entry) for entry in log]
 
 
-def _score(st: PruneState, steps: Steps, what: str) -> tuple[str, float]:
-    st.last_scores, st.last_loss = steps.score(st.mask, st.traces, _name(st, what), st.scored)
+def _score(st: PruneState, stages: Stages, what: str) -> tuple[str, float]:
+    st.last_scores, st.last_loss = stages.score(st.mask, st.traces, _name(st, what), st.scored)
     st.scored += 1
     st.last_scored_step = st.step
     st.spent.append({"kind": "score", "path": st.last_scores})
     return st.last_scores, st.last_loss
 
 
-def _regenerate(st: PruneState, steps: Steps, tag: str) -> None:
-    st.traces = steps.regenerate(st.mask, tag)
+def _regenerate(st: PruneState, stages: Stages, tag: str) -> None:
+    st.traces = stages.regenerate(st.mask, tag)
     st.spent.append({"kind": "regenerate", "path": st.traces})
     st.regenerations += 1
     st.regenerated = True
@@ -203,7 +202,7 @@ def _copy(st: PruneState, branch: str) -> PruneState:
                    trace_history=list(st.trace_history), log=list(st.log), branch=branch, spent=list(st.spent))
 
 
-def iterative_prune(s: Structures, cfg: ScheduleConfig, initial: PruneState, steps: Steps,
+def iterative_prune(s: Structures, cfg: ScheduleConfig, initial: PruneState, stages: Stages,
                     regenerate: bool) -> PruneState:
     """Run the schedule from `initial` to the end; `regenerate` False never regenerates."""
     points = schedule_points(cfg.targets, cfg.steps)
@@ -213,28 +212,28 @@ def iterative_prune(s: Structures, cfg: ScheduleConfig, initial: PruneState, ste
     while st.step < len(points):
         crossed = _crossed(st, cfg.milestones) if regenerate else []
         if crossed and cfg.verify_select:
-            st = _verify_select(st, crossed, points, cfg, s, steps)
+            st = _verify_select(st, crossed, points, cfg, s, stages)
         else:
             if crossed:
                 st.milestones_done.extend(crossed)
-                _regenerate(st, steps, f"milestone-{crossed[-1]:.2f}")
-            _step(st, points, cfg, s, steps, regenerate)
+                _regenerate(st, stages, f"milestone-{crossed[-1]:.2f}")
+            _step(st, points, cfg, s, stages, regenerate)
     return st
 
 
-def _verify_select(st, crossed, points, cfg, s, steps) -> PruneState:
+def _verify_select(st, crossed, points, cfg, s, stages) -> PruneState:
     """Branch refresh vs keep at a milestone; advance both to the next milestone; keep the better."""
     st.milestones_done.extend(crossed)
     at = f"milestone-{crossed[-1]:.2f}"
     refresh, keep = _copy(st, f"{st.branch}{at}-refresh/"), _copy(st, f"{st.branch}{at}-keep/")
-    _regenerate(refresh, steps, f"{at}-refresh")
+    _regenerate(refresh, stages, f"{at}-refresh")
     for branch in (refresh, keep):
-        _step(branch, points, cfg, s, steps, regenerate=False)
+        _step(branch, points, cfg, s, stages, regenerate=False)
         while branch.step < len(points) and not _crossed(branch, cfg.milestones):
-            _step(branch, points, cfg, s, steps, regenerate=False)
+            _step(branch, points, cfg, s, stages, regenerate=False)
     accuracy = {}
     for name, branch in (("refresh", refresh), ("keep", keep)):
-        probe = steps.regenerate(branch.mask, f"verify-{name}-step{branch.step}")
+        probe = stages.regenerate(branch.mask, f"verify-{name}-step{branch.step}")
         branch.spent.append({"kind": "regenerate", "path": probe})
         accuracy[name] = TraceSet.load(probe).stats()["answer_accuracy"] or 0.0
     winner = refresh if accuracy["refresh"] >= accuracy["keep"] else keep

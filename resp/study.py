@@ -31,7 +31,9 @@ import shutil
 import time
 from pathlib import Path
 
-from resp import artifacts, steps
+from resp import artifacts
+from resp.stages import table
+from resp.stages.common import base_model, loaded_model
 from resp.config import Params
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class Study:
         self.params = params
         self.root = Path(params.study.dir)
         self.work = Path(params.study.work_dir)
-        self.base = steps.base_model(params)
+        self.base = base_model(params)
 
     # ------------------------------------------------------------ layout and its version
     def open(self) -> None:
@@ -110,10 +112,10 @@ class Study:
 
     # ------------------------------------------------------------ inputs
     def inputs(self, params: Params, task: str, method: str, traces: dict | None) -> dict:
-        return {"prune": steps.step_params(params, "prune", task=task, method=method),
+        return {"prune": table.stage_params(params, "prune", task=task, method=method),
                 "evaluation": params.evaluation.model_dump(mode="json"), "model": self.base["key"],
                 "dense_traces": traces,
-                "code": {"prune": steps.code_digest("prune"), "evaluate": steps.code_digest("evaluate")}}
+                "code": {"prune": table.code_digest("prune"), "evaluate": table.code_digest("evaluate")}}
 
     def _check_unchanged(self, what: str, recorded: dict, inputs: dict) -> None:
         changed = _dotted_changes(recorded, inputs)
@@ -156,7 +158,7 @@ class Study:
         path = self.root / "dense" / f"{task}.json"
         params = cell_params(self.params, None)
         inputs = {"evaluation": params.evaluation.model_dump(mode="json"), "model": self.base["key"],
-                  "task": params.tasks[task].model_dump(mode="json"), "code": steps.code_digest("evaluate")}
+                  "task": params.tasks[task].model_dump(mode="json"), "code": table.code_digest("evaluate")}
         if path.exists():
             found = json.loads(path.read_text())
             self._check_unchanged(f"dense/{task}", found["inputs"], inputs)
@@ -193,7 +195,7 @@ class Study:
             shutil.rmtree(run_dir)
         masks = prune(params, task, method, run_dir, dense_traces=traces["path"] if traces else None)
         results = self.evaluate(params, task, method, masks)
-        s = steps.loaded_model(params, self.base).masked.s
+        s = loaded_model(params, self.base).masked.s
         for t, p in masks.items():
             results[artifacts.target_key(t)]["composition"] = Mask.load(p)[0].composition(s)
         summary = json.loads((run_dir / "summary.json").read_text())

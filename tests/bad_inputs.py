@@ -415,7 +415,7 @@ CASES: list[Case] = [
          "is a file, not a directory: give a directory path"),
     Case("bad input", "prune-out-under-file", "resp prune --out params.yaml/run", "traceback after the work",
          lambda p: ["prune", "--task", "arith", "--method", "magnitude", "--out", str(p.params / "run")],
-         "is a file, not a directory: choose another --out"),
+         "is a file, not a directory: choose another out"),
     Case("bad input", "prune-out-read-only", "resp prune --out <read-only dir>", "traceback after the work",
          lambda p: ["prune", "--task", "arith", "--method", "magnitude", "--out", str(p.read_only)], "is not writable"),
     Case("bad input", "traces-out-read-only", "resp traces --out <read-only dir>/t.jsonl",
@@ -425,7 +425,7 @@ CASES: list[Case] = [
          lambda p: ["traces", "--task", "arith", "--out", str(p.root)], "is a directory, not a file: give a file path"),
     Case("bad input", "traces-out-user-file", "resp traces --out <an existing file that is not a trace set>",
          "overwritten (by reading the code; not in the issue)", lambda p: ["traces", "--task", "arith", "--out", str(p.params)],
-         "exists and is not a trace set (no params.yaml.json manifest beside it): choose another --out"),
+         "exists and is not a trace set (no params.yaml.json manifest beside it): choose another out"),
     Case("bad input", "evaluate-out-read-only", "resp evaluate --out <read-only dir>/m.json", "traceback after the work",
          lambda p: ["evaluate", "--task", "arith", "--dense", "--out", str(p.read_only / "m.json")], "is not writable"),
     Case("bad input", "report-out-under-file", "resp report --out params.yaml/report", "traceback",
@@ -558,7 +558,7 @@ CASES: list[Case] = [
          "recorded as method resp",
          lambda p: ["evaluate", "--task", "arith", "--method", "resp", "--masks-dir", str(p.run_dir / "masks"),
                     "--heldout", str(p.traces["heldout"]), "--out", str(p.root / S / "m.json")],
-         "was made by magnitude on arith, not method 'resp'"),
+         "the masks were made by magnitude, not resp: pass the method that made them"),
     Case("bad input", "mask-renamed", "resp export --mask <sparsity-0.10 mask renamed sparsity-0.50>",
          "reported as 0.50", lambda p: ["export", "--mask", str(p.root / S / "k" / "sparsity-0.50.safetensors"), "--out",
                                         str(p.root / S / "e"), "--format", "masked"],
@@ -596,7 +596,7 @@ CASES: list[Case] = [
          "method 'resp' regenerates at prune.milestones but prune.milestones is empty"),
     Case("bad input", "traces-for-gisp", "resp prune --method gisp --traces <dense traces>", "silently ignored",
          lambda p: ["prune", "--task", "arith", "--method", "gisp", "--traces", str(p.traces["arith"]), "--out",
-                    str(p.root / S / "r")], "gisp (calibration: gold) would ignore it: drop --traces"),
+                    str(p.root / S / "r")], "gisp (calibration: gold) would ignore them: drop them"),
     Case("bad input", "traces-for-gisp-in-a-pipeline", "resp prune --method gisp --traces <dense traces> --unused-traces-ok",
          "silently ignored", lambda p: ["prune", "--task", "arith", "--method", "gisp", "--traces", str(p.traces["arith"]),
                                         "--unused-traces-ok", "--out", str(p.root / S / "r2")],
@@ -634,7 +634,7 @@ def run_case(case: Case, project: Project):
     """(exit code, output lines) of one row, through the real CLI."""
     from typer.testing import CliRunner
 
-    from resp.cli import app
+    from flows.cli import app
 
     with (case.setup(project) if case.setup else contextlib.nullcontext()):
         args = case.args(project)   # after the setup: it may make what the command names

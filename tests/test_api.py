@@ -80,11 +80,13 @@ def test_evaluate_takes_masks_as_returned_as_a_directory_or_as_a_run(tmp_path, t
     calls = []
     monkeypatch.setattr("resp.evaluation.evaluate_masks", lambda p, task, method, paths, heldout, out, include_dense:
                         calls.append((method, paths, heldout, include_dense)) or Path(out))
+    checked = []   # the held-out traces' lineage is checked before evaluation (the check itself: tests/bad_inputs.py)
+    monkeypatch.setattr("resp.lineage.check_heldout_traces", lambda path, *how: checked.append(path))
     for masks in (written, {"0.10": written[0.1], "0.20": written[0.2]}, run / "masks", run, str(run)):
         assert resp.evaluate(tiny_params, "arith", masks, tmp_path / "m.json", heldout="h.jsonl") == tmp_path / "m.json"
     assert calls == [("magnitude", written, "h.jsonl", False)] * 5
     resp.evaluate(tiny_params, "arith", None, tmp_path / "d.json", dense=True, heldout="h.jsonl")
-    assert calls[-1] == ("dense", {}, "h.jsonl", True)
+    assert calls[-1] == ("dense", {}, "h.jsonl", True) and checked == ["h.jsonl"] * 6
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""resp.cli: every subcommand's --help runs; `resp benchmark` end to end on a saved tiny model; the old
+"""resp.cli (and flows.cli, the console command): every subcommand's --help runs; `resp benchmark` end to end on a saved tiny model; the old
 `resp eval` name points to it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from conftest import make_qwen3
 from typer.testing import CliRunner
 
-from resp.cli import app
+from flows.cli import app
 from resp.config import TaskParams, load_params
 from resp.evaluation import evaluate_task
 from resp.generation import SamplingSpec
@@ -30,6 +30,17 @@ def test_help_runs():
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
     assert "--task-file" in runner.invoke(app, ["benchmark", "--help"]).output
+    assert {"run", "schedule", "prune", "traces"} <= {c.name for c in app.registered_commands}
+
+
+def test_the_library_cli_imports_no_prefect():
+    """`resp.cli` is the library's command line; Prefect (and flows/) enter only through flows.cli."""
+    import subprocess
+    import sys
+
+    code = "import sys, resp.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.fixture

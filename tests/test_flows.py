@@ -4,6 +4,7 @@ and scheduled re-pruning (registers only when the base model's content changes).
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import shutil
 import time
@@ -25,8 +26,10 @@ import resp.checkpoints
 from flows import pipeline as flow_module
 from flows.pipeline import ReadsFiles, content_digest, run_pipeline
 from flows.schedule import check_once, deployment
-from resp import evaluation, recipe, steps
-from resp.cli import app
+import resp.stages.traces
+from resp import evaluation, recipe
+from resp.stages import table
+from flows.cli import app
 from resp.config import load_params
 from resp.masks import Mask
 
@@ -52,6 +55,10 @@ def base_copy(tiny_model_dir, directory: Path) -> Path:
     return directory
 
 
+def stage_module(name: str):
+    return importlib.import_module(table.STAGES[name].module)
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts executions of the library functions the task bodies call (and the Dask worker each ran on)."""
@@ -68,8 +75,9 @@ def calls(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    targets = [(recipe, "make_traces"), (resp.checkpoints, "export_model"), (evaluation, "evaluate_masks")]
-    targets += [(steps, name) for name in ("calibrate", "score", "apply", "regenerate", "baseline", "write_run")]
+    targets = [(resp.stages.traces, "make_traces"), (resp.checkpoints, "export_model"), (evaluation, "evaluate_masks")]
+    targets += [(stage_module(name), name) for name in ("calibrate", "score", "apply", "regenerate", "baseline",
+                                                        "write_run")]
     for module, name in targets:
         monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
     counts.workers = workers
@@ -77,7 +85,7 @@ def calls(monkeypatch):
 
 
 def test_cache_key_reads_sections_and_file_contents(tiny_params, tmp_path, monkeypatch):
-    policy = ReadsFiles(step="calibration_traces", files=("traces",))   # model, tasks.{task}, calibration, generation
+    policy = ReadsFiles(stage="dense_traces", files=("traces",))   # model, tasks.{task}, calibration, generation
     traces = tmp_path / "t.jsonl"
     traces.write_text("a\n")
 
@@ -98,18 +106,23 @@ def test_cache_key_reads_sections_and_file_contents(tiny_params, tmp_path, monke
     assert key(tiny_params) not in (first, with_manifest)
     assert content_digest({"b": None, "a": str(tmp_path / "missing")}) == {"a": f"missing:{tmp_path / 'missing'}", "b": None}
     changed = key(tiny_params)
-    monkeypatch.setattr(flow_module.steps, "code_digest", lambda step: "other code")   # the step's code is part of it
+    monkeypatch.setattr(flow_module.table, "code_digest", lambda stage: "other code")   # the stage's code is part of it
     assert key(tiny_params) != changed
 
 
-def test_a_step_caches_on_its_own_code_only():
-    """Editing the CLI or the report does not invalidate a cached pruning step; editing scoring does."""
-    for step in ("calibrate", "score", "apply", "regenerate", "baseline", "write_run", "prune"):
-        files = steps.code_files(steps.STEPS[step].module)
-        assert "resp/importance.py" in files and "resp/masks.py" in files
-        assert not {"resp/cli.py", "resp/report.py", "resp/registry.py", "resp/evaluation.py"} & set(files)
-    assert steps.code_files("resp.report") == ("resp/artifacts.py", "resp/config.py", "resp/locking.py", "resp/report.py",
-                                               "resp/stats.py")
+def test_a_stage_caches_on_its_own_code_only():
+    """Editing the CLI or the report does not invalidate a cached pruning stage; editing scoring invalidates
+    scoring, editing FLAP only the baselines (and the composition that holds them), never the dense traces."""
+    code = {name: set(table.code_files(stage.module)) for name, stage in table.STAGES.items()}
+    for stage in ("score", "prune"):
+        assert {"resp/importance.py", "resp/masks.py", f"resp/stages/{stage}.py" if stage != "prune" else
+                "resp/recipe.py"} <= code[stage]
+    for stage in ("calibrate", "score", "apply", "regenerate", "baseline", "write_run", "prune", "dense_traces"):
+        assert not {"resp/cli.py", "resp/report.py", "resp/registry.py", "resp/evaluation.py"} & code[stage]
+    assert [name for name, files in code.items() if "resp/baselines.py" in files] == ["prune", "baseline"]
+    assert [name for name, files in code.items() if "resp/stages/score.py" in files] == ["prune", "score"]
+    assert table.code_files("resp.report") == ("resp/artifacts.py", "resp/config.py", "resp/locking.py",
+                                               "resp/report.py", "resp/stats.py")
 
 
 def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, tiny_model_dir, tiny_world_dir,
@@ -132,9 +145,10 @@ def test_second_run_takes_every_task_from_the_cache(prefect_api, mlflow_store, t
     # write_run, 2 exports, 2 evaluations
     names = task_run_names()
     assert len(stored) == len(names) - 1 == 20   # registration is never cached
-    assert {"traces-arith-calibration", "calibrate-arith-resp-calibration", "score-arith-resp-step-0001-scores",
+    assert {"dense_traces-arith-dense", "calibrate-arith-resp-calibration", "score-arith-resp-step-0001-scores",
             "apply-arith-resp-step-0002-target-0.1000", "regenerate-arith-resp-milestone-0.05",
-            "write_run-arith-resp-resp", "evaluate-arith-resp", "register-arith-resp"} <= set(names)
+            "write_run-arith-resp", "export-arith-resp-sparsity-0.10", "evaluate-arith-resp",
+            "register-arith-resp"} <= set(names)
 
     calls.clear()
     result = runner.invoke(app, ["run", "--params", str(params)])   # the same flow through the CLI
@@ -234,16 +248,16 @@ def test_a_flow_killed_mid_pruning_resumes_at_the_step_it_was_in(prefect_api, ml
             return fn(*args, **kwargs)
         return run
 
-    real = {name: getattr(steps, name) for name in ("score", "apply", "regenerate")}
+    real = {name: getattr(stage_module(name), name) for name in ("score", "apply", "regenerate")}
     for name, fn in real.items():
-        monkeypatch.setattr(steps, name, spy(name, fn, kill="step-0003/scores"))
+        monkeypatch.setattr(stage_module(name), name, spy(name, fn, kill="step-0003/scores"))
     with pytest.raises(RuntimeError, match="killed at step-0003/scores"):
         run_pipeline(params)
     assert executed[-1] == "regenerate traces/milestone-0.10"
 
     executed.clear()
     for name, fn in real.items():
-        monkeypatch.setattr(steps, name, spy(name, fn))
+        monkeypatch.setattr(stage_module(name), name, spy(name, fn))
     result = run_pipeline(params)
     assert executed == ["score step-0003/scores", "apply step-0003/mask", "score step-0004/scores",
                         "apply step-0004/target-0.2000", "apply step-0004/mask"]
@@ -396,16 +410,16 @@ def test_the_temporary_prefect_server_dies_with_a_killed_run(tmp_path):
 
 def test_cache_keys_are_computed_safely_from_many_threads(tiny_params, tmp_path, monkeypatch):
     """With the thread runner, 2 of 3 runs failed to compute a cache key (concurrent ast.parse in
-    steps.code_digest: "SystemError: AST constructor recursion depth mismatch"). The flow now parses the
-    code of every step once, under a lock, before any key is used."""
+    table.code_digest: "SystemError: AST constructor recursion depth mismatch"). The flow now parses the
+    code of every stage once, under a lock, before any key is used."""
     from concurrent.futures import ThreadPoolExecutor
 
-    steps.code_digest.cache_clear()
-    steps.code_files.cache_clear()
-    names = list(steps.STEPS) * 8
+    table.code_digest.cache_clear()
+    table.code_files.cache_clear()
+    names = list(table.STAGES) * 8
     with ThreadPoolExecutor(max_workers=16) as pool:
         digests = list(pool.map(flow_module.code_digest, names))
-    assert dict(zip(names, digests)) == {name: steps.code_digest(name) for name in steps.STEPS}
+    assert dict(zip(names, digests)) == {name: table.code_digest(name) for name in table.STAGES}
 
 
 def test_unwritable_results_dir_and_empty_lists_end_in_one_line(tiny_params, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from resp.config import HealParams, ModelParams, ParamsError, load_params
-from resp.healing import HealError, completion_loss, heal, keep_tensors, load_healed
+from resp.healing import HealError, completion_loss, heal, healed_mask, keep_tensors, load_healed
 from resp.masks import Mask
 from resp.models import load_model, model_identity
 from resp.structures import structures_for
@@ -353,6 +353,18 @@ def test_flow_heals_every_mask_of_a_healing_method_once(prefect_api, mlflow_stor
         assert manifest["mask"]["path"] == first["masks"]["arith/resp_heal"][target.rsplit("/", 1)[1]]
         assert manifest["traces"][0]["path"].endswith("traces/heal-6.jsonl") and manifest["heal"]["steps"] == 2
     assert len(runs) == 2
+    # every healed model exported and evaluated under the mask made for it, and registered under its pruned version
+    pruned = {v["target"]: v for v in first["registered"] if "-dense/" in v["parent"]}
+    healed_versions = {v["target"]: v for v in first["registered"] if "-dense/" not in v["parent"]}
+    assert sorted(pruned) == sorted(healed_versions) == ["0.10", "0.20"]
+    for key, healed in first["healed"].items():
+        target = key.rsplit("/", 1)[1]
+        digest = Mask.load(healed_mask(healed))[0].digest()
+        export = Path(first["healed_exports"][key]["masked"])
+        assert json.loads((export / "resp_manifest.json").read_text())["mask_digest"] == digest
+        metrics = json.loads(Path(first["healed_metrics"][key]).read_text())
+        assert list(metrics["results"]) == [target] and metrics["results"][target]["mask_digest"] == digest
+        assert healed_versions[target]["parent"] == f"{pruned[target]['name']}/{pruned[target]['version']}"
     again = run_pipeline(params)
     assert again["healed"] == first["healed"] and len(runs) == 2   # cached: nothing healed again
     run_pipeline(params, ["methods.resp_heal.heal.steps=3"])         # a heal setting reruns healing

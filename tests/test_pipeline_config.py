@@ -1,12 +1,12 @@
 """params.yaml and dvc.yaml agree on the declared methods, and every stage's `params:` and code `deps:`
-are what its step declares in `resp.steps.STEPS` (the DVC lists are literal, so a test keeps them honest)."""
+are what its stage declares in `resp.stages.table.STAGES` (the DVC lists are literal, so a test keeps them honest)."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
-from resp import steps
+from resp.stages import table
 from resp.config import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,32 +43,39 @@ def test_the_lock_records_only_the_stages_dvc_yaml_defines():
     assert not stale, f"dvc.lock records stages dvc.yaml does not define for params.yaml's run: {stale}; delete them"
 
 
-STAGE_STEPS = {"calibrate": "calibration_traces", "heldout": "heldout_traces", "prune": "prune",
-               "evaluate_dense": "evaluate", "evaluate": "evaluate", "export": "export",
-               "register": "register", "report": "report"}
+# dvc.yaml stage -> the declared stage it runs (the heal stages run methods.resp_heal's settings)
+DVC_STAGES = {"dense_traces": "dense_traces", "heldout": "heldout_traces", "heal_traces": "heal_traces",
+              "heal": "heal", "prune": "prune", "evaluate_dense": "evaluate", "evaluate": "evaluate",
+              "export": "export", "register": "register", "report": "report"}
 
 
-@pytest.mark.parametrize("stage, step", sorted(STAGE_STEPS.items()))
-def test_every_stage_reads_what_its_step_declares(stage, step):
-    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+def test_every_dvc_stage_runs_a_declared_stage():
+    assert set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]) - set(DVC_STAGES) == {
+        "world", "embedded_model", "world_check"}   # the embedded world's own stages
+    assert set(DVC_STAGES.values()) <= set(table.STAGES)
+
+
+@pytest.mark.parametrize("dvc_stage, stage", sorted(DVC_STAGES.items()))
+def test_every_dvc_stage_reads_what_its_stage_declares(dvc_stage, stage):
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][dvc_stage]
     if "foreach" in body:
-        body, fill = body["do"], {"task": "${item}"}
+        body, fill = body["do"], {"task": "${item}", "method": "resp_heal"}
     else:
         fill = {"task": "${item.task}", "method": "${item.method}"}
-    params = steps.step_sections(step, **fill)
-    code = steps.code_files(steps.STEPS[step].module)
-    assert sorted(body.get("params", [])) == sorted(params), f"dvc.yaml {stage} params: should be {list(params)}"
+    params = table.stage_sections(stage, **fill)
+    code = table.code_files(table.STAGES[stage].module)
+    assert sorted(body.get("params", [])) == sorted(params), f"dvc.yaml {dvc_stage} params: should be {list(params)}"
     listed = sorted(d for d in body["deps"] if d.startswith("resp/"))
-    assert listed == list(code), f"dvc.yaml {stage} deps on code should be {list(code)}"
+    assert listed == list(code), f"dvc.yaml {dvc_stage} deps on code should be {list(code)}"
 
 
 def test_the_registry_hashes_the_params_a_pruning_run_reads():
     params = load_params(ROOT / "params.yaml")
     other_eval = load_params(ROOT / "params.yaml", ["evaluation.num_items=7", "methods.gisp.calibration=generic"])
     other_prune = load_params(ROOT / "params.yaml", ["prune.steps=3"])
-    assert steps.params_hash(params, "arith", "resp") == steps.params_hash(other_eval, "arith", "resp")
-    assert steps.params_hash(params, "arith", "resp") != steps.params_hash(other_prune, "arith", "resp")
-    assert steps.params_hash(params, "arith", "resp") != steps.params_hash(params, "arith", "gisp")
+    assert table.params_hash(params, "arith", "resp") == table.params_hash(other_eval, "arith", "resp")
+    assert table.params_hash(params, "arith", "resp") != table.params_hash(other_prune, "arith", "resp")
+    assert table.params_hash(params, "arith", "resp") != table.params_hash(params, "arith", "gisp")
 
 
 @pytest.mark.parametrize("declaration, message", [

@@ -15,15 +15,18 @@ from conftest import tiny_overrides
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from resp import recipe, registry, steps
+from resp import recipe, registry
 from resp.artifacts import file_digest
 from resp.cli import app
 from resp.config import load_params
 from resp.evaluation import evaluate_masks
 from resp.checkpoints import export_model
 from resp.masks import Mask
+from resp.stages import table
 from resp.models import load_model, model_identity
 from resp.registry import RegistryError
+from resp.registry import register as registering
+from resp.registry import versions as registry_versions
 from resp.structures import structures_for
 from resp.traces import TraceSet
 
@@ -99,12 +102,12 @@ def test_versions_carry_lineage_tags_inputs_and_artifacts(params, pruned, regist
         assert tags["trace_tags"] == ",".join(used)
         assert meta["trace_sets"][0]["digest"] == file_digest(pruned["dense"])
         assert tags["prompt_ids_digest"] == TraceSet.load(pruned["dense"]).prompt_ids_digest()
-        assert tags["params_hash"] == steps.params_hash(params, "arith", "resp")
+        assert tags["params_hash"] == table.params_hash(params, "arith", "resp")
         assert tags["mask_digest"] == mask.digest() and tags["target"] == f"{target:.2f}"
         assert float(tags["sparsity"]) == pytest.approx(meta["sparsity"], abs=1e-6)
         assert (tags["base_key"], tags["base_revision"]) == (identity.key, "None")
-        assert (tags["code_step"], tags["code_digest"]) == ("prune", steps.code_digest("prune"))
-        assert meta["code"] == {"step": "prune", "digest": steps.code_digest("prune")}
+        assert (tags["code_step"], tags["code_digest"]) == ("prune", table.code_digest("prune"))
+        assert meta["code"] == {"step": "prune", "digest": table.code_digest("prune")}
         assert tags["registered_from_commit"] != "" and tags["registered_from_dirty"] in ("True", "False", "None")
         assert tags["dvc_stage"] == "none" and "replaces" not in tags
 
@@ -124,6 +127,11 @@ def test_versions_carry_lineage_tags_inputs_and_artifacts(params, pruned, regist
         assert {k: v for k, v in run.data.metrics.items() if k.startswith("run_cost.")} == {
             f"run_cost.{kind}.{key}": float(value) for kind, counts in cost.items() for key, value in counts.items()}
         assert run.data.params["prune.steps"] == "4" and run.data.params["method"] == "resp"
+        # the logged params are the sections the prune stage declares, one level deep
+        assert run.data.params["methods.resp.scorer"] == "taylor" and run.data.params["baselines.owl_lambda"] == "0.08"
+        assert {k.split(".")[0] for k in run.data.params} == {"task", "method", "target", "params_hash", "model",
+                                                              "tasks", "prose_task", "calibration", "generation",
+                                                              "importance", "prune", "methods", "baselines"}
 
         artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
         assert (artifacts / "mask" / mask_path.name).read_bytes() == mask_path.read_bytes()
@@ -237,7 +245,7 @@ def test_failed_verification_registers_nothing(params, pruned, client, monkeypat
     recipe.prune(params, "arith", "random", run_dir)
     identity = model_identity(params.model.name_or_path)
     name = registry.model_name({**identity.to_dict(), "key": identity.key}, "arith", "random")
-    real_log = registry._log_entries
+    real_log = registry_versions._log_entries
 
     def log_then_corrupt(client_, run_id, entries):
         real_log(client_, run_id, entries)
@@ -246,7 +254,7 @@ def test_failed_verification_registers_nothing(params, pruned, client, monkeypat
             root = Path(client_.get_run(run_id).info.artifact_uri.removeprefix("file://"))
             (root / mask["artifact"]).write_bytes(b"damaged")
 
-    monkeypatch.setattr(registry, "_log_entries", log_then_corrupt)
+    monkeypatch.setattr(registry_versions, "_log_entries", log_then_corrupt)
     with pytest.raises(RegistryError, match=r"^logged artifact mask/sparsity-0.10.safetensors does not match its source "
                                             rf"{run_dir}/masks/sparsity-0.10.safetensors \(sha256 [0-9a-f]{{12}} != "
                                             r"[0-9a-f]{12}\): nothing was registered; retry$"):
@@ -378,7 +386,7 @@ def test_register_takes_default_metrics_only_from_the_run_it_registers(params, p
 
 def test_audit_fails_a_version_whose_metrics_came_from_another_mask(params, params_file, pruned, registered, monkeypatch):
     """A version registered before the join checks (simulated) with another mask's metrics and exports fails audit."""
-    monkeypatch.setattr(registry, "_check_joins", lambda *a, **k: None)
+    monkeypatch.setattr(registering, "_check_joins", lambda *a, **k: None)
     other = pruned["root"] / "wanda_sp" / "masks"
     [_, v] = registry.register_method(params, "arith", "wanda_sp", other, pruned["exports"], pruned["metrics"])
     result = runner.invoke(app, ["audit", "--model", v["name"], "--version", v["version"], "--params", str(params_file)])
@@ -432,9 +440,9 @@ def test_a_racing_duplicate_is_withdrawn_and_killed_runs_are_cleaned(params, pru
     stale = client.create_run(experiment, tags={"resp.pid": str(dead.pid), "resp.host": socket.gethostname()})
     name = registered["wanda_sp"][0]["name"]
     before = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-    real = registry._versions
-    monkeypatch.setattr(registry, "_store_lock", lambda uri: __import__("contextlib").nullcontext())
-    monkeypatch.setattr(registry, "_versions", lambda c, f: [] if "artifacts_digest" in f and "mask_digest" in f
+    real = registering._versions
+    monkeypatch.setattr(registering, "_store_lock", lambda uri: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(registering, "_versions", lambda c, f: [] if "artifacts_digest" in f and "mask_digest" in f
                         and not hasattr(registry, "_raced") and not setattr(registry, "_raced", f) else real(c, f))
     try:
         again = registry.register_method(params, "arith", "wanda_sp", pruned["root"] / "wanda_sp" / "masks")
@@ -540,7 +548,7 @@ def test_a_registration_from_before_the_wider_base_identity_still_audits_with_a_
 
     # the code of then: the content hash over weights and config.json, lineage without `content_files`
     monkeypatch.setattr(resp.models, "content_hash", lambda d: content_hash(d, LEGACY_IDENTITY_FILES))
-    monkeypatch.setattr(registry, "_identity", lambda base: {k: base.get(k) for k in ("name", "revision",
+    monkeypatch.setattr(registering, "_identity", lambda base: {k: base.get(k) for k in ("name", "revision",
                                                                                       "content_hash", "key")})
     run = tmp_path / "run"
     recipe.prune(params, "arith", "random", run)

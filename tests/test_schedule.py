@@ -23,8 +23,8 @@ def load(path, s):
     return Mask.dense(s) if path is None else Mask.load(path)[0]
 
 
-class FileSteps:
-    """`schedule.Steps` over files, from a fake's in-memory score and regenerate; `apply` is the
+class FileStages:
+    """`schedule.Stages` over files, from a fake's in-memory score and regenerate; `apply` is the
     real `prune_step` on unnormalised scores. Records every output name."""
 
     def __init__(self, fake, s, directory):
@@ -80,7 +80,7 @@ class Fake:
 
 def run(tmp_path, fake, s, cfg):
     _, path = fake.traces("initial")
-    steps = FileSteps(fake, s, tmp_path)
+    steps = FileStages(fake, s, tmp_path)
     st = iterative_prune(s, cfg, PruneState(0, None, path), steps, regenerate=True)
     st.names = steps.names
     return st
@@ -188,7 +188,7 @@ class Reflect:
 
     def run(self, cfg):
         _, path = self.traces("initial", "initial", Mask.dense(self.s))
-        return iterative_prune(self.s, cfg, PruneState(0, None, path), FileSteps(self, self.s, self.tmp), regenerate=True)
+        return iterative_prune(self.s, cfg, PruneState(0, None, path), FileStages(self, self.s, self.tmp), regenerate=True)
 
 
 VERIFY = ScheduleConfig([0.2, 0.3], 6, [0.1, 0.2], True)

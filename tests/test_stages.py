@@ -1,8 +1,51 @@
-"""resp.steps: what the step functions add to the composition tested in test_recipe (regeneration streams)."""
+"""resp.stages: the stage table agrees with the functions it names; calibration sources are a table;
+what the stage functions add to the composition tested in test_recipe (regeneration streams)."""
 
+import inspect
+from typing import get_args
+
+import pytest
+
+import resp.stages.score
+from resp.config import MethodParams
 from resp.recipe import make_traces, prune
-from resp.steps import regeneration_seed
+from resp.stages.calibrate import SOURCES
+from resp.stages.regenerate import regeneration_seed
+from resp.stages.table import STAGES, stage_of, stage_params, stage_sections
 from resp.traces import TraceSet
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_a_declaration_names_arguments_its_function_takes(name):
+    stage = STAGES[name]
+    arguments = inspect.signature(stage.function).parameters
+    assert stage.name == name and stage.function.__name__ == stage.code.split(":")[1]
+    assert set(stage.files) | set(stage.outputs) <= set(arguments), name
+    assert stage.function.__module__ == stage.module
+    assert all(part in STAGES for part in stage.parts)
+
+
+def test_a_stage_is_found_by_its_function():
+    assert stage_of(resp.stages.score.score) is STAGES["score"]
+    with pytest.raises(KeyError, match="is no stage's function"):
+        stage_of(inspect.signature)
+
+
+def test_a_stage_reads_the_sections_it_declares(tiny_params):
+    assert stage_sections("regenerate", task="arith", method="resp") == (
+        "model", "tasks.arith", "generation", "methods.resp", "export.channel_multiple",
+        "scale.vllm_gpu_memory_utilization")
+    assert stage_params(tiny_params, "apply") == {
+        "model": tiny_params.model.model_dump(mode="json"), "importance.normalize": "paper",
+        "prune.attention_unit": "query_head", "prune.protected_layers": None}
+
+
+def test_every_calibration_source_has_an_entry():
+    assert set(SOURCES) == set(get_args(MethodParams.model_fields["calibration"].annotation))
+    assert SOURCES["none"] is None
+    # only `self` reads the dense traces made beforehand
+    assert [c for c in SOURCES if MethodParams(scorer="taylor" if c != "none" else "magnitude",
+                                               calibration=c).reads_dense_traces] == ["self"]
 
 
 def test_common_streams_reuse_the_dense_seed_and_fresh_streams_get_their_own():
