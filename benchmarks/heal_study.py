@@ -304,8 +304,9 @@ def summarize(params, study: StudyInput, work: Path) -> dict:
                     "healed_over_dense": row[mode]["healed_over_dense"], "seeds": row["seeds"],
                     "reached": row[mode]["healed_over_dense"][1] >= GOAL,
                     "point_reached": row[mode]["healed_over_dense"][0] >= GOAL} for mode in MODES}
+    failures = [json.loads(f.read_text()) for f in sorted((work / "failures").glob("*.json"))]
     p = cell_params(params, 0)
-    return {"heal": params.methods[HEAL_METHOD].heal.model_dump(mode="json"),
+    return {"failures": failures, "heal": params.methods[HEAL_METHOD].heal.model_dump(mode="json"),
             "evaluation": p.evaluation.model_dump(mode="json"), "report": report.model_dump(mode="json"),
             "goal": {"fraction_of_dense": GOAL, "by_task": goal}, "rows": rows}
 
@@ -379,6 +380,10 @@ def write_tables(summary: dict, wall_total: float | None) -> None:
         lines.append(f"| {r['task']} | {r['target']:.0%} | {r['method']} | " + " | ".join(cells) +
                      f" | {c['wall_s']:.0f} | {c['cpu_s']:.0f} | {c['trained_tokens']:.0f} | {c['eval_cpu_s']:.0f} | "
                      f"{r['loss']['mean_first_10']:.3f} -> {r['loss']['mean_last_10']:.3f} |")
+    if summary["failures"]:
+        lines += ["", "## Not healed", "", "Units the library could not heal or reload (WORK/failures; the method was then "
+                  "skipped with --skip):", ""]
+        lines += [f"- {f['unit']}: {f['error']}" for f in summary["failures"]]
     if wall_total is not None:
         lines += ["", f"Wall time of the run that wrote this table: {wall_total / 60:.0f} min."]
     from resp import artifacts
@@ -390,7 +395,11 @@ def write_tables(summary: dict, wall_total: float | None) -> None:
 def main() -> None:
     from tqdm import tqdm
 
+    from resp import artifacts
     from resp.config import load_params
+    from resp.healing import HealError
+    from resp.masks import MaskError
+    from resp.models import ModelLoadError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, required=True, help="the checkout the study ran in (read only)")
@@ -399,6 +408,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, help="evaluate the first N items only (default: the study's number)")
     parser.add_argument("--greedy-only", action="store_true", help="skip the sampled evaluation")
     parser.add_argument("--tables", action="store_true", help="only write the tables from finished units")
+    parser.add_argument("--skip", nargs="*", default=[], help="methods not to heal (e.g. one the library cannot heal)")
     parser.add_argument("--keep-models", action="store_true", help="keep healed model directories (9 MB each)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -408,12 +418,19 @@ def main() -> None:
     if not args.tables:
         units = [u for u in plan() if study.cell(u[0], u[1], u[2]) is not None]
         log.info("%d units with a finished study cell; records under %s", len(units), args.work / "records")
+        units = [u for u in units if u[1] not in args.skip]
         for task, method, seed, target in tqdm(units, desc="heal study", unit="mask"):
-            record = run_unit(params, study, args.work, task, method, seed, target, args.items, args.greedy_only)
-            log.info("%s: greedy strict %.3f (heal %.0f s wall / %.0f s CPU)", unit_name(task, method, seed, target),
+            name = unit_name(task, method, seed, target)
+            try:
+                record = run_unit(params, study, args.work, task, method, seed, target, args.items, args.greedy_only)
+            except (HealError, ModelLoadError, MaskError) as e:   # a method the library cannot heal yet: say so, go on
+                log.error("%s failed: %s", name, e)
+                artifacts.write_json(args.work / "failures" / f"{name}.json", {"unit": name, "error": str(e)}, newline=True)
+                continue
+            log.info("%s: greedy strict %.3f (heal %.0f s wall / %.0f s CPU)", name,
                      record["greedy"]["accuracy_strict"], record["cost"]["wall_s"], record["cost"]["cpu_s"])
             if not args.keep_models:
-                shutil.rmtree(args.work / "healed" / unit_name(task, method, seed, target), ignore_errors=True)
+                shutil.rmtree(args.work / "healed" / name, ignore_errors=True)
             write_tables(summarize(params, study, args.work), None)
     write_tables(summarize(params, study, args.work), None if args.tables else time.perf_counter() - started)
     log.info("wrote %s and %s", RESULTS / "heal_study.md", RESULTS / "heal_study.json")
