@@ -537,8 +537,11 @@ STABLE_VERSION_KEYS = ("base_key", "name", "sparsity", "target")   # what `regis
 
 @app.command("register")
 def register_command(
-    task: Annotated[str, typer.Option(help="task name from params.yaml tasks")],
-    method: Annotated[str, typer.Option(help="method whose masks to register")],
+    task: Annotated[str | None, typer.Option(help="task name from params.yaml tasks (not with --healed)")] = None,
+    method: Annotated[str | None, typer.Option(help="method whose masks to register (not with --healed)")] = None,
+    healed: Annotated[Path | None, typer.Option(help="register this healed model (`resp heal --out`) instead of a pruning "
+                                                     "run: --exports-dir then holds its <format>/ exports, --metrics is "
+                                                     "`resp evaluate` of it; its pruned parent must be registered")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="`resp prune --out` directory (default: <flow.data_dir>/runs/TASK/METHOD)")] = None,
     exports_dir: Annotated[Path | None, typer.Option(help="holds sparsity-<t>/<format>/ exports (default: <flow.data_dir>/checkpoints/TASK/METHOD)")] = None,
     metrics: Annotated[Path | None, typer.Option(help="evaluation JSON of the method (default: <flow.data_dir>/metrics/TASK/METHOD.json when present)")] = None,
@@ -551,7 +554,8 @@ def register_command(
     """Register every mask of a method in the MLflow registry with its lineage (one version per sparsity).
 
     Metrics and exports must have been computed from the masks of the run registered: given ones
-    that were not are refused; defaults (the data layout) are taken only where their mask digests match."""
+    that were not are refused; defaults (the data layout) are taken only where their mask digests match.
+    With --healed: one version for the healed model, its parent the pruned version it healed."""
     import signal
 
     from resp.artifacts import Layout, check_replaceable_json, existing_exports, write_json
@@ -566,6 +570,14 @@ def register_command(
         if out is not None:
             check_output(out, "file")
             check_replaceable_json(out, ("task", "method", "versions"), "a `resp register` versions file", overwrite)
+        if healed is not None:
+            if task is not None or method is not None or run_dir is not None:
+                raise ValueError("--healed takes the task and method from the healed model's manifest: "
+                                 "drop --task, --method and --run-dir")
+            _register_healed(p, healed, exports_dir, metrics, out)
+            return
+        if task is None or method is None:
+            raise ValueError("pass --task and --method (a pruning run) or --healed DIR (a healed model)")
         layout = Layout(Path(p.flow.data_dir))
         masks_dir = (run_dir or layout.run_dir(task, method)) / "masks"
         digests = mask_digests(mask_files(masks_dir))
@@ -586,6 +598,29 @@ def register_command(
         typer.echo(f"{v['name']} version {v['version']}: target {v['target']}, sparsity {v['sparsity']}, parent {v['parent']}"
                    + (f", replaces version {v['replaces']}" if v["replaces"] else "")
                    + ("" if v["created"] else " (already registered)"))
+
+
+def _register_healed(p: Params, healed: Path, exports_dir: Path | None, metrics: Path | None, out: Path | None) -> None:
+    """`resp register --healed`: one version for a healed model, with the exports found in `exports_dir/<format>/`."""
+    import json
+
+    from resp.artifacts import write_json
+    from resp.healing import MANIFEST
+    from resp.registry import register_healed
+
+    exports = {}
+    if exports_dir is not None:
+        exports = {fmt: exports_dir / fmt for fmt in p.export.formats if (exports_dir / fmt).is_dir()}
+        if not exports:
+            raise ValueError(f"--exports-dir {exports_dir} holds no <format>/ export of {list(p.export.formats)}: "
+                             "export the healed model there first (`resp export --model HEALED ...`)")
+    v = register_healed(p, healed, exports, metrics)
+    if out is not None:  # the same bytes whatever the store, as for a pruning run
+        made = json.loads((healed / MANIFEST).read_text())
+        write_json(out, {"task": made["task"], "method": made["method"],
+                         "versions": [{k: v[k] for k in STABLE_VERSION_KEYS}]}, newline=True)
+    typer.echo(f"{v['name']} version {v['version']}: healed, target {v['target']}, parent {v['parent']}"
+               + ("" if v["created"] else " (already registered)"))
 
 
 def _derived(path: Path, matches: bool) -> bool:

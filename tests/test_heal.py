@@ -315,6 +315,19 @@ def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, ti
     import yaml
 
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    # `resp register --healed`: the same version again (already registered), written like a pruning run's --out
+    again = CliRunner().invoke(app, ["register", "--healed", str(healed_dir), "--params", str(params_file),
+                                     "--out", str(tmp_path / "healed-versions.json")])
+    assert again.exit_code == 0, again.output
+    assert f"{version['name']} version {version['version']}: healed, target 0.20, parent {version['parent']} " \
+           "(already registered)" in again.output
+    assert json.loads((tmp_path / "healed-versions.json").read_text()) == {
+        "task": "arith", "method": "resp_heal", "versions": [{"base_key": model_identity(str(base)).key,
+                                                             "name": version["name"], "sparsity": version["sparsity"],
+                                                             "target": "0.20"}]}
+    both = CliRunner().invoke(app, ["register", "--healed", str(healed_dir), "--task", "arith", "--params",
+                                    str(params_file)])
+    assert both.exit_code == 2 and "drop --task, --method and --run-dir" in both.output
     shown = CliRunner().invoke(app, ["audit", "--model", version["name"], "--version", version["version"],
                                      "--params", str(params_file)])
     assert shown.exit_code == 0, shown.output
