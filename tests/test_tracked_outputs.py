@@ -128,3 +128,15 @@ def test_dvc_tracks_no_raw_scores_or_unrounded_losses_of_a_run_or_a_healed_model
         assert "resp_heal.json" not in mine and f"mask/{target}.safetensors.json" not in mine
         weights_key = json.loads((project / healed / target / "resp_heal.json").read_text())["healed_model"]["key"]
         assert not any(weights_key.encode() in files[f"{target}/{p}"] for p in mine)
+
+
+def test_the_committed_world_check_holds_its_nll_at_the_metrics_precision():
+    """data/metrics/world.json is committed (dvc.yaml `world_check`, cache: false): its held-out NLL, a float
+    reduction over the model's logits, is written at the metrics files' precision (resp.evaluation.NLL_DIGITS),
+    so a rerun on another CPU writes the same bytes (before: 0.145598531439982 here, 0.14559863163138106 there)."""
+    from resp.evaluation import reported_nll
+
+    world = json.loads((ROOT / "data" / "metrics" / "world.json").read_text())
+    nlls = [entry["heldout_nll"]["value"] for entry in world.values() if isinstance(entry, dict) and "heldout_nll" in entry]
+    assert nlls, "world.json holds no task with a heldout_nll"
+    assert all(v == reported_nll(v) for v in nlls), nlls

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from resp.config import Params
-from resp.evaluation import decode_only_nll, evaluate_task
+from resp.evaluation import decode_only_nll, evaluate_task, reported_nll
 from resp.generation import SamplingSpec, generate
 from resp.models import load_model
 from resp.tasks import load_items, render_prompt
@@ -57,7 +57,7 @@ def measure_task(params: Params, task: str, model, tokenizer) -> dict:
     nll = decode_only_nll(model, first, ev.nll_batch_size, tokenizer.pad_token_id, desc=f"world check {task} nll")
     values = {
         "greedy_accuracy": greedy["accuracy_strict"],
-        "heldout_nll": nll["nll"],
+        "heldout_nll": reported_nll(nll["nll"]),   # at the precision metrics files hold: CPU-independent bytes
         "distinct_share": distinct,
         "mean_completion_tokens": greedy["mean_completion_tokens"],
         "truncation_rate": greedy["truncation_rate"],
