@@ -219,7 +219,7 @@ def run_unit(params, study: StudyInput, work: Path, task: str, method: str, seed
     from resp.config import Params
     from resp.evaluation import evaluate_masks
     from resp.healing import heal, healed_mask
-    from resp.steps import code_record
+    from resp.stages.table import code_record
     from resp.study import cell_params
     from resp.traces import TraceSet
 
