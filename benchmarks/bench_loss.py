@@ -20,7 +20,6 @@ that on a GPU). Results: benchmarks/results/loss.{json,md} (or --out). Nothing i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -133,10 +132,10 @@ def main(argv=None) -> None:
     report["peak_memory"] = peak_memory(args)
     report["loadavg_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("loss.json", json.dumps(report, indent=2)), ("loss.md", markdown(report))):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    from resp.artifacts import write_json, write_text
+
+    write_json(args.out / "loss.json", report)
+    write_text(args.out / "loss.md", markdown(report))
     print(markdown(report))
 
 

@@ -305,10 +305,10 @@ def main(argv=None) -> None:
     print("(c) memory model vs measurement ...", file=sys.stderr, flush=True)
     report["memory_model"] = memory_model_check(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("scoring.json", json.dumps(report, indent=2)), ("scoring.md", markdown(report))):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    from resp.artifacts import write_json, write_text
+
+    write_json(args.out / "scoring.json", report)
+    write_text(args.out / "scoring.md", markdown(report))
     print(markdown(report))
 
 
