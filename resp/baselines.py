@@ -27,8 +27,10 @@ hidden states, as the reference code does (`layer_by_layer`):
   before pruning any (its global threshold needs them all), so its statistics come from the
   dense model, as in its code. Bias compensation (`flap_bias_compensation`): W[:, removed] @
   mean(X[removed]) is carried by the mask (`Mask.biases`) and added to the output biases when the
-  mask is applied or exported, for the projections that have a bias. The supported families have
-  no o_proj/down_proj bias by default, so there the method is reported as `flap (no bias)`.
+  mask is applied or exported; where the architecture has no o_proj/down_proj bias (the supported
+  families by default), applying the mask creates one, as FLAP's own modeling code does. The
+  statistics forward runs in `statistics_dtype` (baselines.flap_statistics_dtype): in float64 the
+  compensation's float32 bytes do not depend on the CPU's float reduction order.
 - **magnitude**: element score |w|, unit score = sum over its weights, divided by
   `Structures.normalizer(normalize)` exactly like the Taylor scores, ranked globally.
 - **random**: uniform scores from `torch.Generator().manual_seed(seed)`, ranked globally.
@@ -39,6 +41,8 @@ already pruned), so they need not be nested.
 """
 
 from __future__ import annotations
+
+import copy
 
 import logging
 from collections.abc import Callable
@@ -440,7 +444,13 @@ def _owl_sp(model, s, targets, batches, options):
 
 
 def _flap(model, s, targets, batches, options):
-    stats, _ = layer_by_layer(model, batches, s, desc="flap stats")
+    # Activations in float64 (a float64 copy of the model): kernels of other CPUs change float32 sums in
+    # their last bits, which the compensation tensors would carry into the stored mask; float64's last
+    # bits do not reach float32.
+    wide = options["statistics_dtype"] == "float64" and next(model.parameters()).dtype != torch.float64
+    stats_model = copy.deepcopy(model).to(torch.float64) if wide else model
+    stats, _ = layer_by_layer(stats_model, batches, s, desc="flap stats")
+    del stats_model
     masks = global_masks("flap", *flap_scores(model, s, stats), s, targets)
     if options["bias_compensation"]:   # FLAP's compensation rides with each mask into evaluation and exports
         for mask in masks.values():
@@ -468,7 +478,8 @@ BASELINES: dict[str, BaselineFn] = {
 
 def baseline_masks(scorer: str, model, structures: Structures, targets: list[float], batches: list[dict] | None,
                    seed: int = 0, normalize: str = "paper", owl_outlier_m: float = 5.0,
-                   owl_lambda: float = 0.08, bias_compensation: bool = True) -> dict[float, Mask]:
+                   owl_lambda: float = 0.08, bias_compensation: bool = True,
+                   flap_statistics_dtype: str = "float64") -> dict[float, Mask]:
     """Masks of baseline `scorer` for every target (keys: the targets). `batches` (from
     `decode_only_batches`, as a list) calibrate wanda_sp, owl_sp and flap; magnitude and random
     take none."""
@@ -481,7 +492,7 @@ def baseline_masks(scorer: str, model, structures: Structures, targets: list[flo
     if scorer not in CALIBRATED and batches:
         raise BaselineError(f"scorer {scorer!r} reads no calibration data: declare calibration none for it")
     options = {"seed": seed, "normalize": normalize, "owl_outlier_m": owl_outlier_m, "owl_lambda": owl_lambda,
-               "bias_compensation": bias_compensation}
+               "bias_compensation": bias_compensation, "statistics_dtype": flap_statistics_dtype}
     return BASELINES[scorer](model, structures, targets, batches, options)
 
 

@@ -295,6 +295,7 @@ class MethodParams(Strict):
 class BaselineParams(Strict):
     owl_outlier_m: float = Field(gt=0)     # OWL's M: a score is an outlier above M times the layer mean
     owl_lambda: float = Field(ge=0, lt=1)  # OWL's lambda: layer sparsities within +-lambda of the target
+    flap_statistics_dtype: Literal["float64", "model"]   # FLAP's statistics forward: float64 (CPU-independent bytes) | model dtype
 
 
 class ReportParams(Strict):

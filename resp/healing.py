@@ -81,6 +81,27 @@ def keep_tensors(model, mask: Mask, s: Structures) -> dict[str, torch.Tensor]:
     return keep
 
 
+@torch.no_grad()
+def take_created_biases(healed, teacher, mask: Mask) -> dict[str, torch.Tensor] | None:
+    """Move the biases that `mask`'s bias compensation (FLAP) created out of `healed` (a stock model
+    whose config has no place for them: reloaded, they would be dropped) and return them as a mask's
+    bias tensors [L, hidden]: applied to the reloaded healed model, the mask creates them again with
+    their healed values, as the unhealed mask does on the dense model. Biases the teacher's
+    architecture has (e.g. Llama with mlp_bias) stay in the weights, compensation and healing included."""
+    if not mask.biases:
+        return None
+    student_adapter, teacher_adapter = adapter_for(healed.config), adapter_for(teacher.config)
+    first = teacher_adapter.layers(teacher)[0]
+    created = [name for name in sorted(mask.biases) if getattr(teacher_adapter, name)(first).bias is None]
+    moved = {}
+    for name in created:
+        projections = [getattr(student_adapter, name)(layer) for layer in student_adapter.layers(healed)]
+        moved[name] = torch.stack([proj.bias.detach().to(torch.float32).cpu() for proj in projections])
+        for proj in projections:
+            proj.bias = None
+    return moved or None
+
+
 def _out_in(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept output rows, kept input columns) of a weight's keep-tensor (pruned units are whole rows/columns)."""
     return keep.any(1), keep.any(0)
@@ -362,19 +383,21 @@ def heal(heal_params, model_params, task: str, split: str, mask_path: str | Path
                  "mean_last_10": float(np.mean(losses[-10:]))},
         "attention_unit": s.attention_unit, "protected_layers": list(s.protected),
     }
+    healed_biases = take_created_biases(healed, teacher, mask)
     with artifacts.atomic_dir(out_dir) as tmp:
         healed.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         healed_identity = model_identity(str(tmp))   # content hash: the same wherever the directory lives
-        # The mask again, made for the healed weights (its bias compensation is in them already), so that
-        # `resp export --model OUT --mask OUT/mask/...` and `resp evaluate` read a healed model as any other.
+        # The mask again, made for the healed weights, so that `resp export --model OUT --mask OUT/mask/...`
+        # and `resp evaluate` read a healed model as any other. Its biases: the healed values of those the
+        # compensation created (a stock config cannot hold them); compensation of existing biases is in the weights.
         mask_meta_out = {**{k: v for k, v in mask_meta.items() if k != "digest"},
                          "model": {**healed_identity.to_dict(), "name": f"{identity.name} (healed)",
                                    "key": healed_identity.key},
                          "method": method or mask_meta.get("method"),
                          "label": f"{mask_meta.get('label', mask_meta.get('method'))} + heal",
                          "healed_from": {"mask": str(mask_path), "digest": mask.digest(), "base_model": manifest["teacher"]}}
-        Mask(mask.heads, mask.channels).save(artifacts.mask_file(tmp / MASK_DIR, target), mask_meta_out)
+        Mask(mask.heads, mask.channels, healed_biases).save(artifacts.mask_file(tmp / MASK_DIR, target), mask_meta_out)
         artifacts.write_json(tmp / MANIFEST, {**manifest, "healed_model": mask_meta_out["model"]}, sort_keys=True,
                              newline=True)
     shutil.rmtree(checkpoints, ignore_errors=True)   # the run is complete: nothing left to resume

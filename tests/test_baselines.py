@@ -5,8 +5,12 @@ route: a hand-written forward pass and per-column Python loops."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -590,7 +594,7 @@ def test_flap_masks_carry_bias_compensation_into_evaluation_and_compact_exports(
 
     dense = make_llama(attention_bias=True, mlp_bias=True)
     s = structures_for(dense, "query_head")
-    stats = calibration_stats(dense, s)
+    stats = calibration_stats(copy.deepcopy(dense).double(), s)   # flap_statistics_dtype float64 (the default)
     mask = baseline_masks("flap", dense, s, [0.3], calibration())[0.3]
     assert sorted(mask.biases) == ["down_proj", "o_proj"]
     # the mask's tensors are exactly flap_bias_compensation's vectors (zero where a layer lost nothing)
@@ -614,6 +618,38 @@ def test_flap_masks_carry_bias_compensation_into_evaluation_and_compact_exports(
     torch.testing.assert_close(compact(ids).logits, by_hand(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="keep_dense=True"):
         MaskedModel(copy.deepcopy(dense), s, keep_dense=False).set(loaded)
+
+
+def test_flap_statistics_dtype_model_uses_the_models_own_forward():
+    dense = make_llama()
+    s = structures_for(dense, "query_head")
+    mask = baseline_masks("flap", dense, s, [0.3], calibration(), flap_statistics_dtype="model")[0.3]
+    expected = flap_bias_compensation(dense, mask, calibration_stats(dense, s), s)
+    for layer, per_proj in expected.items():
+        for name, value in per_proj.items():
+            assert torch.equal(mask.biases[name][layer], value.float())
+
+
+FLAP_DIGEST = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_baselines import baseline_masks, calibration, make_llama, structures_for
+dense = make_llama()
+print(baseline_masks("flap", dense, structures_for(dense, "query_head"), [0.3], calibration())[0.3].digest())
+"""
+
+
+def test_flap_compensation_bytes_do_not_depend_on_the_cpu_kernels():
+    """Float64 statistics: the same mask digest (compensation included) with AVX2 kernels as with the
+    machine's widest (AVX-512 here, where float32 statistics change the compensation's last bits)."""
+    def digest(extra_env: dict) -> str:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
+        run = subprocess.run([sys.executable, "-c", FLAP_DIGEST, str(Path(__file__).parent)], env=env,
+                             capture_output=True, text=True, check=True)
+        return run.stdout.split()[-1]
+
+    avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert digest({}) == digest(avx2)
 
 
 def test_flap_nobias_carries_no_compensation(tiny_qwen3):

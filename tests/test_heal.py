@@ -202,6 +202,47 @@ def test_healed_model_exports_and_evaluates_like_any_pruned_model(inputs, tmp_pa
     assert report["results"]["0.30"]["label"] == "resp + heal"
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_healed_flap_model_reloads_with_its_biases_in_the_mask(inputs, tmp_path, tiny_model_dir, tiny_params, mode):
+    """A FLAP mask creates o_proj/down_proj biases the stock config cannot hold: the healed directory
+    keeps stock weights (no bias keys), its mask carries the healed biases, and the compact export of
+    the healed model has the unhealed compact export's shapes and computes the reloaded healed model."""
+    from transformers import AutoModelForCausalLM
+
+    from resp.api import export
+    from resp.masks import apply_mask
+
+    mask, meta = Mask.load(inputs["mask"])
+    g = torch.Generator().manual_seed(1)
+    layers, hidden = mask.heads.shape[0], 24   # tiny model: hidden_size 24
+    mask.biases = {name: torch.randn(layers, hidden, generator=g) * 0.1 for name in ("o_proj", "down_proj")}
+    flap_mask = mask.save(tmp_path / "flap" / "sparsity-0.30.safetensors", meta)
+    healed_dir = run_heal({**inputs, "mask": flap_mask}, tmp_path / "healed", mode=mode)
+
+    weights = load_file(healed_dir / "model.safetensors")
+    assert not [k for k in weights if k.endswith("o_proj.bias") or k.endswith("down_proj.bias")]
+    healed_mask_file = healed_mask(healed_dir)
+    healed_biases = Mask.load(healed_mask_file)[0].biases
+    assert sorted(healed_biases) == ["down_proj", "o_proj"]
+    for name, value in healed_biases.items():
+        assert value.shape == (layers, hidden)
+        # LoRA trains no biases: the compensation comes back unchanged; full fine-tuning moved it
+        assert torch.equal(value, mask.biases[name]) == (mode == "lora")
+
+    healed, _, _, _ = load_healed(healed_dir)           # stock config: loads without unexpected keys
+    s = structures_for(healed, "query_head", None)
+    apply_mask(healed, Mask.load(healed_mask_file)[0], s)
+    unhealed = export(tiny_params, flap_mask, "compact", tmp_path / "unhealed-compact")
+    compact = export(tiny_params, healed_mask_file, "compact", tmp_path / "healed-compact", model=str(healed_dir))
+    a = AutoModelForCausalLM.from_pretrained(unhealed, trust_remote_code=True)
+    b = AutoModelForCausalLM.from_pretrained(compact, trust_remote_code=True)
+    assert {n: tuple(p.shape) for n, p in a.named_parameters()} == {n: tuple(p.shape) for n, p in b.named_parameters()}
+    assert any(n.endswith("o_proj.bias") for n, _ in b.named_parameters())
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 8]])
+    with torch.no_grad():
+        assert torch.allclose(b(input_ids=ids).logits, healed(input_ids=ids).logits, atol=1e-5)
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_mask_of_another_model_is_refused(inputs, tmp_path, tiny_model_dir):

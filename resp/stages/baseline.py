@@ -28,7 +28,7 @@ def baseline(params: Params, task: str, method: str, base: dict, calibration: st
                                            loaded.tokenizer.pad_token_id))
     b = params.baselines
     masks = baseline_masks(declared.scorer, loaded.model, s, p.targets, batches, p.seed, params.importance.normalize,
-                           b.owl_outlier_m, b.owl_lambda, declared.bias_compensation)
+                           b.owl_outlier_m, b.owl_lambda, declared.bias_compensation, b.flap_statistics_dtype)
     if declared.scorer == "flap" and declared.bias_compensation and not (s.o_bias and s.mlp_bias):
         log.info("flap: bias compensation goes into o_proj/down_proj biases this architecture lacks: they are created "
                  "when a mask is applied and carried by the compact export (a masked export refuses such a mask)")
