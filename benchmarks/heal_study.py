@@ -408,7 +408,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, help="evaluate the first N items only (default: the study's number)")
     parser.add_argument("--greedy-only", action="store_true", help="skip the sampled evaluation")
     parser.add_argument("--tables", action="store_true", help="only write the tables from finished units")
-    parser.add_argument("--skip", nargs="*", default=[], help="methods not to heal (e.g. one the library cannot heal)")
+    parser.add_argument("--skip", nargs="*", default=[], help="methods not to heal in this run")
     parser.add_argument("--keep-models", action="store_true", help="keep healed model directories (9 MB each)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -423,12 +423,13 @@ def main() -> None:
             name = unit_name(task, method, seed, target)
             try:
                 record = run_unit(params, study, args.work, task, method, seed, target, args.items, args.greedy_only)
-            except (HealError, ModelLoadError, MaskError) as e:   # a method the library cannot heal yet: say so, go on
+            except (HealError, ModelLoadError, MaskError) as e:   # a unit the library cannot heal: say so, go on
                 log.error("%s failed: %s", name, e)
                 artifacts.write_json(args.work / "failures" / f"{name}.json", {"unit": name, "error": str(e)}, newline=True)
                 continue
             log.info("%s: greedy strict %.3f (heal %.0f s wall / %.0f s CPU)", name,
                      record["greedy"]["accuracy_strict"], record["cost"]["wall_s"], record["cost"]["cpu_s"])
+            (args.work / "failures" / f"{name}.json").unlink(missing_ok=True)   # an earlier attempt's failure
             if not args.keep_models:
                 shutil.rmtree(args.work / "healed" / name, ignore_errors=True)
             write_tables(summarize(params, study, args.work), None)
