@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from resp import recipe  # noqa: E402
 from resp.artifacts import masks_in_dir  # noqa: E402
-from resp.config import load_params  # noqa: E402
+from resp.config import declared_method, load_params  # noqa: E402
 from resp.evaluation import evaluate_masks  # noqa: E402
 from resp.generation import SamplingSpec, generate  # noqa: E402
 from resp.masks import Mask  # noqa: E402
@@ -80,15 +80,18 @@ def main(argv=None) -> int:
     dense = args.work / "dense.jsonl"
     recipe.make_traces(params("cpu"), "arith", "train", None, dense)
     for method in ("resp_noregen",):
-        cpu = recipe.prune(params("cpu"), "arith", method, args.work / "cpu" / method, str(dense))
+        cpu = recipe.prune(params("cpu"), "arith", declared_method(params("cpu"), method), args.work / "cpu" / method,
+                           str(dense))
         for dtype in ("float32", "bfloat16"):
             start = time.time()
-            run = recipe.prune(params(gpu, dtype), "arith", method, args.work / gpu / dtype / method, str(dense))
+            run = recipe.prune(params(gpu, dtype), "arith", declared_method(params(gpu, dtype), method),
+                               args.work / gpu / dtype / method, str(dense))
             report[f"{method}_{dtype}"] = {"seconds": round(time.time() - start, 2),
                                            "agreement_with_cpu": {f"{t:.2f}": agreement(cpu[t], run[t]) for t in run}}
             save()
     start = time.time()
-    written = recipe.prune(params(gpu), "arith", "resp", args.work / gpu / "float32" / "resp", str(dense))
+    written = recipe.prune(params(gpu), "arith", declared_method(params(gpu), "resp"),
+                           args.work / gpu / "float32" / "resp", str(dense))
     report["resp_float32"] = {"seconds": round(time.time() - start, 2), "masks": sorted(f"{t:.2f}" for t in written)}
     save()
     for device, root in (("cpu", args.work / "cpu"), (gpu, args.work / gpu / "float32")):

@@ -291,7 +291,7 @@ class Phases:
 
 
 def _self_calibrated(params, method: str) -> bool:
-    return params.methods[method].calibration == "self"
+    return params.methods[method].reads_dense_traces
 
 
 def seed_independent(params, method: str) -> bool:
@@ -413,7 +413,7 @@ def _token_weighted(per_trace: dict) -> float:
 def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: list[str], model_dir: Path,
         results: Path, command: str, report_only: bool = False, heal: bool = True) -> Path:
     from resp.artifacts import masks_in_dir
-    from resp.config import load_params
+    from resp.config import declared_method, load_params
     from resp.evaluation import evaluate_masks
     from resp.models import model_identity
     from resp.recipe import make_traces, prune
@@ -463,7 +463,8 @@ def run(work: Path, sizes: dict, methods: list[str], seeds: list[int], extra: li
                     phases.run(f"calibration traces seed {seed}", traces.is_file(),
                                lambda: make_traces(p, TASK, p.tasks[TASK].calibration_split, None, traces))
                 phases.run(f"prune {name}", (cell / "summary.json").is_file(),
-                           lambda: prune(p, TASK, method, cell, str(traces) if _self_calibrated(p, method) else None))
+                           lambda: prune(p, TASK, declared_method(p, method), cell,
+                                         str(traces) if _self_calibrated(p, method) else None))
                 phases.run(f"evaluate {name}", (cell / "accuracy.json").is_file(),
                            lambda: evaluate_masks(p, TASK, method, masks_in_dir(cell / "masks"), None,
                                                   cell / "accuracy.json", include_dense=False))

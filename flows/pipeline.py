@@ -48,7 +48,7 @@ from prefect.utilities.hashing import hash_objects
 
 from resp import recipe
 from resp.artifacts import Layout, content_digest, parse_target, target_key, target_name
-from resp.config import FlowParams, Params, load_params
+from resp.config import FlowParams, Method, Params, declared_method, load_params
 from resp.stages import table
 from resp.stages.common import base_model
 from resp.stages.table import STAGES, Stage, stage_of, stage_params
@@ -98,6 +98,8 @@ class ReadsFiles(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         params = inputs["params"]
+        # a method enters by name: its declaration is the `methods.{method}` section among the params
+        inputs = {k: method_name(v) for k, v in inputs.items()}
         fill = {k: inputs[k] for k in ("task", "method") if k in inputs}
         other = {k: v for k, v in inputs.items() if k not in self.files and k != "params"}
         reads_data = "task" in inputs and any(s.startswith("tasks") for s in STAGES[self.stage].sections)
@@ -107,6 +109,11 @@ class ReadsFiles(CachePolicy):
                             "inputs": other, "code": code_digest(self.stage)}, raise_on_failure=True)
         refuse_foreign_record(key)
         return key
+
+
+def method_name(value):
+    """A `Method` argument's name (what cache keys and task run names hold); any other argument as it is."""
+    return value.name if isinstance(value, Method) else value
 
 
 _CODE_LOCK = threading.Lock()
@@ -187,7 +194,7 @@ TASKS = {name: stage_task(stage) for name, stage in STAGES.items() if not stage.
 
 def run_name(stage: str, kwargs: dict, task_name: str | None = None, method: str | None = None) -> str:
     """`score-arith-resp-step-0003-scores`: the stage, the task, the method, and where its output goes."""
-    parts = [stage, kwargs.get("task", task_name), kwargs.get("method", method)]
+    parts = [stage, kwargs.get("task", task_name), method_name(kwargs.get("method", method))]
     outputs = [kwargs[name] for name in STAGES[stage].outputs if kwargs.get(name)]
     if outputs:
         out = Path(outputs[0])
@@ -259,12 +266,12 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
     logger.info("base model %s (%s); tasks %s; methods %s", base["name"], base["key"][:12], p.run.tasks, p.run.methods)
     layout = Layout(Path(p.flow.data_dir))
     refresh = not p.flow.cache
-    methods = {m: p.methods[m] for m in p.run.methods}
+    methods = {m: declared_method(p, m) for m in p.run.methods}
 
     # the dense model's traces: calibration (for methods calibrated on them) and held-out NLL
     calls = {}
     for t in p.run.tasks:
-        if any(d.reads_dense_traces for d in methods.values()):
+        if any(method.declaration.reads_dense_traces for method in methods.values()):
             calls["dense", t] = ("dense_traces", {"params": p, "task": t, "out": str(layout.dense_traces(t)), "base": base})
         if p.evaluation.nll_traces:
             calls["heldout", t] = ("heldout_traces", {"params": p, "task": t, "out": str(layout.heldout_traces(t)),
@@ -274,18 +281,19 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
     # pruning, stage by stage: calibrate -> (score -> apply -> regenerate?)* | baseline -> write_run
     masks = {}
     for t in p.run.tasks:
-        for m, declared in methods.items():
-            dense = traces["dense", t] if declared.reads_dense_traces else None
-            written = recipe.prune(p, t, m, layout.run_dir(t, m), dense, call=stage_caller(t, m, refresh))
+        for m, method in methods.items():
+            dense = traces["dense", t] if method.declaration.reads_dense_traces else None
+            written = recipe.prune(p, t, method, layout.run_dir(t, m), dense, call=stage_caller(t, m, refresh))
             masks[t, m] = {target_key(target): str(path) for target, path in written.items()}
 
     # healing (methods declaring heal: {...}): the healing traces, then every mask of the method healed
-    healing = [(t, m) for (t, m) in masks if methods[m].heal is not None]
+    healing = [(t, m) for (t, m) in masks if methods[m].declaration.heal is not None]
     heal_data = _run_wave({("heal_traces", t, m): ("heal_traces", {
-        "params": p, "task": t, "method": m, "out": str(layout.heal_traces(t, methods[m].heal.num_prompts)),
+        "params": p, "task": t, "method": methods[m],
+        "out": str(layout.heal_traces(t, methods[m].declaration.heal.num_prompts)),
         "base": base}) for t, m in healing}, refresh)
     healed = _run_wave({("heal", t, m, target): ("heal", {
-        "params": p, "task": t, "method": m, "mask": mask, "traces": [heal_data["heal_traces", t, m]],
+        "params": p, "task": t, "method": methods[m], "mask": mask, "traces": [heal_data["heal_traces", t, m]],
         "out": str(layout.healed(t, m, parse_target(target)))})
         for t, m in healing for target, mask in masks[t, m].items()}, refresh)
 

@@ -111,20 +111,20 @@ def prune(params: ParamsArg, task: str, method: str, out_dir: str | Path, *, den
     """
     p = _params(params, overrides)
     _task(p, task)
-    declared = declared_method(p, method, APIError)
+    chosen = declared_method(p, method, APIError)
     check_regeneration(p, method)
-    if declared.reads_dense_traces and dense_traces is None:
+    if chosen.declaration.reads_dense_traces and dense_traces is None:
         raise APIError(f"method {method} calibrates on the dense model's own traces: pass "
                        f"dense_traces=resp.make_traces(params, {task!r}, OUT)")
-    if dense_traces is not None and not declared.reads_dense_traces:
+    if dense_traces is not None and not chosen.declaration.reads_dense_traces:
         raise APIError(f"dense traces are only read by methods calibrated on the dense model's own traces; {method} "
-                       f"(calibration: {declared.calibration}) would ignore them: drop them")
+                       f"(calibration: {chosen.declaration.calibration}) would ignore them: drop them")
     out_dir = Path(out_dir)
     _before_loading(p, [(out_dir, "dir")])
     check_run_dir(out_dir, task, method)
     from resp.recipe import prune as run
 
-    return run(p, task, method, out_dir, None if dense_traces is None else str(dense_traces))
+    return run(p, task, chosen, out_dir, None if dense_traces is None else str(dense_traces))
 
 
 def export(params: ParamsArg, mask: str | Path, format: str, out: str | Path, *, model: str | None = None,
@@ -229,8 +229,8 @@ def heal(params: ParamsArg, task: str, mask: str | Path, traces, out: str | Path
 
     _, meta = read_mask(mask)
     method = method or meta.get("method")
-    declared = declared_method(p, method, APIError)
-    if declared.heal is None:
+    chosen = declared_method(p, method, APIError)
+    if chosen.declaration.heal is None:
         healing = [m for m, d in p.methods.items() if d.heal is not None]
         raise APIError(f"method {method!r} declares no heal settings: pass method= one that does ({', '.join(healing) or 'none'}) "
                        f"or add heal: {{...}} under methods.{method} in params.yaml")
@@ -239,4 +239,4 @@ def heal(params: ParamsArg, task: str, mask: str | Path, traces, out: str | Path
     _before_loading(p, [(out, "dir")])
     from resp.stages.heal import heal as run
 
-    return Path(run(p, task, method, mask, trace_paths, out))
+    return Path(run(p, task, chosen, mask, trace_paths, out))

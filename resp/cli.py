@@ -303,7 +303,7 @@ def prune_command(
 
     with user_errors():
         p = load_params(params, overrides)
-        declared = declared_method(p, method)
+        declared = declared_method(p, method).declaration
         if traces is not None and unused_traces_ok and not declared.reads_dense_traces:
             typer.echo(f"{method} (calibration: {declared.calibration}) does not read --traces {traces}", err=True)
             traces = None

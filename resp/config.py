@@ -8,6 +8,7 @@ default). Library functions receive the sub-config they need.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -464,12 +465,21 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid."""
 
 
-def declared_method(params: Params, method: str, error: type[ValueError] = ParamsError) -> MethodParams:
-    """The declaration of `method`, or `error` naming the fix when params.yaml does not declare it."""
-    if method not in params.methods:
-        raise error(f"method {method!r} is not declared; declare it under `methods` in params.yaml "
+@dataclass(frozen=True)
+class Method:
+    """A declared method as a run hands it to its stages: `name` labels what the run writes (run
+    directories, manifests, logs) and fills the `methods.{method}` params sections; `declaration`
+    (`methods.<name>`) says how it runs. Built once where a run enters (`declared_method`)."""
+    name: str
+    declaration: MethodParams
+
+
+def declared_method(params: Params, name: str, error: type[ValueError] = ParamsError) -> Method:
+    """The method `name` as params.yaml declares it, or `error` naming the fix when it does not."""
+    if name not in params.methods:
+        raise error(f"method {name!r} is not declared; declare it under `methods` in params.yaml "
                     f"(declared: {', '.join(params.methods)})")
-    return params.methods[method]
+    return Method(name, params.methods[name])
 
 
 def check_regeneration(params: Params, method: str) -> None:

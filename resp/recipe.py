@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from resp.artifacts import parse_target, read_manifest, target_key, write_json
-from resp.config import Params, declared_method
+from resp.config import Method, Params
 from resp.lineage import check_dense_traces
 from resp.locking import run_dir_lock
 from resp.schedule import PruneState, ScheduleConfig, iterative_prune, trace_record
@@ -41,17 +41,18 @@ def direct(stage, **kwargs):
     return stage(**kwargs)
 
 
-def prune(params: Params, task: str, method: str, out_dir: str | Path,
+def prune(params: Params, task: str, method: Method, out_dir: str | Path,
           dense_traces: str | None = None, call=direct) -> dict[float, Path]:
-    """Run `method` on `task` and write `<out_dir>/masks/sparsity-<t>.safetensors` for every target.
+    """Run `method` (from `resp.config.declared_method`) on `task` and write
+    `<out_dir>/masks/sparsity-<t>.safetensors` for every target.
 
     Composes the stages of `resp.stages`, each run through `call(stage function, **kwargs)`. The dense
     traces must be this task's, made by this model; one writer per run directory."""
-    declared = declared_method(params, method, RecipeError)
-    if declared.reads_dense_traces and dense_traces is None:
+    reads_dense_traces = method.declaration.reads_dense_traces
+    if reads_dense_traces and dense_traces is None:
         raise RecipeError("this method calibrates on the dense model's own traces: pass --traces (made by `resp traces`)")
     base = base_model(params)
-    if dense_traces is not None and declared.reads_dense_traces:
+    if dense_traces is not None and reads_dense_traces:
         check_dense_traces(dense_traces, task, params.tasks[task].calibration_split, params.calibration.num_prompts,
                            base["key"])
     with run_dir_lock(out_dir):
@@ -61,7 +62,7 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
 class RunStages:
     """The `schedule.Stages` of one pruning run: each stage through `call`, its output under `out_dir`."""
 
-    def __init__(self, call, params: Params, task: str, method: str, base: dict, out_dir: Path, reference: str):
+    def __init__(self, call, params: Params, task: str, method: Method, base: dict, out_dir: Path, reference: str):
         self.call, self.out_dir, self.reference = call, out_dir, reference
         self.common = {"params": params, "base": base}
         self.run = {**self.common, "task": task, "method": method}
@@ -97,9 +98,9 @@ def timed(call, seconds: dict):
     return run
 
 
-def _run_stages(params: Params, task: str, method: str, out_dir: Path, dense_traces: str | None, base: dict,
-           call) -> dict[float, Path]:
-    declared, p = params.methods[method], params.prune
+def _run_stages(params: Params, task: str, method: Method, out_dir: Path, dense_traces: str | None, base: dict,
+                call) -> dict[float, Path]:
+    declared, p = method.declaration, params.prune
     run = {"params": params, "task": task, "method": method, "base": base}
     start = time.time()
     call = timed(call, seconds := {})
@@ -125,6 +126,6 @@ def _run_stages(params: Params, task: str, method: str, out_dir: Path, dense_tra
                   "spent": state.spent}
     written = call(write_run, **run, record=record, out_dir=str(out_dir))
     wall = write_wall_seconds(out_dir, seconds, time.time() - start)
-    log.info("%s %s: pruned in %.1f s (%s); masks and summary in %s, wall seconds by stage in %s", method, task,
+    log.info("%s %s: pruned in %.1f s (%s); masks and summary in %s, wall seconds by stage in %s", method.name, task,
              time.time() - start, ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), out_dir, wall)
     return {parse_target(k): Path(v) for k, v in written.items()}

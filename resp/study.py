@@ -34,7 +34,7 @@ from pathlib import Path
 from resp import artifacts
 from resp.stages import table
 from resp.stages.common import base_model, loaded_model
-from resp.config import Params
+from resp.config import Params, declared_method
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,9 @@ class Study:
 
         path = self.cell_file(task, method, seed)
         params = cell_params(self.params, seed)
-        declared = params.methods[method]
+        chosen = declared_method(params, method)
         traces = None
-        if declared.calibration == "self":
+        if chosen.declaration.reads_dense_traces:
             tpath = self.dense_traces(params, task, seed)
             traces = {"path": str(tpath), "digest": json.loads(artifacts.manifest_path(tpath).read_text())["digest"]}
         inputs = self.inputs(params, task, method, traces)
@@ -193,7 +193,7 @@ class Study:
         run_dir = self.work / "runs" / task / method / f"seed-{seed}"
         if run_dir.exists():   # a killed cell: its run directory is the study's own, made under work_dir
             shutil.rmtree(run_dir)
-        masks = prune(params, task, method, run_dir, dense_traces=traces["path"] if traces else None)
+        masks = prune(params, task, chosen, run_dir, dense_traces=traces["path"] if traces else None)
         results = self.evaluate(params, task, method, masks)
         s = loaded_model(params, self.base).masked.s
         for t, p in masks.items():

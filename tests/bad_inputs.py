@@ -48,7 +48,7 @@ def build_project(root: Path, model_dir: Path, world_dir: Path, store: list[str]
     """params.yaml for the tiny model and world, dense traces of two tasks, held-out traces, a
     trace set whose manifest names another model, and one magnitude run."""
     from resp import recipe
-    from resp.config import load_params
+    from resp.config import declared_method, load_params
 
     root.mkdir(parents=True, exist_ok=True)
     # data and cache inside the project: a `resp run` row that runs (on code that lets it) writes nothing elsewhere
@@ -67,7 +67,7 @@ def build_project(root: Path, model_dir: Path, world_dir: Path, store: list[str]
     traces["other_model"] = other
     traces["two_prompts"] = recipe.make_traces(params, "arith", "train", 2, root / "traces" / "two-prompts.jsonl")
     run_dir = root / "runs" / "magnitude"
-    recipe.prune(params, "arith", "magnitude", run_dir)
+    recipe.prune(params, "arith", declared_method(params, "magnitude"), run_dir)
     read_only = READ_ONLY
     if read_only is None:
         read_only = root / "read-only" / "out"
@@ -82,7 +82,7 @@ def build_project(root: Path, model_dir: Path, world_dir: Path, store: list[str]
         "registry": params.registry.model_copy(update={"experiment": "resp-bad-inputs"})})
     copy_path = root / "params-base-copy.yaml"
     copy_path.write_text(yaml.safe_dump(copy_params.model_dump(mode="json")))
-    recipe.prune(copy_params, "arith", "magnitude", root / "runs" / "base-copy-magnitude")
+    recipe.prune(copy_params, "arith", declared_method(copy_params, "magnitude"), root / "runs" / "base-copy-magnitude")
     from resp.registry import register_method
 
     version = register_method(copy_params, "arith", "magnitude", root / "runs" / "base-copy-magnitude" / "masks")[0]
@@ -283,13 +283,13 @@ def _killed_registration(p: Project):
     import sys
 
     from resp import recipe
-    from resp.config import load_params
+    from resp.config import declared_method, load_params
     from resp.registry import register_method
 
     run = p.root / S / "killed-run"
     shutil.rmtree(run, ignore_errors=True)
     params = load_params(p.copy_params)
-    recipe.prune(params, "arith", "random", run)
+    recipe.prune(params, "arith", declared_method(params, "random"), run)
     args = ["register", "--task", "arith", "--method", "random", "--run-dir", str(run), "--params", str(p.copy_params)]
     killer = ("import os, signal\nfrom mlflow import MlflowClient\nfrom resp.cli import app\n"
               "finish = MlflowClient.set_terminated\n"

@@ -17,6 +17,7 @@ from resp.artifacts import dir_digest, manifest_path
 from resp.evaluation import evaluate_masks
 from resp.checkpoints import export_mask_file
 from resp.models import load_model, model_identity
+from resp.config import declared_method
 from resp.recipe import make_traces as recipe_make_traces
 from resp.recipe import prune as recipe_prune
 
@@ -48,7 +49,7 @@ def test_each_call_writes_what_the_library_writes(tiny_params, tmp_path):
     assert same_file(heldout, lib / "heldout.jsonl")
 
     masks = resp.prune(p, "arith", "resp", api / "run", dense_traces=traces)
-    expected = recipe_prune(p, "arith", "resp", lib / "run", str(traces))
+    expected = recipe_prune(p, "arith", declared_method(p, "resp"), lib / "run", str(traces))
     assert masks == {0.1: api / "run/masks/sparsity-0.10.safetensors", 0.2: api / "run/masks/sparsity-0.20.safetensors"}
     for target in expected:   # manifests name their own run directory's regenerated traces
         assert same_file(masks[target], expected[target], replace=(str(api / "run"), str(lib / "run")))

@@ -14,7 +14,7 @@ from test_schedule import Fake, run
 from typer.testing import CliRunner
 
 from resp.cli import app
-from resp.config import ParamsError, load_params
+from resp.config import ParamsError, declared_method, load_params
 from resp.cost import (CostError, Rates, check_rates, generation_spent, load_rates, matmul_params, predict_run,
                        rates_from_gpu_check, schedule_passes)
 from resp.memory import load_config
@@ -81,7 +81,7 @@ def test_run_summary_counts_what_was_spent(tiny_params, tmp_path):
     assert (params.prune.score_every, params.prune.score_subsets, params.prune.score_tokens) == (1, 1, None)
     p = tiny_params.model_copy(update={"prune": tiny_params.prune.model_copy(
         update={"score_every": 2, "score_subsets": 2, "score_tokens": 5})})
-    prune(p, "arith", "resp", tmp_path / "run", dense_traces=str(tiny_dense_traces))
+    prune(p, "arith", declared_method(p, "resp"), tmp_path / "run", dense_traces=str(tiny_dense_traces))
     summary_bytes = (tmp_path / "run" / "summary.json").read_bytes()
     cost = json.loads(summary_bytes)["cost"]
     score_files = sorted((tmp_path / "run" / "steps").rglob("scores*.safetensors"))
@@ -105,7 +105,8 @@ def test_run_summary_counts_what_was_spent(tiny_params, tmp_path):
     assert set(wall["by_step"]) >= {"calibrate", "score", "apply", "regenerate", "write_run"}
     assert not list((tmp_path / "run").rglob("*wall*"))
 
-    prune(p, "arith", "resp", tmp_path / "run", dense_traces=str(tiny_dense_traces))  # rerun: same bytes
+    # rerun: same bytes
+    prune(p, "arith", declared_method(p, "resp"), tmp_path / "run", dense_traces=str(tiny_dense_traces))
     assert (tmp_path / "run" / "summary.json").read_bytes() == summary_bytes
 
 

@@ -30,7 +30,7 @@ import resp.stages.traces
 from resp import evaluation, recipe
 from resp.stages import table
 from flows.cli import app
-from resp.config import load_params
+from resp.config import declared_method, load_params
 from resp.masks import Mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,27 @@ def test_cache_key_reads_sections_and_file_contents(tiny_params, tmp_path, monke
     changed = key(tiny_params)
     monkeypatch.setattr(flow_module.table, "code_digest", lambda stage: "other code")   # the stage's code is part of it
     assert key(tiny_params) != changed
+
+
+def test_a_method_enters_the_cache_key_as_the_sections_its_stage_reads(tiny_params, tmp_path):
+    """A stage given a `Method` keys on its name and on the part of its declaration the stage declares
+    (heal_traces: `methods.<m>.heal.num_prompts`), not on the whole value: another learning rate keeps the
+    healing traces cached, another number of prompts does not."""
+    policy = ReadsFiles(stage="heal_traces")
+
+    def key(params):
+        return policy.compute_key(None, {"params": params, "task": "arith", "out": str(tmp_path / "h.jsonl"),
+                                         "base": {"key": "k"}, "method": declared_method(params, "resp_heal")}, {})
+
+    def healing(**update):
+        heal = tiny_params.methods["resp_heal"].heal.model_copy(update=update)
+        methods = {**tiny_params.methods, "resp_heal": tiny_params.methods["resp_heal"].model_copy(update={"heal": heal})}
+        return tiny_params.model_copy(update={"methods": methods})
+
+    first = key(tiny_params)
+    assert key(tiny_params) == first                 # a value built again keys the same
+    assert key(healing(lr=0.5)) == first
+    assert key(healing(num_prompts=5)) != first
 
 
 def test_a_stage_caches_on_its_own_code_only():
@@ -304,7 +325,8 @@ def test_dask_task_runner_fans_out_on_a_local_cluster(prefect_api, mlflow_store,
     fanned = [w for name, w in calls.workers if name in ("export_model", "evaluate_masks")]
     assert len(fanned) == 7 and set(fanned) <= {0, 1}, calls.workers
     assert {w for name, w in calls.workers if name not in ("export_model", "evaluate_masks")} == {None}
-    direct = recipe.prune(load_params(params), "arith", "magnitude", tmp_path / "direct")
+    loaded = load_params(params)
+    direct = recipe.prune(loaded, "arith", declared_method(loaded, "magnitude"), tmp_path / "direct")
     assert {f"{t:.2f}": Mask.load(p)[0].digest() for t, p in direct.items()} == \
         {t: Mask.load(p)[0].digest() for t, p in result["masks"]["arith/magnitude"].items()}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from resp.config import HealParams, ModelParams, ParamsError, load_params
+from resp.config import HealParams, ModelParams, ParamsError, declared_method, load_params
 from resp.healing import HealError, completion_loss, heal, healed_mask, keep_tensors, load_healed
 from resp.masks import Mask
 from resp.models import load_model, model_identity
@@ -332,7 +332,7 @@ def test_registered_healed_version_has_the_pruned_parent_and_audits(tmp_path, ti
                                                 "calibration.seed=2", "methods.resp_heal.heal.steps=3",
                                                 "methods.resp_heal.heal.warmup_steps=1"])
     dense = recipe.make_traces(params, "arith", "train", None, tmp_path / "dense.jsonl")
-    masks = recipe.prune(params, "arith", "resp", tmp_path / "resp", str(dense))
+    masks = recipe.prune(params, "arith", declared_method(params, "resp"), tmp_path / "resp", str(dense))
     healed_dir = tmp_path / "healed"
     from resp.api import heal as api_heal
 

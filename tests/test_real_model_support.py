@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 from conftest import make_llama
 from resp import tasks
 from resp.artifacts import masks_in_dir
-from resp.config import load_params
+from resp.config import declared_method, load_params
 from resp.evaluation import evaluate_masks
 from resp.checkpoints import export_model
 from resp.masks import Mask
@@ -105,7 +105,8 @@ def test_recipe_on_tied_llama_without_thinking_mode(smol_dir, smol_tokenizer, ti
     caplog.set_level(logging.WARNING)
     dense = make_traces(params, "arith", "train", None, tmp_path / "dense.jsonl")
     heldout = make_traces(params, "arith", "test", 4, tmp_path / "heldout.jsonl")
-    masks = {m: prune(params, "arith", m, tmp_path / m, str(dense)) for m in ("resp", "wanda_sp")}
+    masks = {m: prune(params, "arith", declared_method(params, m), tmp_path / m, str(dense))
+             for m in ("resp", "wanda_sp")}
     # RESP regenerated at 0.1 through the same template: still one warning for the whole run
     assert (tmp_path / "resp" / "traces" / "milestone-0.10.jsonl").is_file()
     assert len(warnings_from_tasks(caplog)) == 1

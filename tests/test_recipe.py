@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from resp.config import ParamsError, declared_method
 from resp.masks import Mask
 from resp.recipe import RecipeError, make_traces, prune
 from resp.structures import StructureError
@@ -28,7 +29,7 @@ def test_make_traces_manifest(tiny_params, dense_traces):
 
 
 def test_resp_regenerates_at_milestones_and_saves_nested_masks(tiny_params, dense_traces, tmp_path):
-    written = prune(tiny_params, "arith", "resp", tmp_path / "run", str(dense_traces))
+    written = prune(tiny_params, "arith", declared_method(tiny_params, "resp"), tmp_path / "run", str(dense_traces))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     tags = [t["tag"] for t in summary["trace_sets"]]
     assert tags == ["initial", "milestone-0.05", "milestone-0.10"]       # each milestone exactly once
@@ -47,64 +48,73 @@ def test_resp_regenerates_at_milestones_and_saves_nested_masks(tiny_params, dens
 
 
 def test_same_params_same_masks(tiny_params, dense_traces, tmp_path):
-    a = prune(tiny_params, "arith", "resp", tmp_path / "a", str(dense_traces))
-    b = prune(tiny_params, "arith", "resp", tmp_path / "b", str(dense_traces))
+    a = prune(tiny_params, "arith", declared_method(tiny_params, "resp"), tmp_path / "a", str(dense_traces))
+    b = prune(tiny_params, "arith", declared_method(tiny_params, "resp"), tmp_path / "b", str(dense_traces))
     assert [Mask.load(a[t])[0].digest() for t in a] == [Mask.load(b[t])[0].digest() for t in b]
     # the summaries hold no wall-clock time: equal bytes once each run's own directory is factored out
     summaries = [(tmp_path / run / "summary.json").read_text().replace(str(tmp_path / run), "RUN") for run in "ab"]
     assert summaries[0] == summaries[1] and "seconds" not in summaries[0]
 
 
-@pytest.mark.parametrize("method", ["resp_noregen", "gisp", "generic", "wanda_sp", "owl_sp", "flap", "flap_nobias",
-                                    "magnitude", "random", "wanda_sp_self"])
-def test_every_method_writes_masks_at_targets(tiny_params, dense_traces, tmp_path, method):
-    declared = tiny_params.methods[method]
-    written = prune(tiny_params, "arith", method, tmp_path / method,
-                    str(dense_traces) if declared.calibration == "self" else None)
+# By hand from params.yaml: what each method calibrates on ("dense": the dense traces themselves, else the kind
+# of the traces/calibration.jsonl it writes, None: nothing) and the tags of its trace sets (taylor: "initial",
+# one-shot baselines: "calibration").
+EVERY_METHOD = [("resp_noregen", "dense", ["initial"]), ("gisp", "gold", ["initial"]), ("generic", "text", ["initial"]),
+                ("wanda_sp", "gold", ["calibration"]), ("owl_sp", "gold", ["calibration"]),
+                ("flap", "gold", ["calibration"]), ("flap_nobias", "gold", ["calibration"]),
+                ("magnitude", None, []), ("random", None, []), ("wanda_sp_self", "dense", ["calibration"])]
+
+
+@pytest.mark.parametrize("method, calibrated_on, tags", EVERY_METHOD)
+def test_every_method_writes_masks_at_targets(tiny_params, dense_traces, tmp_path, method, calibrated_on, tags):
+    written = prune(tiny_params, "arith", declared_method(tiny_params, method), tmp_path / method,
+                    str(dense_traces) if calibrated_on == "dense" else None)
     summary = json.loads((tmp_path / method / "summary.json").read_text())
-    expected_tags = {"none": [], "self": ["initial"] if declared.scorer == "taylor" else ["calibration"]}
-    tags = [t["tag"] for t in summary["trace_sets"]]
-    assert tags == expected_tags.get(declared.calibration, ["initial"] if declared.scorer == "taylor" else ["calibration"])
+    assert [t["tag"] for t in summary["trace_sets"]] == tags
     for target, path in written.items():
         mask, meta = Mask.load(path)
         assert meta["method"] == method and meta["sparsity"] >= target
-        assert meta["declaration"] == declared.model_dump()
+        assert meta["declaration"] == tiny_params.methods[method].model_dump()
         assert meta["label"] == method
         assert (mask.biases is not None) == (method == "flap")   # FLAP carries its compensation
-    if declared.calibration == "self":   # calibrated on the dense traces themselves, not a copy
+    calibration = tmp_path / method / "traces" / "calibration.jsonl"
+    assert calibration.exists() == (calibrated_on in ("gold", "text"))
+    if calibrated_on == "dense":   # calibrated on the dense traces themselves, not a copy
         assert summary["trace_sets"][0]["digest"] == TraceSet.load(dense_traces).manifest["digest"]
-    elif declared.calibration != "none":
-        calibration = TraceSet.load(tmp_path / method / "traces" / "calibration.jsonl")
-        assert calibration.manifest["kind"] == {"gold": "gold", "generic": "text"}[declared.calibration]
+    elif calibrated_on is not None:
+        assert TraceSet.load(calibration).manifest["kind"] == calibrated_on
 
 
 def test_calibration_source_is_an_axis_of_its_own(tiny_params, dense_traces, tmp_path):
     """The same scorer on self-generated and gold calibration gives different masks, and the
     self-calibrated Wanda-sp reads exactly the dense traces RESP reads."""
-    gold = prune(tiny_params, "arith", "wanda_sp", tmp_path / "gold")
-    own = prune(tiny_params, "arith", "wanda_sp_self", tmp_path / "self", str(dense_traces))
+    gold = prune(tiny_params, "arith", declared_method(tiny_params, "wanda_sp"), tmp_path / "gold")
+    own = prune(tiny_params, "arith", declared_method(tiny_params, "wanda_sp_self"), tmp_path / "self",
+                str(dense_traces))
     assert any(Mask.load(gold[t])[0].digest() != Mask.load(own[t])[0].digest() for t in gold)
     assert Mask.load(own[0.2])[1]["trace_sets"][0]["path"] == str(dense_traces)
 
 
 def test_bad_inputs(tiny_params, tmp_path, dense_traces):
     with pytest.raises(RecipeError, match="this method calibrates on the dense model's own traces: pass --traces"):
-        prune(tiny_params, "arith", "resp", tmp_path / "x")
-    with pytest.raises(RecipeError, match="method 'obs' is not declared; declare it under `methods` in params.yaml"):
-        prune(tiny_params, "arith", "obs", tmp_path / "x")
+        prune(tiny_params, "arith", declared_method(tiny_params, "resp"), tmp_path / "x")
+    with pytest.raises(ParamsError, match="method 'obs' is not declared; declare it under `methods` in params.yaml"):
+        declared_method(tiny_params, "obs")
     bad = tiny_params.model_copy(update={"prune": tiny_params.prune.model_copy(update={"protected_layers": [0, 1, 2, 3]})})
     with pytest.raises(StructureError, match="nothing is left to prune"):
-        prune(bad, "arith", "magnitude", tmp_path / "x")
+        prune(bad, "arith", declared_method(bad, "magnitude"), tmp_path / "x")
     ts = TraceSet.load(dense_traces)
     for t in ts.traces:
         t.truncated = True
     ts.save(tmp_path / "trunc.jsonl")
     with pytest.raises(TraceError, match="all 6 traces are truncated"):
-        prune(tiny_params, "arith", "resp", tmp_path / "y", str(tmp_path / "trunc.jsonl"))
+        prune(tiny_params, "arith", declared_method(tiny_params, "resp"), tmp_path / "y",
+          str(tmp_path / "trunc.jsonl"))
     assert not (tmp_path / "y" / "masks").exists()                  # nothing half-written
     TraceSet([], TraceSet.load(dense_traces).manifest).save(tmp_path / "empty.jsonl")   # same lineage, no traces
     with pytest.raises(TraceError, match="the trace set is empty"):
-        prune(tiny_params, "arith", "resp", tmp_path / "z", str(tmp_path / "empty.jsonl"))
+        prune(tiny_params, "arith", declared_method(tiny_params, "resp"), tmp_path / "z",
+          str(tmp_path / "empty.jsonl"))
 
 
 def test_vllm_backend_generates_from_model_dirs(tiny_params, tmp_path, monkeypatch, dense_traces):
@@ -125,7 +135,7 @@ def test_vllm_backend_generates_from_model_dirs(tiny_params, tmp_path, monkeypat
     path = make_traces(params, "arith", "train", None, tmp_path / "v.jsonl")
     assert calls == [str(tiny_params.model.name_or_path)]
     assert TraceSet.load(path).manifest["sampling"]["backend"] == "vllm"
-    prune(params, "arith", "resp", tmp_path / "run", str(dense_traces))
+    prune(params, "arith", declared_method(params, "resp"), tmp_path / "run", str(dense_traces))
     assert calls[1:] == [str(tmp_path / "run" / "masked" / tag) for tag in ("milestone-0.05", "milestone-0.10")]
     regenerated = TraceSet.load(tmp_path / "run" / "traces" / "milestone-0.10.jsonl")
     assert regenerated.manifest["sampling"]["backend"] == "vllm"
@@ -138,7 +148,8 @@ def test_every_scorer_runs_on_every_calibration_source(tiny_params, dense_traces
 
     methods = {**tiny_params.methods, "probe": MethodParams(scorer=scorer, calibration=calibration)}
     params = tiny_params.model_copy(update={"methods": methods})
-    written = prune(params, "arith", "probe", tmp_path / "probe", str(dense_traces) if calibration == "self" else None)
+    written = prune(params, "arith", declared_method(params, "probe"), tmp_path / "probe",
+                    str(dense_traces) if calibration == "self" else None)
     meta = Mask.load(written[0.2])[1]
     used = TraceSet.load(meta["trace_sets"][0]["path"]).manifest
     assert used["kind"] == {"self": "self_generated", "gold": "gold", "generic": "text"}[calibration]
@@ -150,7 +161,7 @@ def test_every_scorer_runs_on_every_calibration_source(tiny_params, dense_traces
 def test_selective_calibration_keeps_challenging_traces_and_regenerates_their_prompts(tiny_params, tmp_path):
     params = tiny_params.model_copy(update={"calibration": tiny_params.calibration.model_copy(
         update={"num_prompts": 4, "select_candidates": 8, "select_samples": 2})})
-    written = prune(params, "arith", "resp_selective", tmp_path / "run")
+    written = prune(params, "arith", declared_method(params, "resp_selective"), tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     chosen = TraceSet.load(summary["trace_sets"][0]["path"])
     selection = chosen.manifest["selection"]
@@ -176,15 +187,15 @@ def test_trace_filter_is_a_method_option(tiny_params, dense_traces, tmp_path, me
         return real(traces, "none", dense_answers)   # the random tiny model answers nothing right: score on all
 
     monkeypatch.setattr(resp.traces, "filter_traces", spy)
-    prune(tiny_params, "arith", method, tmp_path / "run", str(dense_traces))
+    prune(tiny_params, "arith", declared_method(tiny_params, method), tmp_path / "run", str(dense_traces))
     assert seen and set(seen) == {rule}
-    prune(tiny_params, "arith", "resp", tmp_path / "plain", str(dense_traces))
+    prune(tiny_params, "arith", declared_method(tiny_params, "resp"), tmp_path / "plain", str(dense_traces))
     assert set(seen[-4:]) == {"none"}
 
 
 def test_drift_method_logs_drift_and_counts_regenerations(tiny_params, dense_traces, tmp_path):
     params = tiny_params.model_copy(update={"prune": tiny_params.prune.model_copy(update={"drift_threshold": 1e-6})})
-    prune(params, "arith", "resp_drift", tmp_path / "run", str(dense_traces))
+    prune(params, "arith", declared_method(params, "resp_drift"), tmp_path / "run", str(dense_traces))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     regenerated = [s for s in summary["steps"] if s["regenerated"]]
     assert len(summary["trace_sets"]) - 1 == len(regenerated) >= 1

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from resp import recipe, registry
 from resp.artifacts import file_digest
 from resp.cli import app
-from resp.config import load_params
+from resp.config import declared_method, load_params
 from resp.evaluation import evaluate_masks
 from resp.checkpoints import export_model
 from resp.masks import Mask
@@ -60,8 +60,8 @@ def pruned(params, tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     dense = recipe.make_traces(params, "arith", "train", None, root / "dense.jsonl")
     heldout = recipe.make_traces(params, "arith", "test", 4, root / "heldout.jsonl")
-    resp_masks = recipe.prune(params, "arith", "resp", root / "resp", str(dense))
-    recipe.prune(params, "arith", "wanda_sp", root / "wanda_sp")
+    resp_masks = recipe.prune(params, "arith", declared_method(params, "resp"), root / "resp", str(dense))
+    recipe.prune(params, "arith", declared_method(params, "wanda_sp"), root / "wanda_sp")
     model, tokenizer = load_model(params.model.name_or_path)
     key = model_identity(params.model.name_or_path).key
     exports = {}
@@ -242,7 +242,7 @@ def test_audit_and_registration_detect_an_edited_trace_file(params, params_file,
 
 def test_failed_verification_registers_nothing(params, pruned, client, monkeypatch, tmp_path):
     run_dir = tmp_path / "random"
-    recipe.prune(params, "arith", "random", run_dir)
+    recipe.prune(params, "arith", declared_method(params, "random"), run_dir)
     identity = model_identity(params.model.name_or_path)
     name = registry.model_name({**identity.to_dict(), "key": identity.key}, "arith", "random")
     real_log = registry_versions._log_entries
@@ -484,7 +484,7 @@ def test_a_registration_killed_after_creating_its_version_is_repaired_by_the_nex
     import sys
 
     run = tmp_path / "run"
-    recipe.prune(params, "arith", "magnitude", run)
+    recipe.prune(params, "arith", declared_method(params, "magnitude"), run)
     args = ["register", "--task", "arith", "--method", "magnitude", "--run-dir", str(run), "--params", str(params_file)]
     killer = ("import os, signal\nfrom mlflow import MlflowClient\nfrom resp.cli import app\n"
               "finish = MlflowClient.set_terminated\n"
@@ -551,7 +551,7 @@ def test_a_registration_from_before_the_wider_base_identity_still_audits_with_a_
     monkeypatch.setattr(registering, "_identity", lambda base: {k: base.get(k) for k in ("name", "revision",
                                                                                       "content_hash", "key")})
     run = tmp_path / "run"
-    recipe.prune(params, "arith", "random", run)
+    recipe.prune(params, "arith", declared_method(params, "random"), run)
     v = registry.register_method(params, "arith", "random", run / "masks")[0]
     monkeypatch.undo()
     result = runner.invoke(app, ["audit", "--model", v["name"], "--version", v["version"], "--params", str(params_file)])

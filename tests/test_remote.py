@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from resp import recipe, registry
 from resp.artifacts import file_digest, manifest_path
 from resp.cli import app
-from resp.config import load_params
+from resp.config import declared_method, load_params
 from resp.checkpoints import export_model
 from resp.masks import Mask
 from resp.models import load_model, model_identity
@@ -97,7 +97,7 @@ def project(tmp_path_factory, tiny_model_dir, tiny_world_dir, mlflow_store, dvc_
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         recipe.make_traces(params, "arith", "train", None, TRACES)
-        recipe.prune(params, "arith", "resp_noregen", RUN, str(TRACES))
+        recipe.prune(params, "arith", declared_method(params, "resp_noregen"), RUN, str(TRACES))
         model, tokenizer = load_model(params.model.name_or_path)
         mask, meta = Mask.load(MASK)
         export_model(model, tokenizer, mask, structures_for(model, meta["attention_unit"], meta["protected_layers"]),

@@ -7,7 +7,7 @@ from typing import get_args
 import pytest
 
 import resp.stages.score
-from resp.config import MethodParams
+from resp.config import MethodParams, declared_method
 from resp.recipe import make_traces, prune
 from resp.stages.calibrate import SOURCES
 from resp.stages.regenerate import regeneration_seed
@@ -23,6 +23,16 @@ def test_a_declaration_names_arguments_its_function_takes(name):
     assert set(stage.files) | set(stage.outputs) <= set(arguments), name
     assert stage.function.__module__ == stage.module
     assert all(part in STAGES for part in stage.parts)
+
+
+def test_the_stages_reading_a_method_declaration_take_the_method_value():
+    """A stage whose params sections include `methods.{method}` takes the `Method` (name and declaration)
+    and reads the declaration from it; the others take no method or a label (`evaluate`: "dense" too)."""
+    takes = {name for name, stage in STAGES.items()
+             if getattr(inspect.signature(stage.function).parameters.get("method"), "annotation", None) == "Method"}
+    reads = {name for name, stage in STAGES.items() if any(s.startswith("methods.{method}") for s in stage.sections)}
+    assert takes == reads == {"prune", "calibrate", "score", "regenerate", "baseline", "write_run", "heal",
+                              "heal_traces"}
 
 
 def test_a_stage_is_found_by_its_function():
@@ -65,8 +75,8 @@ def test_fresh_and_common_regeneration_differ_only_in_their_random_numbers(tiny_
     tree["generation"].update(temperature=1.0, top_k=0, top_p=1.0)
     tiny_params = type(tiny_params).model_validate(tree)
     dense = make_traces(tiny_params, "arith", "train", None, tmp_path / "dense.jsonl")
-    prune(tiny_params, "arith", "resp", tmp_path / "fresh", str(dense))
-    prune(tiny_params, "arith", "resp_common", tmp_path / "common", str(dense))
+    prune(tiny_params, "arith", declared_method(tiny_params, "resp"), tmp_path / "fresh", str(dense))
+    prune(tiny_params, "arith", declared_method(tiny_params, "resp_common"), tmp_path / "common", str(dense))
     fresh = TraceSet.load(tmp_path / "fresh" / "traces" / "milestone-0.05.jsonl")
     common = TraceSet.load(tmp_path / "common" / "traces" / "milestone-0.05.jsonl")
     assert common.manifest["sampling"]["seed"] == TraceSet.load(dense).manifest["sampling"]["seed"] == 0

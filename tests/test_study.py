@@ -64,7 +64,7 @@ def test_a_study_resumes_cell_by_cell_and_refuses_changed_inputs(tiny_params, tm
 
     pruned = []
     real_prune = resp.recipe.prune
-    monkeypatch.setattr(resp.recipe, "prune", lambda *a, **k: pruned.append(a[2]) or real_prune(*a, **k))
+    monkeypatch.setattr(resp.recipe, "prune", lambda *a, **k: pruned.append(a[2].name) or real_prune(*a, **k))
     again = run_study(p)
     assert pruned == ["magnitude", "random", "random"]
     assert again[:2] == first

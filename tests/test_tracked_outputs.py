@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from resp.artifacts import reported_change, reported_loss
 from resp.cli import app
+from resp.config import declared_method
 from resp.recipe import make_traces, prune
 from resp.schedule import reported_steps
 
@@ -90,7 +91,7 @@ def test_dvc_tracks_no_raw_scores_or_unrounded_losses_of_a_run_or_a_healed_model
     run = declared_out("prune", **{"item.task": "arith", "item.method": "resp"})
     healed = declared_out("heal", item="arith")
     dense = make_traces(tiny_params, "arith", "train", None, project / "data" / "dense.jsonl")
-    prune(tiny_params, "arith", "resp", project / run, str(dense))
+    prune(tiny_params, "arith", declared_method(tiny_params, "resp"), project / run, str(dense))
     sets = [a for o in [*tiny_overrides(tiny_model_dir, tiny_world_dir), "methods.resp_heal.heal.steps=2",
                         "methods.resp_heal.heal.warmup_steps=1"] for a in ("--set", o)]
     done = CliRunner().invoke(app, ["heal", "--task", "arith", "--method", "resp_heal", "--masks-dir",

@@ -17,5 +17,7 @@
 `resp.recipe.prune` composes calibrate -> (score -> apply -> regenerate?)* | baseline -> write_run;
 the CLI and the API call these functions in one process, the Prefect flow (flows/pipeline.py)
 makes one cached task per stage from the table. A "step" is a pruning step of the schedule
-(`prune.steps`, `steps/step-0001/`), never one of these.
+(`prune.steps`, `steps/step-0001/`), never one of these. A stage that reads `methods.{method}` takes
+the method as a value (`resp.config.Method`: name and declaration, built once where a run enters by
+`declared_method`) and never looks it up in params again; `evaluate` takes only a label ("dense" too).
 """

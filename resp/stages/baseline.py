@@ -6,19 +6,20 @@ import logging
 from pathlib import Path
 
 from resp import artifacts
-from resp.config import Params
+from resp.config import Method, Params
 from resp.stages.common import loaded_model
 
 log = logging.getLogger(__name__)
 
 
-def baseline(params: Params, task: str, method: str, base: dict, calibration: str | None, out_dir: str) -> dict[str, str]:
+def baseline(params: Params, task: str, method: Method, base: dict, calibration: str | None,
+             out_dir: str) -> dict[str, str]:
     """Masks at every target of a one-shot scorer (Wanda-sp, OWL-sp, FLAP, magnitude, random)."""
     from resp.baselines import baseline_masks
     from resp.masks import Mask
     from resp.traces import TraceSet, decode_only_batches
 
-    declared, p = params.methods[method], params.prune
+    declared, p = method.declaration, params.prune
     loaded = loaded_model(params, base)
     s = loaded.masked.s
     loaded.masked.set(Mask.dense(s))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from resp.config import Params
+from resp.config import Method, Params
 from resp.stages.common import LoadedModel, loaded_model, run_manifest, sampling_spec
 
 log = logging.getLogger(__name__)
@@ -63,17 +63,17 @@ def _generic(params: Params, task: str, loaded: LoadedModel, dense_traces: str |
 SOURCES = {"self": _self, "self_selected": _self_selected, "gold": _gold, "generic": _generic, "none": None}
 
 
-def calibrate(params: Params, task: str, method: str, base: dict, dense_traces: str | None, out: str) -> str | None:
+def calibrate(params: Params, task: str, method: Method, base: dict, dense_traces: str | None, out: str) -> str | None:
     """The calibration traces `method` declares, as a file: the dense model's own traces for
     `self` (returned as is), else built here and written to `out`; None for `none`."""
     from resp.traces import check_usable
 
-    source = SOURCES[params.methods[method].calibration]
+    source = SOURCES[method.declaration.calibration]
     if source is None:
         return None
     traces = source(params, task, loaded_model(params, base), dense_traces, run_manifest(params, task, method, base))
     path = dense_traces if source is _self else out
     if source is not _self:
         traces.save(out)
-    check_usable(traces, f"{method} calibration traces")
+    check_usable(traces, f"{method.name} calibration traces")
     return str(path)

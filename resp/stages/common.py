@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from resp.config import Params
+from resp.config import Method, Params
 from resp.generation import SamplingSpec
 from resp.stages.table import code_record, params_hash
 
@@ -66,7 +66,7 @@ def sampling_spec(params: Params) -> SamplingSpec:
     return SamplingSpec(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
 
 
-def run_manifest(params: Params, task: str, method: str, base: dict) -> dict:
+def run_manifest(params: Params, task: str, method: Method, base: dict) -> dict:
     """What every file of a pruning run records about how it was made."""
-    return {"model": base, "task": task, "method": method, "declaration": params.methods[method].model_dump(),
-            "params_hash": params_hash(params, task, method), "code": code_record("prune")}
+    return {"model": base, "task": task, "method": method.name, "declaration": method.declaration.model_dump(),
+            "params_hash": params_hash(params, task, method.name), "code": code_record("prune")}

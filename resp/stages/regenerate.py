@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from resp import artifacts
-from resp.config import Params
+from resp.config import Method, Params
 from resp.stages.common import load_mask, loaded_model, run_manifest, sampling_spec
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def regeneration_seed(seed: int, stream: str, tag: str) -> int:
     return seed + FRESH_GAP + int(artifacts.json_digest({"regeneration": tag}), 16) % (2**32 - 2 * FRESH_GAP)
 
 
-def regenerate(params: Params, task: str, method: str, base: dict, mask: str, prompts: str, tag: str,
+def regenerate(params: Params, task: str, method: Method, base: dict, mask: str, prompts: str, tag: str,
                out: str) -> str:
     """Traces of the model under `mask` on the prompts the `prompts` trace file answers."""
     from resp.tasks import load_items
@@ -45,7 +45,7 @@ def regenerate(params: Params, task: str, method: str, base: dict, mask: str, pr
 
         model_dir = str(export_model(loaded.model, loaded.tokenizer, m, loaded.masked.s, "masked",
                                      Path(out).parent.parent / "masked" / tag, params.export.channel_multiple))
-    stream = params.methods[method].regeneration_stream
+    stream = method.declaration.regeneration_stream
     seed = regeneration_seed(params.generation.seed, stream, tag)
     new = self_generated_traces(loaded.model, loaded.tokenizer, items, t.format, sampling_spec(params),
                                 params.generation.batch_size, seed,

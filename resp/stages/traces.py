@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from resp.config import Params
+from resp.config import Method, Params
 from resp.stages.common import base_model, loaded_model, sampling_spec
 from resp.stages.table import code_record
 
@@ -66,7 +66,7 @@ def heldout_traces(params: Params, task: str, out: str, base: dict) -> str:
     return str(make_traces(params, task, params.tasks[task].eval_split, params.evaluation.nll_traces, out, base=base))
 
 
-def heal_traces(params: Params, task: str, method: str, out: str, base: dict) -> str:
+def heal_traces(params: Params, task: str, method: Method, out: str, base: dict) -> str:
     """The dense model's traces on the first heal.num_prompts calibration prompts (the healing data)."""
-    return str(make_traces(params, task, params.tasks[task].calibration_split, params.methods[method].heal.num_prompts,
+    return str(make_traces(params, task, params.tasks[task].calibration_split, method.declaration.heal.num_prompts,
                            out, base=base))

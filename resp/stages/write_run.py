@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 
 from resp import artifacts
-from resp.config import Params
+from resp.config import Method, Params
 from resp.stages.common import loaded_model, run_manifest
 
 log = logging.getLogger(__name__)
 
 
-def write_run(params: Params, task: str, method: str, base: dict, record: dict, out_dir: str) -> dict[str, str]:
+def write_run(params: Params, task: str, method: Method, base: dict, record: dict, out_dir: str) -> dict[str, str]:
     """The run's outputs: `masks/sparsity-<t>.safetensors` with manifests saying what produced them,
     and `summary.json` (no wall-clock time in it, losses at artifacts.LOSS_DIGITS: a rerun with the same params
     writes the same bytes, on another CPU too;
@@ -38,11 +38,11 @@ def write_run(params: Params, task: str, method: str, base: dict, record: dict, 
                     "protected_layers": list(s.protected), "kept_per_layer": mask.kept_per_layer(),
                     "trace_sets": history[:record["used_by"][key]],
                     "prompt_ids_digest": first.prompt_ids_digest() if first is not None else None,
-                    "label": method}
+                    "label": method.name}
         written[key] = str(mask.save(artifacts.mask_file(Path(out_dir) / "masks", target), manifest))
         log.info("%s %s: mask at target %.2f has parameter sparsity %.4f, structure ratio %.4f -> %s",
-                 method, task, target, manifest["sparsity"], manifest["structure_ratio"], written[key])
-    summary = {"method": method, "task": task, "trace_sets": history, "steps": reported_steps(record["steps"]),
+                 method.name, task, target, manifest["sparsity"], manifest["structure_ratio"], written[key])
+    summary = {"method": method.name, "task": task, "trace_sets": history, "steps": reported_steps(record["steps"]),
                "cost": run_cost(record["spent"], matmul_params(loaded_model(params, base).model)),
                "masks": {artifacts.target_key(t): {"path": written[artifacts.target_key(t)],
                                                    "sparsity": masks[t].sparsity(s)} for t in p.targets}}
