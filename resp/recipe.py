@@ -15,6 +15,7 @@ from pathlib import Path
 
 from resp.artifacts import parse_target, read_manifest, target_key, write_json
 from resp.config import Params, declared_method
+from resp.distributed import check_launch
 from resp.lineage import check_dense_traces
 from resp.locking import run_dir_lock
 from resp.schedule import PruneState, ScheduleConfig, iterative_prune, trace_record
@@ -50,6 +51,8 @@ def prune(params: Params, task: str, method: str, out_dir: str | Path,
     declared = declared_method(params, method, RecipeError)
     if declared.reads_dense_traces and dense_traces is None:
         raise RecipeError("this method calibrates on the dense model's own traces: pass --traces (made by `resp traces`)")
+    if declared.scorer == "taylor":
+        check_launch(params)   # the scoring workers scale.score_nproc asks for, before any trace is made
     base = base_model(params)
     if dense_traces is not None and declared.reads_dense_traces:
         check_dense_traces(dense_traces, task, params.tasks[task].calibration_split, params.calibration.num_prompts,

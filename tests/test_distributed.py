@@ -11,9 +11,11 @@ import torch
 import torch.multiprocessing as mp
 
 from resp.distributed import (DistributedError, distributed_taylor_scores, init_distributed, launched_by_torchrun,
-                              lockstep_batches, score_trace_file, shard, shard_model, sharded_taylor_scores)
+                              lockstep_batches, shard, shard_model, sharded_taylor_scores)
 from resp.importance import ImportanceError, load_scores, taylor_scores
 from resp.models import load_model
+from resp.stages.common import base_model
+from resp.stages.score import score_traces
 from resp.structures import structures_for
 from resp.traces import Trace, TraceSet
 
@@ -49,7 +51,7 @@ def worker(rank: int, params, traces_path, out_dir, ports):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(ports[0]), GLOO_SOCKET_IFNAME="lo")
-    written = score_trace_file(params, traces_path, out_dir / "mean.safetensors")
+    written = score_traces(params, base_model(params), traces_path, out_dir / "mean.safetensors")
     assert (written is not None) == (rank == 0)
 
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -96,7 +98,7 @@ def sharded_worker(rank: int, params, traces_path, out_dir, ports):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(ports[0]), GLOO_SOCKET_IFNAME="lo")
-    written = score_trace_file(params, traces_path, out_dir / "sharded.safetensors")
+    written = score_traces(params, base_model(params), traces_path, out_dir / "sharded.safetensors")
     assert (written is not None) == (rank == 0)
 
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -162,7 +164,7 @@ def test_one_process_without_torchrun_writes_the_same_scores(tiny_params, tmp_pa
         monkeypatch.delenv(key, raising=False)
     traces_path = tmp_path / "traces.jsonl"
     TraceSet(TRACES, {"kind": "test"}).save(traces_path)
-    path = score_trace_file(tiny_params, traces_path, tmp_path / "scores.safetensors")
+    path = score_traces(tiny_params, base_model(tiny_params), traces_path, tmp_path / "scores.safetensors")
     got, manifest = load_scores(path)
     model, tokenizer = load_model(tiny_params.model.name_or_path)
     s = structures_for(model, tiny_params.prune.attention_unit, tiny_params.prune.protected_layers)

@@ -2,6 +2,7 @@
 what the stage functions add to the composition tested in test_recipe (regeneration streams)."""
 
 import inspect
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -76,3 +77,70 @@ def test_fresh_and_common_regeneration_differ_only_in_their_random_numbers(tiny_
     assert fresh.manifest["mask_digest"] == common.manifest["mask_digest"]
     assert [t.prompt_id for t in fresh.traces] == [t.prompt_id for t in common.traces]
     assert [t.completion_ids for t in fresh.traces] != [t.completion_ids for t in common.traces]
+
+
+# ---- the score stage on torchrun workers (scale.score_nproc): one scoring path, in process or distributed
+
+def scoring_traces(path):
+    """8 traces of random tokens, three of them wrong: trace_filter correct keeps 5, the first of 2 rotating
+    subsets 3 of those (t0, t3, t6: shards of 2 and 1 traces on two workers), cut to 5 completion tokens."""
+    import torch
+
+    from resp.traces import Trace
+
+    made = []
+    for i, (prompt, completion) in enumerate([(2, 3), (4, 5), (1, 2), (5, 7), (3, 3), (2, 6), (3, 1), (4, 4)]):
+        ids = torch.randint(1, 300, (prompt + completion,), generator=torch.Generator().manual_seed(i)).tolist()
+        made.append(Trace(f"t{i}", ids[:prompt], ids[prompt:], "", False, answer=str(i), correct=i % 3 != 1))
+    TraceSet(made, {"kind": "test"}).save(path)
+    return str(path)
+
+
+def scoring_params(tiny_model_dir, tiny_world_dir, *extra):
+    from conftest import tiny_overrides
+
+    from resp.config import load_params
+
+    root = Path(__file__).resolve().parent.parent
+    return load_params(root / "params.yaml", tiny_overrides(tiny_model_dir, tiny_world_dir) + [
+        "methods.filtered={scorer: taylor, calibration: self, trace_filter: correct}", "prune.score_subsets=2",
+        "prune.score_tokens=5", "importance.batch_size=2", *extra])
+
+
+@pytest.mark.parametrize("scoring", ["data_parallel", "sharded"])
+def test_the_score_stage_on_two_workers_scores_as_one_process(scoring, tiny_model_dir, tiny_world_dir, tmp_path):
+    """scale.score_nproc: 2 launches two gloo workers (torchrun) from the stage itself, each holding the
+    model or half of it (FSDP2): the same scores as one process up to fp32 summation order (rtol 1e-5),
+    the same manifest but for world_size/scoring, and the apply stage on them writes identical masks;
+    both score under a mask, on the filtered traces' first subset."""
+    import torch
+
+    from resp.importance import load_scores
+    from resp.masks import Mask
+    from resp.stages.apply import apply
+    from resp.stages.common import base_model
+    from resp.stages.score import score
+
+    one = scoring_params(tiny_model_dir, tiny_world_dir)
+    two = scoring_params(tiny_model_dir, tiny_world_dir, "scale.score_nproc=2", f"scale.scoring={scoring}")
+    traces, base = scoring_traces(tmp_path / "traces.jsonl"), base_model(one)
+    dense = score(one, "arith", "filtered", base, None, traces, traces, str(tmp_path / "dense.safetensors"))
+    mask = apply(one, base, dense, None, 0.1, str(tmp_path / "mask.safetensors"))
+
+    run = {"task": "arith", "method": "filtered", "base": base, "mask": mask, "traces": traces, "reference": traces}
+    in_process = score(one, **run, out=str(tmp_path / "one" / "scores.safetensors"))
+    workers = score(two, **run, out=str(tmp_path / "two" / "scores.safetensors"))
+    assert workers == str(tmp_path / "two" / "scores.safetensors")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["scores.safetensors", "scores.safetensors.json"]
+    (a, a_manifest), (b, b_manifest) = load_scores(in_process), load_scores(workers)
+    assert (a_manifest.pop("world_size"), a_manifest.pop("scoring")) == (1, "one_process")
+    assert (b_manifest.pop("world_size"), b_manifest.pop("scoring")) == (2, scoring)
+    assert a_manifest.pop("mean_loss") == pytest.approx(b_manifest.pop("mean_loss"), rel=1e-6)
+    assert a_manifest == b_manifest and (a.n_samples, b.n_samples, a_manifest["used_traces"]) == (3, 3, 5)
+    assert a.n_tokens == b.n_tokens and a_manifest["mask_digest"] == Mask.load(mask)[0].digest()
+    assert torch.allclose(a.attention, b.attention, rtol=1e-5, atol=1e-12)
+    assert torch.allclose(a.channels, b.channels, rtol=1e-5, atol=1e-12)
+    for target in (0.2, 0.4):
+        masks = [Mask.load(apply(one, base, scores, mask, target, str(tmp_path / f"{name}-{target}.safetensors")))[0]
+                 for name, scores in (("one", in_process), ("two", workers))]
+        assert masks[0].digest() == masks[1].digest()
