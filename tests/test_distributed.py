@@ -199,6 +199,7 @@ def test_cli_score_writes_the_library_scores(tiny_model_dir, tmp_path, monkeypat
     from typer.testing import CliRunner
 
     from resp.cli import app
+    from resp.config import load_params
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -212,6 +213,25 @@ def test_cli_score_writes_the_library_scores(tiny_model_dir, tmp_path, monkeypat
     assert f"wrote scores to {tmp_path / 's.safetensors'}" in result.output
     got, manifest = load_scores(tmp_path / "s.safetensors")
     assert manifest["model"]["name"] == str(tiny_model_dir) and (got.n_samples, got.n_tokens) == (7, 27)
+    # under a mask: what the score stage's function computes in this process for it
+    from resp.masks import Mask
+
+    s = structures_for(load_model(str(tiny_model_dir))[0], "query_head", None)
+    mask = Mask.dense(s)
+    mask.heads[0, :2] = False
+    mask.channels[1, ::3] = False
+    mask.save(tmp_path / "mask.safetensors", {"kind": "test"})
+    result = CliRunner().invoke(app, ["score", "--traces", str(traces_path), "--out", str(tmp_path / "m.safetensors"),
+                                      "--model", str(tiny_model_dir), "--mask", str(tmp_path / "mask.safetensors"),
+                                      "--params", str(params), "--set", "model.device=cpu", "--set", "model.dtype=float32"])
+    assert result.exit_code == 0, result.output
+    masked, masked_manifest = load_scores(tmp_path / "m.safetensors")
+    assert masked_manifest["mask_digest"] == mask.digest() != manifest["mask_digest"]
+    p = load_params(params, ["model.device=cpu", "model.dtype=float32", f"model.name_or_path={tiny_model_dir}"])
+    expected, _ = load_scores(score_traces(p, base_model(p), traces_path, tmp_path / "lib.safetensors",
+                                           mask=str(tmp_path / "mask.safetensors")))
+    assert torch.equal(masked.attention, expected.attention) and torch.equal(masked.channels, expected.channels)
+    assert not torch.equal(masked.channels, got.channels)
     missing = CliRunner().invoke(app, ["score", "--traces", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x"),
                                        "--model", str(tiny_model_dir), "--params", str(params)])
     assert missing.exit_code == 2 and "error: trace set" in missing.output and "not found" in missing.output

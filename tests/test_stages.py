@@ -144,3 +144,80 @@ def test_the_score_stage_on_two_workers_scores_as_one_process(scoring, tiny_mode
         masks = [Mask.load(apply(one, base, scores, mask, target, str(tmp_path / f"{name}-{target}.safetensors")))[0]
                  for name, scores in (("one", in_process), ("two", workers))]
         assert masks[0].digest() == masks[1].digest()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scale.score_nproc=2"], "scale.score_nproc is 2 but this machine has 1 CPU core(s) for model.device cpu: set "
+                              "scale.score_nproc to at most 1 (1 scores in this process)"),
+    (["scale.score_nproc=2", "model.device=cuda"], "scale.score_nproc is 2 but this machine has 0 CUDA device(s) for "
+                                                   "model.device cuda: set scale.score_nproc to at most 0"),
+])
+def test_more_workers_than_devices_is_one_line_before_any_work(overrides, message, tiny_model_dir, tiny_world_dir,
+                                                                  tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from resp.distributed import DistributedError
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    params = scoring_params(tiny_model_dir, tiny_world_dir, *overrides)
+    dense = scoring_traces(tmp_path / "dense.jsonl")
+    with pytest.raises(DistributedError) as info:
+        prune(params, "arith", "resp", tmp_path / "run", dense)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()   # refused before the run directory or any trace was made
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["importance.per_sample_abs=true"], "scale.scoring: sharded scores in mean mode only: set "
+                                         "importance.per_sample_abs: false, or scale.scoring: data_parallel"),
+    (["importance.loss_chunk_tokens=4"], "scale.scoring: sharded computes the loss in the model's own forward: set "
+                                         "importance.loss_chunk_tokens: null, or scale.scoring: data_parallel"),
+])
+def test_what_sharded_workers_cannot_score_is_one_line_before_launching(overrides, message, tiny_model_dir,
+                                                                         tiny_world_dir, tmp_path):
+    from resp.distributed import DistributedError
+    from resp.stages.common import base_model
+    from resp.stages.score import score
+
+    params = scoring_params(tiny_model_dir, tiny_world_dir, "scale.score_nproc=2", "scale.scoring=sharded", *overrides)
+    traces = scoring_traces(tmp_path / "traces.jsonl")
+    with pytest.raises(DistributedError, match=message.replace("(", r"\(")):
+        score(params, "arith", "resp", base_model(params), None, traces, traces, str(tmp_path / "s.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traces.jsonl", "traces.jsonl.json"]
+
+
+def test_missing_torchrun_is_one_line(tiny_model_dir, tiny_world_dir, monkeypatch):
+    import importlib.util
+    import sys
+
+    from resp.distributed import DistributedError, check_launch
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch.distributed.run"
+                        else find_spec(name, *a))
+    with pytest.raises(DistributedError) as info:
+        check_launch(scoring_params(tiny_model_dir, tiny_world_dir, "scale.score_nproc=2"))
+    assert str(info.value) == (f"torchrun (torch.distributed.run) is not available to {sys.executable}: install a torch "
+                               "build with distributed support, or set scale.score_nproc: 1")
+    check_launch(scoring_params(tiny_model_dir, tiny_world_dir))   # one process needs no torchrun
+
+
+def test_a_failed_worker_is_one_line_naming_its_log(tiny_model_dir, tiny_world_dir, tmp_path):
+    from resp.distributed import DistributedError
+    from resp.stages.common import base_model
+    from resp.stages.score import score
+
+    params = scoring_params(tiny_model_dir, tiny_world_dir, "scale.score_nproc=2")
+    traces = scoring_traces(tmp_path / "traces.jsonl")
+    (tmp_path / "mask.safetensors").write_bytes(b"not a mask")
+    out = tmp_path / "steps" / "scores.safetensors"
+    with pytest.raises(DistributedError) as info:
+        score(params, "arith", "resp", base_model(params), str(tmp_path / "mask.safetensors"), traces, traces, str(out))
+    [workdir] = (tmp_path / "steps").iterdir()    # kept for the log; nothing else written
+    assert workdir.name.startswith(".scores.safetensors.workers-")
+    text = str(info.value)
+    assert text.startswith("resp scoring failed on 2 torchrun workers (exit 1): ") and "\n" not in text
+    assert text.endswith(f"; full log: {workdir / 'workers.log'}") and "resp worker error" in (workdir / "workers.log").read_text()
