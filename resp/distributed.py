@@ -185,6 +185,7 @@ def check_launch(params: Params) -> None:
     nproc = params.scale.score_nproc
     if nproc < 2:
         return
+    check_sharded_scoring(params, nproc)
     if params.model.device.startswith("cuda"):
         present, what = torch.cuda.device_count(), "CUDA device(s)"
     else:
@@ -195,7 +196,6 @@ def check_launch(params: Params) -> None:
     if not dist.is_available() or importlib.util.find_spec("torch.distributed.run") is None:
         raise DistributedError(f"torchrun (torch.distributed.run) is not available to {sys.executable}: install a torch "
                                "build with distributed support, or set scale.score_nproc: 1")
-    check_sharded_scoring(params, nproc)
 
 
 # what a worker prints (stderr, one line) when it fails: the launcher repeats it in its own error
