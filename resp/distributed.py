@@ -26,6 +26,7 @@ Each worker loads the whole model into host memory before sharding it onto its d
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import logging
 import os
@@ -206,11 +207,13 @@ def run_workers(module: str, request: dict, nproc: int, beside: Path, what: str)
     """Run `python -m <module> REQUEST` on `nproc` workers of one torchrun job on this machine and wait.
 
     The request (JSON) goes to a temp directory beside `beside`, with the workers' log; the directory
-    is removed when every worker succeeded and kept, with the log, when one failed."""
+    is kept, with the log, when a worker failed, and removed, with those earlier failures left beside
+    `beside`, when every worker succeeded (a run directory ends holding only its outputs)."""
     from resp.artifacts import write_json
 
     beside.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{beside.name}.workers-", dir=beside.parent))
+    prefix = f".{beside.name}.workers-"
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=beside.parent))
     request_path = write_json(workdir / "request.json", request)
     log_path = workdir / "workers.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -226,7 +229,8 @@ def run_workers(module: str, request: dict, nproc: int, beside: Path, what: str)
         reported = [line.split(WORKER_ERROR, 1)[1] for line in lines if WORKER_ERROR in line]
         cause = reported[0] if reported else (lines[-1] if lines else "no output")
         raise DistributedError(f"{what} failed on {nproc} torchrun workers (exit {code}): {cause}; full log: {log_path}")
-    shutil.rmtree(workdir)
+    for done in beside.parent.glob(f"{glob.escape(prefix)}*"):
+        shutil.rmtree(done)
 
 
 def worker_model(params: Params, device: str, mask: str | None, sharded: bool):

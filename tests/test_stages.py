@@ -129,6 +129,9 @@ def test_the_score_stage_on_two_workers_scores_as_one_process(scoring, tiny_mode
 
     run = {"task": "arith", "method": "filtered", "base": base, "mask": mask, "traces": traces, "reference": traces}
     in_process = score(one, **run, out=str(tmp_path / "one" / "scores.safetensors"))
+    failed_before = tmp_path / "two" / ".scores.safetensors.workers-x1"   # an earlier failure's log: gone after success
+    failed_before.mkdir(parents=True)
+    (failed_before / "workers.log").write_text("resp worker error: ...\n")
     workers = score(two, **run, out=str(tmp_path / "two" / "scores.safetensors"))
     assert workers == str(tmp_path / "two" / "scores.safetensors")
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["scores.safetensors", "scores.safetensors.json"]
