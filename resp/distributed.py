@@ -223,7 +223,7 @@ def run_workers(module: str, request: dict, nproc: int, beside: Path, what: str)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p)
     log.info("%s on %d torchrun workers (log: %s)", what, nproc, log_path)
     with open(log_path, "w") as sink:
-        code = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=env).returncode
+        code = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=env, check=False).returncode
     if code != 0:
         lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
         reported = [line.split(WORKER_ERROR, 1)[1] for line in lines if WORKER_ERROR in line]

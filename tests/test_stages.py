@@ -150,10 +150,10 @@ def test_the_score_stage_on_two_workers_scores_as_one_process(scoring, tiny_mode
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["scale.score_nproc=2"], "scale.score_nproc is 2 but this machine has 1 CPU core(s) for model.device cpu: set "
-                              "scale.score_nproc to at most 1 (1 scores in this process)"),
-    (["scale.score_nproc=2", "model.device=cuda"], "scale.score_nproc is 2 but this machine has 0 CUDA device(s) for "
-                                                   "model.device cuda: set scale.score_nproc to at most 0"),
+    (["scale.score_nproc=2"], ("scale.score_nproc is 2 but this machine has 1 CPU core(s) for model.device cpu: set "
+                               "scale.score_nproc to at most 1 (1 scores in this process)")),
+    (["scale.score_nproc=2", "model.device=cuda"], ("scale.score_nproc is 2 but this machine has 0 CUDA device(s) for "
+                                                    "model.device cuda: set scale.score_nproc to at most 0")),
 ])
 def test_more_workers_than_devices_is_one_line_before_any_work(overrides, message, tiny_model_dir, tiny_world_dir,
                                                                   tmp_path, monkeypatch):
@@ -174,10 +174,10 @@ def test_more_workers_than_devices_is_one_line_before_any_work(overrides, messag
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["importance.per_sample_abs=true"], "scale.scoring: sharded scores in mean mode only: set "
-                                         "importance.per_sample_abs: false, or scale.scoring: data_parallel"),
-    (["importance.loss_chunk_tokens=4"], "scale.scoring: sharded computes the loss in the model's own forward: set "
-                                         "importance.loss_chunk_tokens: null, or scale.scoring: data_parallel"),
+    (["importance.per_sample_abs=true"], ("scale.scoring: sharded scores in mean mode only: set "
+                                          "importance.per_sample_abs: false, or scale.scoring: data_parallel")),
+    (["importance.loss_chunk_tokens=4"], ("scale.scoring: sharded computes the loss in the model's own forward: set "
+                                          "importance.loss_chunk_tokens: null, or scale.scoring: data_parallel")),
 ])
 def test_what_sharded_workers_cannot_score_is_one_line_before_launching(overrides, message, tiny_model_dir,
                                                                          tiny_world_dir, tmp_path):

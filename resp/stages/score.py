@@ -29,8 +29,8 @@ def score(params: Params, task: str, method: str, base: dict, mask: str | None, 
     from resp.distributed import check_launch, launched_by_torchrun, run_workers
 
     p = params.prune
-    arguments = dict(mask=mask, trace_filter=params.methods[method].trace_filter, reference=reference, part=part,
-                     subsets=p.score_subsets, tokens=p.score_tokens, desc=f"{method} scores")
+    arguments = {"mask": mask, "trace_filter": params.methods[method].trace_filter, "reference": reference,
+                 "part": part, "subsets": p.score_subsets, "tokens": p.score_tokens, "desc": f"{method} scores"}
     if params.scale.score_nproc > 1 and not launched_by_torchrun():
         check_launch(params)
         if params.model.device.startswith("cuda"):
