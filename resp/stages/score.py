@@ -37,7 +37,7 @@ def score(params: Params, task: str, method: str, base: dict, mask: str | None, 
             drop_loaded_models()   # the workers need the devices' memory (worker 0 shares this process's device)
         request = {"params": params.model_dump(mode="json"), "base": base, "traces": traces, "out": out, **arguments}
         run_workers("resp.stages.score", request, params.scale.score_nproc, Path(out), f"{method} scoring")
-        return out
+        return str(Path(out))   # what rank 0's save_scores returned
     path = score_traces(params, base, traces, out, **arguments)
     return None if path is None else str(path)
 
