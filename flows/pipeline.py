@@ -49,6 +49,7 @@ from prefect.utilities.hashing import hash_objects
 from resp import recipe
 from resp.artifacts import Layout, content_digest, parse_target, target_key, target_name
 from resp.config import FlowParams, Method, Params, declared_method, load_params
+from resp.distributed import check_launch
 from resp.stages import table
 from resp.stages.common import base_model
 from resp.stages.table import STAGES, Stage, stage_of, stage_params
@@ -267,6 +268,8 @@ def pipeline(params_path: str, overrides: list[str] | None = None) -> dict:
     layout = Layout(Path(p.flow.data_dir))
     refresh = not p.flow.cache
     methods = {m: declared_method(p, m) for m in p.run.methods}
+    if any(d.declaration.scorer == "taylor" for d in methods.values()):
+        check_launch(p)   # the scoring workers scale.score_nproc asks for can start, before any trace is made
 
     # the dense model's traces: calibration (for methods calibrated on them) and held-out NLL
     calls = {}

@@ -421,21 +421,30 @@ def score_command(
     traces: Annotated[Path, typer.Option(help="trace set to score (.jsonl with its .jsonl.json manifest)")],
     out: Annotated[Path, typer.Option(help="scores file (.safetensors; counts and manifest go to OUT.json)")],
     model: Annotated[str | None, typer.Option(help="model (default: params model.name_or_path)")] = None,
+    mask: Annotated[Path | None, typer.Option(help="score the model under this mask file (default: the dense model)")] = None,
     params: ParamsPath = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
-    """Taylor scores of every attention unit and MLP channel on a trace set; data-parallel under
-    `torchrun --nproc_per_node=N --no-python resp score ...` (gloo on cpu, nccl on cuda), or with
-    the model sharded over the workers (FSDP2) with `--set scale.scoring=sharded`."""
-    from resp.distributed import score_trace_file
+    """Taylor scores of every attention unit and MLP channel on a trace set, as the score stage
+    computes them; data-parallel under `torchrun --nproc_per_node=N --no-python resp score ...`
+    (gloo on cpu, nccl on cuda), or with the model sharded over the workers (FSDP2) with
+    `--set scale.scoring=sharded`."""
+    from resp.stages.common import base_model
+    from resp.stages.score import score_traces
+    from resp.traces import TraceSet, check_usable
 
     with user_errors():
         p = load_params(params, overrides)
+        if model is not None:
+            p = p.model_copy(update={"model": p.model.model_copy(update={"name_or_path": model})})
         _early_checks(p, [(out, "file")])
         if out.is_file() and not out.with_name(out.name + ".json").is_file():
             raise ValueError(f"--out {out} exists and is not a scores file (no {out.name}.json manifest beside it): "
                              "choose another --out; previous scores are replaced, other files never")
-        path = score_trace_file(p, traces, out, model)
+        if mask is not None and not mask.is_file():
+            raise ValueError(f"--mask {mask} not found: pass a mask file written by `resp prune` (masks/ or steps/)")
+        check_usable(TraceSet.load(traces), f"scoring {traces}")
+        path = score_traces(p, base_model(p), traces, out, mask=None if mask is None else str(mask))
     if path is not None:  # only rank 0 writes
         typer.echo(f"wrote scores to {path}")
 

@@ -398,7 +398,8 @@ class ScheduleParams(Strict):
 
 class ScaleParams(Strict):
     vllm_gpu_memory_utilization: float = Field(gt=0, le=1)   # GPU share vLLM may take (generation/evaluation.backend vllm)
-    scoring: Literal["data_parallel", "sharded"]   # `resp score` under torchrun: replicate the model, or shard it (FSDP2)
+    scoring: Literal["data_parallel", "sharded"]   # scoring over workers: replicate the model, or shard it (FSDP2)
+    score_nproc: int = Field(ge=1)   # the score stage's workers (torchrun); 1: in this process
 
 
 class FlowParams(Strict):

@@ -5,13 +5,14 @@ gradient sums (or per-unit sums in per-sample-abs mode) and the sample/token cou
 workers with one all-reduce per tensor, so every worker ends with the scores of the whole
 trace set: the same numbers as one process, up to fp32 summation order.
 
-Launch one process per device with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT:
+One process per device runs under torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+and MASTER_PORT: the score stage starts such a job itself with `scale.score_nproc: N` (`run_workers`),
+or by hand:
 
     torchrun --nproc_per_node=8 --no-python resp score --traces T.jsonl --out S.safetensors
 
 The backend follows `model.device`: nccl for cuda (worker i uses cuda:LOCAL_RANK), gloo for cpu.
-Without those variables `score_trace_file` runs in one process. Only rank 0 writes files.
+Without those variables `resp.stages.score.score_traces` runs in one process. Only rank 0 writes files.
 
 `scale.scoring: sharded` shards the model instead of replicating it (PyTorch FSDP2
 `fully_shard`, one unit per decoder layer plus the root), for models whose weights and fp32
@@ -25,18 +26,24 @@ Each worker loads the whole model into host memory before sharding it onto its d
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from resp.config import Params
-from resp.importance import UnitScores, save_scores, taylor_scores
-from resp.models import load_model, model_identity
+from resp.importance import UnitScores, taylor_scores
+from resp.models import load_model
 from resp.structures import Structures, structures_for
-from resp.traces import Trace, TraceSet, check_usable, decode_only_batches
+from resp.traces import Trace, decode_only_batches
 
 log = logging.getLogger(__name__)
 
@@ -160,47 +167,80 @@ def sharded_taylor_scores(model, traces: list[Trace], s: Structures, batch_size:
                          lockstep_batches=steps)
 
 
-def score_trace_file(params: Params, traces_path: str | Path, out: str | Path, model_path: str | None = None) -> Path | None:
-    """Score a saved trace set with the params' importance settings, over all workers when
-    launched by torchrun (else in this process); rank 0 writes `out` and returns its path."""
-    joined = launched_by_torchrun() and not dist.is_initialized()
-    device = init_distributed(params.model.device) if joined else params.model.device
-    try:
-        name = model_path or params.model.name_or_path
-        traces = TraceSet.load(traces_path)
-        check_usable(traces, f"scoring {traces_path}")
-        imp, distributed = params.importance, dist.is_initialized()
-        sharded = distributed and params.scale.scoring == "sharded"
-        if sharded and imp.per_sample_abs:
-            raise DistributedError("scale.scoring: sharded scores in mean mode only: set importance.per_sample_abs: "
-                                   "false, or scale.scoring: data_parallel (per-sample-abs needs no accumulators)")
-        if sharded and imp.loss_chunk_tokens is not None:
-            raise DistributedError("scale.scoring: sharded computes the loss in the model's own forward: set "
-                                   "importance.loss_chunk_tokens: null, or scale.scoring: data_parallel")
-        # sharded: load into host memory, FSDP moves each worker's shards onto its device
-        model, tokenizer = load_model(name, params.model.revision, params.model.dtype, "cpu" if sharded else device)
-        if sharded:
-            model = shard_model(model, device)
-        s = structures_for(model, params.prune.attention_unit, params.prune.protected_layers)
-        args = (model, traces.traces, s, imp.batch_size, tokenizer.pad_token_id)
-        if sharded:
-            scores = sharded_taylor_scores(*args, imp.grads_only_scored, imp.grad_checkpointing)
-        else:
-            args += (imp.per_sample_abs, imp.grads_only_scored, imp.grad_checkpointing)
-            chunk = {"loss_chunk_tokens": imp.loss_chunk_tokens}
-            scores = distributed_taylor_scores(*args, **chunk) if distributed else taylor_scores(*args, **chunk)
-        if distributed and dist.get_rank() != 0:
-            return None
-        identity = model_identity(name, params.model.revision)
-        manifest = {"model": {**identity.to_dict(), "key": identity.key}, "traces": str(traces_path),
-                    "traces_digest": traces.manifest["digest"], "importance": imp.model_dump(),
-                    "attention_unit": s.attention_unit, "protected_layers": list(s.protected),
-                    "world_size": dist.get_world_size() if distributed else 1,
-                    "scoring": "sharded" if sharded else "data_parallel" if distributed else "one_process"}
-        path = save_scores(scores, out, manifest)
-        log.info("wrote scores of %d traces (%d tokens, mean loss %.4f) to %s",
-                 scores.n_samples, scores.n_tokens, scores.mean_loss, path)
-        return path
-    finally:
-        if joined:
-            dist.destroy_process_group()
+def check_sharded_scoring(params: Params, world_size: int) -> None:
+    """What sharded scoring over `world_size` workers cannot compute, as one line naming the fix."""
+    imp = params.importance
+    if world_size < 2 or params.scale.scoring != "sharded":
+        return
+    if imp.per_sample_abs:
+        raise DistributedError("scale.scoring: sharded scores in mean mode only: set importance.per_sample_abs: "
+                               "false, or scale.scoring: data_parallel (per-sample-abs needs no accumulators)")
+    if imp.loss_chunk_tokens is not None:
+        raise DistributedError("scale.scoring: sharded computes the loss in the model's own forward: set "
+                               "importance.loss_chunk_tokens: null, or scale.scoring: data_parallel")
+
+
+def check_launch(params: Params) -> None:
+    """Before any work: the `scale.score_nproc` workers the params ask for can start here (one per
+    CUDA device, or per CPU core with gloo), torchrun is there, and the scoring mode can run on them."""
+    nproc = params.scale.score_nproc
+    if nproc < 2:
+        return
+    check_sharded_scoring(params, nproc)
+    if params.model.device.startswith("cuda"):
+        present, what = torch.cuda.device_count(), "CUDA device(s)"
+    else:
+        present, what = os.cpu_count() or 1, "CPU core(s)"
+    if nproc > present:
+        raise DistributedError(f"scale.score_nproc is {nproc} but this machine has {present} {what} for model.device "
+                               f"{params.model.device}: set scale.score_nproc to at most {present} (1 scores in this process)")
+    if not dist.is_available() or importlib.util.find_spec("torch.distributed.run") is None:
+        raise DistributedError(f"torchrun (torch.distributed.run) is not available to {sys.executable}: install a torch "
+                               "build with distributed support, or set scale.score_nproc: 1")
+
+
+# what a worker prints (stderr, one line) when it fails: the launcher repeats it in its own error
+WORKER_ERROR = "resp worker error: "
+
+
+def run_workers(module: str, request: dict, nproc: int, beside: Path, what: str) -> None:
+    """Run `python -m <module> REQUEST` on `nproc` workers of one torchrun job on this machine and wait.
+
+    The request (JSON) goes to a temp directory beside `beside`, with the workers' log; the directory
+    is kept, with the log, when a worker failed, and removed, with those earlier failures left beside
+    `beside`, when every worker succeeded (a run directory ends holding only its outputs)."""
+    from resp.artifacts import write_json
+
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{beside.name}.workers-"
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=beside.parent))
+    request_path = write_json(workdir / "request.json", request)
+    log_path = workdir / "workers.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", module, str(request_path)]
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    # the workers import the `resp` this process runs
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p)
+    log.info("%s on %d torchrun workers (log: %s)", what, nproc, log_path)
+    with open(log_path, "w") as sink:
+        code = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    if code != 0:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        reported = [line.split(WORKER_ERROR, 1)[1] for line in lines if WORKER_ERROR in line]
+        cause = reported[0] if reported else (lines[-1] if lines else "no output")
+        raise DistributedError(f"{what} failed on {nproc} torchrun workers (exit {code}): {cause}; full log: {log_path}")
+    for done in beside.parent.glob(f"{glob.escape(prefix)}*"):
+        shutil.rmtree(done)
+
+
+def worker_model(params: Params, device: str, mask: str | None, sharded: bool):
+    """This worker's model under `mask`, on its device, or in host memory for `shard_model` to shard
+    (sharded). Returns (model, tokenizer, structures, mask)."""
+    from resp.masks import Mask, MaskedModel
+
+    m = params.model
+    model, tokenizer = load_model(m.name_or_path, m.revision, m.dtype, "cpu" if sharded else device, m.trust_remote_code)
+    s = structures_for(model, params.prune.attention_unit, params.prune.protected_layers)
+    mask_value = Mask.dense(s) if mask is None else Mask.load(mask)[0]
+    MaskedModel(model, s, keep_dense=bool(mask_value.biases)).set(mask_value)
+    return model, tokenizer, s, mask_value

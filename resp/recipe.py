@@ -15,6 +15,7 @@ from pathlib import Path
 
 from resp.artifacts import parse_target, read_manifest, target_key, write_json
 from resp.config import Method, Params
+from resp.distributed import check_launch
 from resp.lineage import check_dense_traces
 from resp.locking import run_dir_lock
 from resp.schedule import PruneState, ScheduleConfig, iterative_prune, trace_record
@@ -51,6 +52,8 @@ def prune(params: Params, task: str, method: Method, out_dir: str | Path,
     reads_dense_traces = method.declaration.reads_dense_traces
     if reads_dense_traces and dense_traces is None:
         raise RecipeError("this method calibrates on the dense model's own traces: pass --traces (made by `resp traces`)")
+    if method.declaration.scorer == "taylor":
+        check_launch(params)   # the scoring workers scale.score_nproc asks for, before any trace is made
     base = base_model(params)
     if dense_traces is not None and reads_dense_traces:
         check_dense_traces(dense_traces, task, params.tasks[task].calibration_split, params.calibration.num_prompts,

@@ -11,9 +11,11 @@ import torch
 import torch.multiprocessing as mp
 
 from resp.distributed import (DistributedError, distributed_taylor_scores, init_distributed, launched_by_torchrun,
-                              lockstep_batches, score_trace_file, shard, shard_model, sharded_taylor_scores)
+                              lockstep_batches, shard, shard_model, sharded_taylor_scores)
 from resp.importance import ImportanceError, load_scores, taylor_scores
 from resp.models import load_model
+from resp.stages.common import base_model
+from resp.stages.score import score_traces
 from resp.structures import structures_for
 from resp.traces import Trace, TraceSet
 
@@ -49,7 +51,7 @@ def worker(rank: int, params, traces_path, out_dir, ports):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(ports[0]), GLOO_SOCKET_IFNAME="lo")
-    written = score_trace_file(params, traces_path, out_dir / "mean.safetensors")
+    written = score_traces(params, base_model(params), traces_path, out_dir / "mean.safetensors")
     assert (written is not None) == (rank == 0)
 
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -96,7 +98,7 @@ def sharded_worker(rank: int, params, traces_path, out_dir, ports):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(ports[0]), GLOO_SOCKET_IFNAME="lo")
-    written = score_trace_file(params, traces_path, out_dir / "sharded.safetensors")
+    written = score_traces(params, base_model(params), traces_path, out_dir / "sharded.safetensors")
     assert (written is not None) == (rank == 0)
 
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -162,7 +164,7 @@ def test_one_process_without_torchrun_writes_the_same_scores(tiny_params, tmp_pa
         monkeypatch.delenv(key, raising=False)
     traces_path = tmp_path / "traces.jsonl"
     TraceSet(TRACES, {"kind": "test"}).save(traces_path)
-    path = score_trace_file(tiny_params, traces_path, tmp_path / "scores.safetensors")
+    path = score_traces(tiny_params, base_model(tiny_params), traces_path, tmp_path / "scores.safetensors")
     got, manifest = load_scores(path)
     model, tokenizer = load_model(tiny_params.model.name_or_path)
     s = structures_for(model, tiny_params.prune.attention_unit, tiny_params.prune.protected_layers)
@@ -197,6 +199,7 @@ def test_cli_score_writes_the_library_scores(tiny_model_dir, tmp_path, monkeypat
     from typer.testing import CliRunner
 
     from resp.cli import app
+    from resp.config import load_params
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -210,6 +213,25 @@ def test_cli_score_writes_the_library_scores(tiny_model_dir, tmp_path, monkeypat
     assert f"wrote scores to {tmp_path / 's.safetensors'}" in result.output
     got, manifest = load_scores(tmp_path / "s.safetensors")
     assert manifest["model"]["name"] == str(tiny_model_dir) and (got.n_samples, got.n_tokens) == (7, 27)
+    # under a mask: what the score stage's function computes in this process for it
+    from resp.masks import Mask
+
+    s = structures_for(load_model(str(tiny_model_dir))[0], "query_head", None)
+    mask = Mask.dense(s)
+    mask.heads[0, :2] = False
+    mask.channels[1, ::3] = False
+    mask.save(tmp_path / "mask.safetensors", {"kind": "test"})
+    result = CliRunner().invoke(app, ["score", "--traces", str(traces_path), "--out", str(tmp_path / "m.safetensors"),
+                                      "--model", str(tiny_model_dir), "--mask", str(tmp_path / "mask.safetensors"),
+                                      "--params", str(params), "--set", "model.device=cpu", "--set", "model.dtype=float32"])
+    assert result.exit_code == 0, result.output
+    masked, masked_manifest = load_scores(tmp_path / "m.safetensors")
+    assert masked_manifest["mask_digest"] == mask.digest() != manifest["mask_digest"]
+    p = load_params(params, ["model.device=cpu", "model.dtype=float32", f"model.name_or_path={tiny_model_dir}"])
+    expected, _ = load_scores(score_traces(p, base_model(p), traces_path, tmp_path / "lib.safetensors",
+                                           mask=str(tmp_path / "mask.safetensors")))
+    assert torch.equal(masked.attention, expected.attention) and torch.equal(masked.channels, expected.channels)
+    assert not torch.equal(masked.channels, got.channels)
     missing = CliRunner().invoke(app, ["score", "--traces", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x"),
                                        "--model", str(tiny_model_dir), "--params", str(params)])
     assert missing.exit_code == 2 and "error: trace set" in missing.output and "not found" in missing.output

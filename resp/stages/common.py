@@ -54,6 +54,15 @@ def loaded_model(params: Params, base: dict) -> LoadedModel:
     return loaded
 
 
+def drop_loaded_models() -> None:
+    """Free the model `loaded_model` keeps (and its device memory) for other processes; the next stage reloads it."""
+    import torch
+
+    _MODELS.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def load_mask(path: str | None, s):
     """The mask file at `path`, or the dense mask of structures `s` for None."""
     from resp.masks import Mask

@@ -59,6 +59,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prune", PRUNE_SECTIONS, "resp.recipe:prune", files=("dense_traces",), outputs=("out_dir",),
           parts=("calibrate", "score", "apply", "regenerate", "baseline", "write_run")),
     Stage("calibrate", PRUNE_SECTIONS, "resp.stages.calibrate:calibrate", files=("dense_traces",)),
+    # scale.score_nproc / scale.scoring say where the scores are computed, not what they are (the same up to fp32
+    # summation order, the same masks: tests/test_stages.py): moving a run onto N GPUs keeps its cache
     Stage("score", ("model", "importance", "prune.attention_unit", "prune.protected_layers", "methods.{method}"),
           "resp.stages.score:score", files=("mask", "traces", "reference")),
     Stage("apply", ("model", "importance.normalize", "prune.attention_unit", "prune.protected_layers"),
