@@ -279,7 +279,7 @@ def summarize(params, study: StudyInput, work: Path) -> dict:
     from resp.study import cell_params
 
     report = params.report
-    rows = []
+    rows, records = [], {}
     for task in TASKS:
         if not study.has_dense(task):
             continue
@@ -296,6 +296,7 @@ def summarize(params, study: StudyInput, work: Path) -> dict:
                     assert r["item_ids"] == dense["item_ids"][:n], "healed and study items differ"
                 row = summarize_row(healed, unhealed, dense["result"], report)
                 rows.append({"task": task, "method": method, "target": target, **row})
+                records[task, target, method] = list(zip(healed, unhealed))
     goal = {}
     for task in TASKS:
         for row in rows:
@@ -305,10 +306,38 @@ def summarize(params, study: StudyInput, work: Path) -> dict:
                     "reached": row[mode]["healed_over_dense"][1] >= GOAL,
                     "point_reached": row[mode]["healed_over_dense"][0] >= GOAL} for mode in MODES}
     failures = [json.loads(f.read_text()) for f in sorted((work / "failures").glob("*.json"))]
+    versus = versus_reference(records, report)
     p = cell_params(params, 0)
     return {"failures": failures, "heal": params.methods[HEAL_METHOD].heal.model_dump(mode="json"),
             "evaluation": p.evaluation.model_dump(mode="json"), "report": report.model_dump(mode="json"),
-            "goal": {"fraction_of_dense": GOAL, "by_task": goal}, "rows": rows}
+            "goal": {"fraction_of_dense": GOAL, "by_task": goal}, "rows": rows, "versus_resp": versus}
+
+
+def versus_reference(records: dict, report) -> list[dict]:
+    """Each method minus RESP on the same task, target, seeds and items, before healing (the study's cells)
+    and after (both healed alike): does the calibration gap survive healing? Paired cluster bootstrap."""
+    from resp.stats import cluster_bootstrap
+
+    args = (report.bootstrap_samples, report.confidence, report.seed)
+    out = []
+    for (task, target, method), pairs in records.items():
+        reference = {h["seed"]: (h, u) for h, u in records.get((task, target, "resp"), [])}
+        pairs = [(h, u) for h, u in pairs if h["seed"] in reference]
+        if method == "resp" or not pairs:
+            continue
+        n = min(len(r["item_ids"]) for h, _ in pairs for r in (h, reference[h["seed"]][0]))
+        entry = {"task": task, "target": target, "method": method, "seeds": [h["seed"] for h, _ in pairs]}
+        for mode in MODES:
+            diffs = {}
+            for who, index in (("unhealed", 1), ("healed", 0)):
+                mine = [per_item(pair[index], mode, n) for pair in pairs]
+                ref = [per_item(reference[pair[0]["seed"]][index], mode, n) for pair in pairs]
+                if any(v is None for v in mine + ref):
+                    break
+                diffs[who] = cluster_bootstrap(np.stack(mine) - np.stack(ref), *args)
+            entry[mode] = diffs if len(diffs) == 2 else None
+        out.append(entry)
+    return out
 
 
 def _pct(iv) -> str:
@@ -356,6 +385,14 @@ def write_tables(summary: dict, wall_total: float | None) -> None:
             verdict = ("reached (the whole interval >= 0.80)" if v["reached"] else
                        "point estimate >= 0.80, interval reaches below" if v["point_reached"] else "not reached")
             lines.append(f"- {task}, {mode}, seeds {v['seeds']}: heal / dense {_ratio(v['healed_over_dense'])}: {verdict}")
+    lines += ["", "## Does the calibration gap survive healing?", "",
+              "Each method minus RESP, same task, target, seeds and items, paired by seed and item (cluster bootstrap): "
+              "before healing (the study's masks as evaluated there) and after healing both the same way.", "",
+              "| task | target | method | seeds | greedy: before | greedy: after heal | sampled: before | sampled: after heal |",
+              "|---|---|---|---:|---|---|---|---|"]
+    for v in summary["versus_resp"]:
+        cells = [f"{_diff(v[mode][who])}" if v[mode] else "-" for mode in MODES for who in ("unhealed", "healed")]
+        lines.append(f"| {v['task']} | {v['target']:.0%} | {v['method']} | {len(v['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", "## Failure modes and cost", "",
               "Greedy / sampled, mean over seeds: mean completion tokens, truncation rate (hit max_new_tokens), flexible "
               "accuracy (any number/option extracted) next to strict (the `Answer:` format), for dense (d), unhealed (u) "

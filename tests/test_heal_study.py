@@ -50,6 +50,30 @@ def test_cluster_ratio_uses_the_resamples_of_cluster_bootstrap(hs):
         hs.cluster_ratio(num, num[:2], 10, 0.95, 0)
 
 
+def _result(correct: list[int]) -> dict:
+    """A record/cell result as the study and this benchmark write them (greedy only)."""
+    return {"item_ids": [f"i{k}" for k in range(len(correct))], "greedy": {"per_item": {"correct_strict": correct}}}
+
+
+def test_versus_reference_pairs_each_method_with_resp_by_seed_and_item(hs, tiny_params):
+    """gisp minus resp per item: before healing (cells) and after (records), on the seeds both have."""
+    resp = {0: ([1, 1, 0, 1], [1, 0, 0, 0]), 1: ([1, 0, 1, 1], [0, 0, 1, 0])}     # seed: (healed, unhealed)
+    gisp = {0: ([1, 0, 0, 1], [0, 0, 0, 0]), 1: ([0, 0, 1, 1], [0, 0, 0, 0]), 2: ([1, 1, 1, 1], [1, 1, 1, 1])}
+
+    def pairs(by_seed):
+        return [({**_result(h), "seed": s}, _result(u)) for s, (h, u) in by_seed.items()]
+
+    report = tiny_params.report
+    [entry] = hs.versus_reference({("arith", 0.5, "resp"): pairs(resp), ("arith", 0.5, "gisp"): pairs(gisp)}, report)
+    assert (entry["method"], entry["seeds"]) == ("gisp", [0, 1])            # seed 2 has no resp to pair with
+    healed = np.array([[0, -1, 0, 0], [-1, 0, 0, 0]], dtype=float)          # gisp - resp, by hand
+    unhealed = np.array([[-1, 0, 0, 0], [0, 0, -1, 0]], dtype=float)
+    args = (report.bootstrap_samples, report.confidence, report.seed)
+    assert entry["greedy"]["healed"] == pytest.approx(cluster_bootstrap(healed, *args))
+    assert entry["greedy"]["unhealed"] == pytest.approx(cluster_bootstrap(unhealed, *args))
+    assert entry["greedy"]["healed"][0] == pytest.approx(-0.25) and entry["sampled"] is None
+
+
 def _study_mask(path: Path, model_dir: Path, key: str, params) -> Mask:
     model, _ = load_model(str(model_dir))
     s = structures_for(model, params.prune.attention_unit, params.prune.protected_layers)
