@@ -3,6 +3,10 @@ and a tiny tokenizer with the Qwen3-style chat template. Nothing is downloaded."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -212,3 +216,23 @@ def stand_in_vllm(monkeypatch):
         return stand_in
 
     return install
+
+
+# ---- DVC in scratch projects (the venv's own dvc)
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def dvc(project: Path, *args: str) -> str:
+    result = subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result.stdout
+
+
+def dvc_project(path: Path) -> Path:
+    """A new git + DVC project at `path` (analytics off)."""
+    path.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    dvc(path, "init", "--quiet")
+    dvc(path, "config", "core.analytics", "false")
+    return path

@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_overrides
+from conftest import dvc, dvc_project, tiny_overrides
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -30,7 +29,6 @@ from resp.registry import RegistryError
 from resp.structures import structures_for
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = str(Path(sys.executable).parent / "dvc")
 runner = CliRunner()
 
 # the layout dvc.yaml's calibrate, prune_self and export stages write, relative to the project
@@ -40,20 +38,6 @@ MASK = RUN / "masks" / "sparsity-0.10.safetensors"
 EXPORTS = Path("data/checkpoints/arith/resp_noregen")
 EXPORT = EXPORTS / "sparsity-0.10" / "masked"
 OUTS = [TRACES.as_posix(), manifest_path(TRACES).as_posix(), RUN.as_posix(), EXPORTS.as_posix()]
-
-
-def dvc(project: Path, *args: str) -> str:
-    result = subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True)
-    assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return result.stdout
-
-
-def new_project(path: Path) -> Path:
-    path.mkdir(parents=True)
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    dvc(path, "init", "--quiet")
-    dvc(path, "config", "core.analytics", "false")
-    return path
 
 
 def outputs(project: Path) -> dict[str, str]:
@@ -86,7 +70,7 @@ def project(tmp_path_factory, tiny_model_dir, tiny_world_dir, mlflow_store, dvc_
     the paths dvc.yaml uses, committed to its DVC cache and pushed to a local-directory remote, and
     the registered version of that mask (exports not logged to MLflow: their only copy is DVC's).
     The module runs in the project, as `dvc repro` and `resp register` do."""
-    root = new_project(tmp_path_factory.mktemp("producer") / "resp")
+    root = dvc_project(tmp_path_factory.mktemp("producer") / "resp")
     remote = root.parent / "remote"
     # calibration.seed=3: trace digests no other module of the session registers
     params = load_params(ROOT / "params.yaml", [*tiny_overrides(tiny_model_dir, tiny_world_dir), *mlflow_store,
@@ -125,7 +109,7 @@ def audit(project, *extra: str):
 def test_dvc_push_and_pull_round_trip_traces_masks_and_checkpoints(project, tmp_path):
     """A stage writes a trace set, a run directory (masks) and exports; pushed, deleted with the
     cache, pulled: the same bytes come back, and the remote holds every file's content."""
-    root = new_project(tmp_path / "resp")
+    root = dvc_project(tmp_path / "resp")
     shutil.copytree(project["root"] / "data", root / "fixtures")
     copy = "import shutil; shutil.copytree('fixtures', 'data')"
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from conftest import tiny_overrides
+from conftest import dvc, dvc_project, tiny_overrides
 from typer.testing import CliRunner
 
 from resp.artifacts import reported_change, reported_loss
@@ -23,7 +21,6 @@ from resp.recipe import make_traces, prune
 from resp.schedule import reported_steps
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def declared_out(stage: str, **items: str) -> Path:
@@ -38,19 +35,9 @@ def declared_out(stage: str, **items: str) -> Path:
     return Path(path)
 
 
-def dvc(project: Path, *args: str) -> str:
-    result = subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True)
-    assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return result.stdout
-
-
 def scratch_project(path: Path) -> Path:
     """A git + DVC project with this repository's .dvcignore."""
-    path.mkdir(parents=True)
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    dvc(path, "init", "--quiet")
-    dvc(path, "config", "core.analytics", "false")
-    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")
+    shutil.copy(ROOT / ".dvcignore", dvc_project(path) / ".dvcignore")
     return path
 
 
